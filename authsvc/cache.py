@@ -1,0 +1,80 @@
+"""The per-process cache of key grants, kept correct by database notifications.
+
+Correctness rules (a missed notification must never let a revoked key in):
+
+* Entries are served only while the cache is *synchronised*: the listener
+  holds a LISTEN connection and has heard from the database within
+  ``freshness`` seconds. Otherwise every lookup reads through to the store.
+* Going out of sync drops every entry; coming back in sync drops them again,
+  because notifications may have been missed in between.
+* A read-through result is stored only if no invalidation happened while it
+  was being read (the ``epoch`` check). Otherwise a lookup that raced a
+  revocation could put the pre-revocation record back after the eviction.
+
+Negative entries (``None``: no such key) are cached too, so a flood of
+well-formed unknown keys does not reach the database; a create notification
+evicts them. Expiry is not cached away: ``decide`` checks it on every hit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Final
+
+from authsvc.keys import KeyGrant
+
+MISS: Final = object()
+
+
+class KeyCache:
+    def __init__(self, max_entries: int, freshness: float = 2.0) -> None:
+        self._entries: OrderedDict[bytes, KeyGrant | None] = OrderedDict()
+        self._max_entries = max_entries
+        self._freshness = freshness
+        self._fresh_until = 0.0
+        self._synced = False
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def serving(self) -> bool:
+        return self._synced and time.monotonic() < self._fresh_until
+
+    def get(self, digest: bytes) -> KeyGrant | None | object:
+        if not self._synced or time.monotonic() >= self._fresh_until:
+            return MISS
+        entry = self._entries.get(digest, MISS)
+        if entry is not MISS:
+            self._entries.move_to_end(digest)
+        return entry
+
+    def put(self, digest: bytes, grant: KeyGrant | None, epoch: int) -> None:
+        """Store a read-through result that was read while ``self.epoch == epoch``."""
+        if not self._synced or epoch != self.epoch or self._max_entries <= 0:
+            return
+        self._entries[digest] = grant
+        if len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def invalidate(self, digest: bytes) -> None:
+        self.epoch += 1
+        self._entries.pop(digest, None)
+
+    def heard_from_store(self) -> None:
+        """The listener proved its connection alive; notifications up to now were delivered."""
+        self._fresh_until = time.monotonic() + self._freshness
+
+    def synchronised(self) -> None:
+        """The listener is (again) subscribed: start from empty, missed notifications or not."""
+        self.epoch += 1
+        self._entries.clear()
+        self._synced = True
+        self.heard_from_store()
+
+    def desynchronised(self) -> None:
+        self.epoch += 1
+        self._entries.clear()
+        self._synced = False

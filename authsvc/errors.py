@@ -1,0 +1,58 @@
+"""The errors authsvc raises, typed where they arise.
+
+Each transport maps them to its own status codes in exactly one place
+(``authsvc.grpc.status``); nothing else in the package knows about codes.
+A denied Authorize is *not* an error: it is a ``Decision``.
+
+::
+
+    AuthsvcError
+     ├── InvalidArgument      the caller sent something to fix (message says what)
+     ├── NotFound             no such key in this organization
+     ├── PermissionDenied     the actor's role may not do this
+     ├── Unauthenticated      missing or wrong admin token
+     ├── ResourceExhausted    e.g. the organization's active-key limit
+     ├── Unavailable          the store cannot be reached: fail closed, retry later
+     └── ConfigError          a start-up setting is wrong (names the variable)
+"""
+
+from __future__ import annotations
+
+
+class AuthsvcError(Exception):
+    """Base of every error authsvc raises on purpose.
+
+    ``str(error)`` is safe to show to the caller: it never contains a secret.
+    """
+
+
+class InvalidArgument(AuthsvcError):
+    """The request is malformed; the message says which field and how to fix it."""
+
+
+class NotFound(AuthsvcError):
+    """The key does not exist in the caller's organization.
+
+    Another organization's key is reported exactly like a missing one, so ids
+    cannot be probed across organizations.
+    """
+
+
+class PermissionDenied(AuthsvcError):
+    """The actor's role does not allow the operation."""
+
+
+class Unauthenticated(AuthsvcError):
+    """The management call lacks a valid admin token."""
+
+
+class ResourceExhausted(AuthsvcError):
+    """A quota is used up, e.g. the organization already has its maximum of active keys."""
+
+
+class Unavailable(AuthsvcError):
+    """The store could not be reached in time; nothing was decided or written."""
+
+
+class ConfigError(AuthsvcError):
+    """A setting is invalid; the message names the variable to change."""

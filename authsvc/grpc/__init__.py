@@ -1,0 +1,1 @@
+"""The gRPC edge: server assembly, the KeyService adapter and the error-to-status table."""

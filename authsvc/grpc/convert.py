@@ -1,0 +1,72 @@
+"""Domain types to and from authsvc.v1 messages."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from authsvc_client.v1 import authsvc_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from authsvc import validation
+from authsvc.errors import InvalidArgument
+from authsvc.keys import Actor, ApiKey, Decision, Principal
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def from_timestamp(ts: Timestamp, field: str) -> datetime:
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(f"{field} is not a valid timestamp") from None
+
+
+def actor(message: pb.Actor) -> Actor:
+    return Actor(user_id=message.user_id, role=validation.role(message.role))
+
+
+def api_key(key: ApiKey, now: datetime) -> pb.ApiKey:
+    return pb.ApiKey(
+        id=key.id,
+        org_id=key.org_id,
+        name=key.name,
+        prefix=key.prefix,
+        scopes=key.scopes,
+        created_by=key.created_by,
+        create_time=timestamp(key.create_time),
+        expire_time=timestamp(key.expire_time),
+        revoke_time=timestamp(key.revoke_time),
+        revoked_by=key.revoked_by,
+        revoke_reason=key.revoke_reason,
+        last_used_time=timestamp(key.last_used_time),
+        state=int(key.state(now)),  # type: ignore[arg-type]  # IntEnum values match the proto enum
+    )
+
+
+def principal(value: Principal) -> pb.Principal:
+    return pb.Principal(
+        key_id=value.key_id,
+        org_id=value.org_id,
+        user_id=value.user_id,
+        scopes=value.scopes,
+        key_prefix=value.key_prefix,
+        key_name=value.key_name,
+    )
+
+
+def authorize_response(decision: Decision) -> pb.AuthorizeResponse:
+    response = pb.AuthorizeResponse(
+        allowed=decision.allowed,
+        reason=int(decision.reason),  # type: ignore[arg-type]
+        http_status=decision.http_status,
+        message=decision.message,
+    )
+    if decision.principal is not None:
+        response.principal.CopyFrom(principal(decision.principal))
+    return response

@@ -1,0 +1,92 @@
+"""Listens for key changes on PostgreSQL and keeps this process's cache honest.
+
+Create and revoke publish the key's digest on ``NOTIFY_CHANNEL`` in the same
+transaction. This listener evicts on every notification, proves its
+connection alive with a heartbeat (which also proves every earlier
+notification was delivered), and on any loss desynchronises the cache, so no
+cached decision is served until it is subscribed again (see authsvc.cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+
+from authsvc.cache import KeyCache
+from authsvc.storage.postgres import CONNECTION_ERRORS, NOTIFY_CHANNEL
+
+log = logging.getLogger(__name__)
+
+
+class InvalidationListener:
+    def __init__(self, dsn: str, cache: KeyCache, *, heartbeat: float = 0.2) -> None:
+        self._dsn = dsn
+        self._cache = cache
+        self._heartbeat = heartbeat
+        self._task: asyncio.Task[None] | None = None
+        self._connection: asyncpg.Connection | None = None
+        self.connected = asyncio.Event()
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The listening backend's pid (tests terminate it to prove the cache stays safe)."""
+        return self._connection.get_server_pid() if self._connection is not None else None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="authsvc-invalidation")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def _on_notify(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        try:
+            self._cache.invalidate(bytes.fromhex(payload))
+        except ValueError:
+            # Not ours; to be safe, forget everything rather than ignore it.
+            self._cache.synchronised()
+
+    def _on_lost(self, connection: object) -> None:
+        self._cache.desynchronised()
+        self.connected.clear()
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            connection: asyncpg.Connection | None = None
+            try:
+                connection = await asyncpg.connect(self._dsn, timeout=2.0)
+                connection.add_termination_listener(self._on_lost)
+                await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                self._connection = connection
+                self._cache.synchronised()
+                self.connected.set()
+                if backoff > 0.05:
+                    log.info("cache invalidation listener reconnected; cache dropped and resynchronised")
+                backoff = 0.05
+                while not connection.is_closed():
+                    await asyncio.sleep(self._heartbeat)
+                    async with asyncio.timeout(self._heartbeat * 2):
+                        await connection.fetchval("SELECT 1")
+                    self._cache.heard_from_store()
+            except asyncio.CancelledError:
+                self._cache.desynchronised()
+                if connection is not None:
+                    connection.terminate()
+                raise
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                if self.connected.is_set() or backoff == 0.05:
+                    log.warning("cache invalidation listener lost (%s); serving from the database until it is back", type(exc).__name__)
+            self._cache.desynchronised()
+            self.connected.clear()
+            self._connection = None
+            if connection is not None:
+                connection.terminate()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)

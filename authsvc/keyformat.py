@@ -1,0 +1,97 @@
+"""The key format: ``<prefix>_<random><checksum>``, and its SHA-256 digest.
+
+* ``random`` is 43 base62 characters drawn with :mod:`secrets` (62**43 > 2**256,
+  so at least 256 bits of entropy).
+* ``checksum`` is the CRC32 of ``<prefix>_<random>`` in 6 base62 characters.
+  It lets Authorize reject typos and garbage without touching the cache or
+  the database, and lets secret scanners recognise real keys.
+* Only ``sha256(key)`` is ever stored. SHA-256 without salt or stretching is
+  right here: the input has 256 bits of entropy, so there is nothing to brute
+  force, and the digest must be a cheap index for the hot path.
+* The first 12 characters are the non-secret display prefix.
+
+This module has no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import zlib
+from dataclasses import dataclass
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+RANDOM_LENGTH = 43
+CHECKSUM_LENGTH = 6
+DISPLAY_PREFIX_LENGTH = 12
+# Longer than any key we issue; anything longer is rejected before hashing so
+# a caller cannot make us hash megabytes.
+MAX_KEY_LENGTH = 128
+PREFIX_PATTERN = re.compile(r"[a-z][a-z0-9]{1,9}")
+
+_BASE62_SET = frozenset(BASE62)
+
+
+def _base62(number: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        number, digit = divmod(number, 62)
+        chars.append(BASE62[digit])
+    return "".join(reversed(chars))
+
+
+def checksum(body: str) -> str:
+    """The 6-character base62 CRC32 of ``body`` (``<prefix>_<random>``)."""
+    return _base62(zlib.crc32(body.encode("ascii")), CHECKSUM_LENGTH)
+
+
+def digest(key: str) -> bytes:
+    """SHA-256 of the full key: the only form in which a key is stored."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A freshly generated key. ``secret`` is shown to the creator once, then dropped."""
+
+    secret: str
+    display_prefix: str
+    digest: bytes
+
+    def __repr__(self) -> str:
+        # Never let a secret reach a log line through repr().
+        return f"IssuedKey(display_prefix={self.display_prefix!r}, secret=<redacted>)"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFormat:
+    """The deployment's key format; ``prefix`` is a short lowercase word such as ``authsvc``."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        if not PREFIX_PATTERN.fullmatch(self.prefix):
+            raise ValueError(
+                "key prefix must be 2-10 characters, a lowercase letter followed "
+                f"by lowercase letters or digits, got {self.prefix!r}"
+            )
+
+    def generate(self) -> IssuedKey:
+        body = f"{self.prefix}_" + "".join(secrets.choice(BASE62) for _ in range(RANDOM_LENGTH))
+        secret = body + checksum(body)
+        return IssuedKey(secret=secret, display_prefix=secret[:DISPLAY_PREFIX_LENGTH], digest=digest(secret))
+
+    def is_well_formed(self, key: str) -> bool:
+        """True when ``key`` has this deployment's shape and a valid checksum.
+
+        Cheap enough to run before any lookup: garbage never reaches the
+        cache or the database.
+        """
+        expected_length = len(self.prefix) + 1 + RANDOM_LENGTH + CHECKSUM_LENGTH
+        if len(key) != expected_length or not key.startswith(self.prefix) or key[len(self.prefix)] != "_":
+            return False
+        tail = key[len(self.prefix) + 1 :]
+        if not _BASE62_SET.issuperset(tail):
+            return False
+        return checksum(key[:-CHECKSUM_LENGTH]) == key[-CHECKSUM_LENGTH:]

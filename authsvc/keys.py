@@ -1,0 +1,285 @@
+"""The domain: keys, scopes, actors and authorization decisions.
+
+Frozen dataclasses and pure functions, no I/O: the gRPC and Envoy adapters
+translate to and from these types, and the store persists them.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from authsvc.errors import ConfigError, InvalidArgument
+
+
+class Role(enum.IntEnum):
+    """The acting user's role in the organization (values match the proto)."""
+
+    UNSPECIFIED = 0
+    MEMBER = 1
+    ADMIN = 2
+    OWNER = 3
+
+    @property
+    def may_manage(self) -> bool:
+        """Only admins and owners may create or revoke keys."""
+        return self in (Role.ADMIN, Role.OWNER)
+
+
+class KeyState(enum.IntEnum):
+    """Derived from revoke and expire times; revocation wins over expiry."""
+
+    UNSPECIFIED = 0
+    ACTIVE = 1
+    EXPIRED = 2
+    REVOKED = 3
+
+
+class Reason(enum.IntEnum):
+    """Why Authorize allowed or denied (values match the proto)."""
+
+    UNSPECIFIED = 0
+    OK = 1
+    MISSING_KEY = 2
+    MALFORMED_KEY = 3
+    UNKNOWN_KEY = 4
+    REVOKED = 5
+    EXPIRED = 6
+    INSUFFICIENT_SCOPE = 7
+    RATE_LIMITED = 8
+
+
+# One table for the HTTP meaning of every reason, shared by KeyService.Authorize
+# and the Envoy adapter.
+HTTP_STATUS: Mapping[Reason, int] = {
+    Reason.OK: 200,
+    Reason.MISSING_KEY: 401,
+    Reason.MALFORMED_KEY: 401,
+    Reason.UNKNOWN_KEY: 401,
+    Reason.REVOKED: 401,
+    Reason.EXPIRED: 401,
+    Reason.INSUFFICIENT_SCOPE: 403,
+    Reason.RATE_LIMITED: 429,
+}
+
+MESSAGES: Mapping[Reason, str] = {
+    Reason.OK: "allowed",
+    Reason.MISSING_KEY: "no API key was sent",
+    Reason.MALFORMED_KEY: "the API key is malformed",
+    Reason.UNKNOWN_KEY: "the API key is not valid",
+    Reason.REVOKED: "the API key has been revoked",
+    Reason.EXPIRED: "the API key has expired",
+    Reason.INSUFFICIENT_SCOPE: "the API key lacks the required scope",
+    Reason.RATE_LIMITED: "the API key is over its rate limit",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who acts, as asserted by the calling service."""
+
+    user_id: str
+    role: Role
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A key's stored metadata; never the secret. ``digest`` stays inside authsvc."""
+
+    id: str
+    org_id: str
+    name: str
+    prefix: str
+    scopes: tuple[str, ...]
+    created_by: str
+    create_time: datetime
+    expire_time: datetime | None = None
+    revoke_time: datetime | None = None
+    revoked_by: str = ""
+    revoke_reason: str = ""
+    last_used_time: datetime | None = None
+    rate_limit: int = 0
+
+    def state(self, now: datetime) -> KeyState:
+        if self.revoke_time is not None:
+            return KeyState.REVOKED
+        if self.expire_time is not None and self.expire_time <= now:
+            return KeyState.EXPIRED
+        return KeyState.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The identity behind a key, handed to downstream services."""
+
+    key_id: str
+    org_id: str
+    user_id: str
+    scopes: tuple[str, ...]
+    key_prefix: str
+    key_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitStatus:
+    """Where a key stands against its rate limit in the current window."""
+
+    limit: int
+    remaining: int
+    reset_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to Authorize. A denial is data, not an exception."""
+
+    reason: Reason
+    principal: Principal | None = None
+    rate_limit: RateLimitStatus | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.reason is Reason.OK
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self.reason]
+
+    @property
+    def message(self) -> str:
+        return MESSAGES[self.reason]
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    name: str
+    description: str = ""
+    implies: tuple[str, ...] = ()
+    reserved: bool = False
+
+
+@dataclass(frozen=True)
+class ScopeCatalog:
+    """The scopes a deployment grants, with their implications expanded once at load."""
+
+    scopes: Mapping[str, Scope]
+    _closure: Mapping[str, frozenset[str]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        closure: dict[str, frozenset[str]] = {}
+        for name in self.scopes:
+            seen: set[str] = set()
+            stack = [name]
+            while stack:
+                current = stack.pop()
+                if current in seen:
+                    continue
+                seen.add(current)
+                stack.extend(self.scopes[current].implies)
+            closure[name] = frozenset(seen)
+        object.__setattr__(self, "_closure", closure)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.scopes
+
+    def effective(self, granted: Iterable[str]) -> frozenset[str]:
+        """Granted scopes plus everything they imply (``write`` brings ``read``)."""
+        result: set[str] = set()
+        for name in granted:
+            result |= self._closure.get(name, frozenset((name,)))
+        return frozenset(result)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, object], source: str) -> ScopeCatalog:
+        raw = data.get("scopes")
+        if not isinstance(raw, dict) or not raw:
+            raise ConfigError(f"{source}: needs a [scopes.<name>] table for each scope")
+        scopes: dict[str, Scope] = {}
+        for name, spec in raw.items():
+            if not isinstance(spec, dict):
+                raise ConfigError(f"{source}: scopes.{name} must be a table")
+            implies = spec.get("implies", [])
+            if not isinstance(implies, list) or not all(isinstance(i, str) for i in implies):
+                raise ConfigError(f"{source}: scopes.{name}.implies must be a list of scope names")
+            scopes[name] = Scope(
+                name=name,
+                description=str(spec.get("description", "")),
+                implies=tuple(implies),
+                reserved=bool(spec.get("reserved", False)),
+            )
+        for scope in scopes.values():
+            for implied in scope.implies:
+                if implied not in scopes:
+                    raise ConfigError(f"{source}: scopes.{scope.name} implies unknown scope {implied!r}")
+        return cls(scopes)
+
+    @classmethod
+    def load(cls, path: Path) -> ScopeCatalog:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"AUTHSVC_SCOPES_FILE: cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"AUTHSVC_SCOPES_FILE: {path} is not valid TOML: {exc}") from None
+        return cls.from_mapping(data, f"AUTHSVC_SCOPES_FILE {path}")
+
+    def check_required(self, scope: str) -> None:
+        """An unknown required scope is a bug in the calling service, not a denial."""
+        if scope and scope not in self.scopes:
+            raise InvalidArgument(
+                f"required_scope {scope!r} is not in the scope catalog; known scopes: {', '.join(sorted(self.scopes))}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """What Authorize needs of a key, precomputed once per lookup (and cached).
+
+    ``expire_at`` is a POSIX timestamp so the hot path compares floats.
+    """
+
+    principal: Principal
+    effective_scopes: frozenset[str]
+    expire_at: float | None
+    revoked: bool
+    rate_limit: int
+
+    @classmethod
+    def of(cls, key: ApiKey, catalog: ScopeCatalog) -> KeyGrant:
+        effective = catalog.effective(key.scopes)
+        return cls(
+            principal=Principal(
+                key_id=key.id,
+                org_id=key.org_id,
+                user_id=key.created_by,
+                scopes=tuple(sorted(effective)),
+                key_prefix=key.prefix,
+                key_name=key.name,
+            ),
+            effective_scopes=effective,
+            expire_at=key.expire_time.timestamp() if key.expire_time is not None else None,
+            revoked=key.revoke_time is not None,
+            rate_limit=key.rate_limit,
+        )
+
+
+def decide(grant: KeyGrant | None, required_scope: str, now: float) -> Decision:
+    """The authorization rules, in the order a user expects them.
+
+    Revocation is checked before expiry (a revoked key says so even after it
+    would have expired); scope is checked last, so a 403 always means the key
+    itself is good.
+    """
+    if grant is None:
+        return Decision(Reason.UNKNOWN_KEY)
+    if grant.revoked:
+        return Decision(Reason.REVOKED, grant.principal)
+    if grant.expire_at is not None and grant.expire_at <= now:
+        return Decision(Reason.EXPIRED, grant.principal)
+    if required_scope and required_scope not in grant.effective_scopes:
+        return Decision(Reason.INSUFFICIENT_SCOPE, grant.principal)
+    return Decision(Reason.OK, grant.principal)

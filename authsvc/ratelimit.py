@@ -1,0 +1,99 @@
+"""Per-key rate limits: fixed windows, shared through Redis when configured.
+
+A key's limit is its own (set at CreateKey) or the deployment default; 0
+means unlimited. Every request in a window increments the key's counter, so
+across any number of processes sharing Redis exactly ``limit`` requests are
+admitted per window.
+
+Without Redis, or while Redis fails, each process counts locally. Rate
+limiting must never take authorization down: a Redis error is logged and
+counted, and the request is judged by the local counter instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Protocol
+
+from authsvc.keys import Decision, RateLimitStatus, Reason
+
+log = logging.getLogger(__name__)
+
+# INCR and EXPIRE in one round trip, atomically.
+_INCR_SCRIPT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+
+
+class SharedCounter(Protocol):
+    async def incr(self, name: str, ttl_seconds: int) -> int: ...
+
+
+class RedisCounter:
+    """``SharedCounter`` on Redis, bounded by a short timeout."""
+
+    def __init__(self, url: str, timeout: float = 0.05) -> None:
+        import redis.asyncio as redis  # optional at import time; only used when configured
+
+        self._client: Any = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._script = self._client.register_script(_INCR_SCRIPT)
+
+    async def incr(self, name: str, ttl_seconds: int) -> int:
+        return int(await self._script(keys=[name], args=[ttl_seconds]))
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class RateLimiter:
+    def __init__(self, default_limit: int, window_seconds: int, shared: SharedCounter | None = None) -> None:
+        self.default_limit = default_limit
+        self.window = window_seconds
+        self.shared = shared
+        self.shared_failures = 0
+        self._last_failure_log = 0.0
+        self._local: dict[str, tuple[int, int]] = {}
+
+    def limit_for(self, key_limit: int) -> int:
+        return key_limit or self.default_limit
+
+    async def apply(self, decision: Decision, key_limit: int, now: float) -> Decision:
+        """Turn an allowed decision into RATE_LIMITED once the key is over its limit."""
+        limit = key_limit or self.default_limit
+        if limit <= 0 or decision.principal is None:
+            return decision
+        window_index = int(now // self.window)
+        reset = max(1, math.ceil((window_index + 1) * self.window - now))
+        key_id = decision.principal.key_id
+        count = await self._count(key_id, window_index)
+        status = RateLimitStatus(limit=limit, remaining=max(0, limit - count), reset_seconds=reset)
+        reason = Reason.OK if count <= limit else Reason.RATE_LIMITED
+        return Decision(reason, decision.principal, status)
+
+    async def _count(self, key_id: str, window_index: int) -> int:
+        if self.shared is not None:
+            try:
+                return await self.shared.incr(f"authsvc:rl:{key_id}:{window_index}", self.window + 1)
+            except Exception as exc:  # any Redis failure: fall back, never fail the request
+                self.shared_failures += 1
+                now = time.monotonic()
+                if now - self._last_failure_log > 10:
+                    self._last_failure_log = now
+                    log.warning(
+                        "rate limiting falls back to local counters: Redis failed (%s; %d failures so far)",
+                        type(exc).__name__, self.shared_failures,
+                    )
+        return self._count_locally(key_id, window_index)
+
+    def _count_locally(self, key_id: str, window_index: int) -> int:
+        current = self._local.get(key_id)
+        count = current[1] + 1 if current is not None and current[0] == window_index else 1
+        self._local[key_id] = (window_index, count)
+        if len(self._local) > 100_000:
+            # Bounded memory: forget counters of past windows.
+            self._local = {k: v for k, v in self._local.items() if v[0] == window_index}
+        return count

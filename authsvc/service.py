@@ -1,0 +1,205 @@
+"""The core: key lifecycle and Authorize over a ``Store``.
+
+Transports (the gRPC KeyService, the Envoy Check adapter) translate their
+messages into calls here and back, and do nothing else. Nothing in this
+module imports grpc or asyncpg.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from authsvc import validation
+from authsvc.cache import MISS, KeyCache
+from authsvc.errors import NotFound, PermissionDenied, ResourceExhausted
+from authsvc.keyformat import KeyFormat, digest
+from authsvc.keys import Actor, ApiKey, Decision, KeyGrant, KeyState, Reason, ScopeCatalog, decide
+from authsvc.ratelimit import RateLimiter
+from authsvc.storage import NewKey, Page, Store, TooManyActiveKeys
+from authsvc.usage import UsageRecorder
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    key: ApiKey
+    secret: str
+
+    def __repr__(self) -> str:
+        return f"CreatedKey(key={self.key!r}, secret=<redacted>)"
+
+
+class KeyService:
+    """Create, get, list, revoke and authorize API keys.
+
+    ``cache``, ``usage`` and ``limiter`` are optional so the core can be
+    exercised alone; the server always wires all three.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        catalog: ScopeCatalog,
+        key_format: KeyFormat,
+        *,
+        max_active_keys: int = 10,
+        cache: KeyCache | None = None,
+        usage: UsageRecorder | None = None,
+        limiter: RateLimiter | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.key_format = key_format
+        self.max_active_keys = max_active_keys
+        self.cache = cache
+        self.usage = usage
+        self.limiter = limiter
+        self._clock = clock
+
+    # -- management -------------------------------------------------------
+
+    async def create_key(
+        self,
+        org_id: str,
+        actor: Actor,
+        name: str,
+        scopes: Sequence[str],
+        expire_time: datetime | None,
+        rate_limit: int = 0,
+    ) -> CreatedKey:
+        now = self._clock()
+        org_id = validation.org_id(org_id)
+        actor = self._check_actor(actor)
+        name = validation.name(name)
+        granted = validation.scopes(scopes, self.catalog)
+        expire_time = validation.expire_time(expire_time, now)
+        rate_limit = validation.rate_limit(rate_limit)
+        await self._require_manager(actor, "key.create", org_id)
+        issued = self.key_format.generate()
+        try:
+            key = await self.store.create_key(
+                NewKey(
+                    org_id=org_id,
+                    name=name,
+                    prefix=issued.display_prefix,
+                    digest=issued.digest,
+                    scopes=granted,
+                    created_by=actor.user_id,
+                    expire_time=expire_time,
+                    rate_limit=rate_limit,
+                ),
+                actor,
+                self.max_active_keys,
+                now,
+            )
+        except TooManyActiveKeys:
+            raise ResourceExhausted(
+                f"organization {org_id} already has {self.max_active_keys} active keys; "
+                "revoke unused keys before creating new ones"
+            ) from None
+        if self.cache is not None:
+            self.cache.invalidate(issued.digest)
+        log.info("key created", extra={"org_id": org_id, "key_id": key.id, "key_prefix": key.prefix, "actor": actor.user_id})
+        return CreatedKey(key=key, secret=issued.secret)
+
+    async def get_key(self, org_id: str, actor: Actor, key_id: str) -> ApiKey:
+        org_id = validation.org_id(org_id)
+        actor = self._check_actor(actor)
+        key_id = validation.key_id(key_id)
+        await self._require_member(actor, "key.get", org_id)
+        key = await self.store.get_key(org_id, key_id)
+        await self.store.audit("key.get", org_id, actor, key_id if key else None, "ok" if key else "not_found", {})
+        if key is None:
+            raise NotFound(f"no key {key_id} in organization {org_id}")
+        return key
+
+    async def list_keys(
+        self, org_id: str, actor: Actor, page: int, limit: int, state: int | None
+    ) -> tuple[Page, int, int]:
+        org_id = validation.org_id(org_id)
+        actor = self._check_actor(actor)
+        page, limit = validation.page_and_limit(page, limit)
+        wanted = validation.state(state)
+        await self._require_member(actor, "key.list", org_id)
+        result = await self.store.list_keys(org_id, wanted, self._clock(), (page - 1) * limit, limit)
+        await self.store.audit(
+            "key.list", org_id, actor, None, "ok", {"page": page, "limit": limit, "state": wanted.name if wanted else None}
+        )
+        return result, page, limit
+
+    async def revoke_key(self, org_id: str, actor: Actor, key_id: str, reason: str) -> ApiKey:
+        org_id = validation.org_id(org_id)
+        actor = self._check_actor(actor)
+        key_id = validation.key_id(key_id)
+        reason = validation.reason(reason)
+        await self._require_manager(actor, "key.revoke", org_id, key_id)
+        revoked = await self.store.revoke_key(org_id, key_id, actor, reason, self._clock())
+        if revoked is None:
+            await self.store.audit("key.revoke", org_id, actor, None, "not_found", {"key_id": key_id})
+            raise NotFound(f"no key {key_id} in organization {org_id}")
+        key, key_digest = revoked
+        # Evict here at once so the very next Authorize in this process
+        # denies; other processes evict on the store's notification.
+        if self.cache is not None:
+            self.cache.invalidate(key_digest)
+        log.info("key revoked", extra={"org_id": org_id, "key_id": key.id, "key_prefix": key.prefix, "actor": actor.user_id})
+        return key
+
+    def _check_actor(self, actor: Actor) -> Actor:
+        return Actor(user_id=validation.actor_user_id(actor.user_id), role=validation.role(actor.role))
+
+    async def _require_member(self, actor: Actor, action: str, org_id: str) -> None:
+        if actor.role == 0:
+            await self.store.audit(action, org_id, actor, None, "denied", {})
+            raise PermissionDenied("actor.role must be set (ROLE_MEMBER, ROLE_ADMIN or ROLE_OWNER)")
+
+    async def _require_manager(self, actor: Actor, action: str, org_id: str, key_id: str | None = None) -> None:
+        if not actor.role.may_manage:
+            await self.store.audit(action, org_id, actor, key_id, "denied", {})
+            raise PermissionDenied("only ROLE_ADMIN or ROLE_OWNER may create or revoke keys")
+
+    # -- the hot path -----------------------------------------------------
+
+    async def authorize(self, key: str, required_scope: str) -> Decision:
+        """Decide whether ``key`` may act with ``required_scope``.
+
+        Raises ``InvalidArgument`` for an unknown required scope (a caller
+        bug) and ``Unavailable`` when the key is not cached and the store
+        cannot be reached: never an allow for a key that was not verified.
+        """
+        self.catalog.check_required(required_scope)
+        if not key:
+            return Decision(Reason.MISSING_KEY)
+        if not self.key_format.is_well_formed(key):
+            return Decision(Reason.MALFORMED_KEY)
+        key_digest = digest(key)
+        cache = self.cache
+        grant: KeyGrant | None
+        cached = cache.get(key_digest) if cache is not None else MISS
+        if cached is MISS:
+            epoch = cache.epoch if cache is not None else 0
+            record = await self.store.find_by_digest(key_digest)
+            grant = KeyGrant.of(record, self.catalog) if record is not None else None
+            if cache is not None:
+                cache.put(key_digest, grant, epoch)
+        else:
+            grant = cached  # type: ignore[assignment]  # MISS ruled out above
+        now = time.time()
+        decision = decide(grant, required_scope, now)
+        if grant is None or decision.reason in (Reason.REVOKED, Reason.EXPIRED):
+            return decision
+        if self.usage is not None:
+            self.usage.touch(grant.principal.key_id, now)
+        if decision.allowed and self.limiter is not None:
+            return await self.limiter.apply(decision, grant.rate_limit, now)
+        return decision
