@@ -1,0 +1,184 @@
+"""Test helpers shared by every test folder: real servers, real databases, real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from authsvc_client.v1 import authsvc_pb2 as pb
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN = pb.Actor(user_id="alice", role=pb.ROLE_ADMIN)
+OWNER = pb.Actor(user_id="olivia", role=pb.ROLE_OWNER)
+MEMBER = pb.Actor(user_id="mike", role=pb.ROLE_MEMBER)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def new_org() -> str:
+    """Each test works in its own organization: isolation by construction."""
+    return f"org-{uuid.uuid4().hex[:12]}"
+
+
+def bin_path(name: str) -> str:
+    """A console script installed next to this interpreter (envoy, grpcurl, authsvc)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def wait_serving(target: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before serving")
+        try:
+            with grpc.insecure_channel(target) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"{target} not serving after {timeout}s: {last}")
+
+
+@dataclass
+class ServerProcess:
+    """``authsvc serve`` in a subprocess, as an operator runs it."""
+
+    proc: subprocess.Popen[bytes]
+    target: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@contextlib.contextmanager
+def serve_process(
+    env: Mapping[str, str], tmp: Path, *, args: tuple[str, ...] = (), wait: bool = True, port: int | None = None
+) -> Iterator[ServerProcess]:
+    port = port or free_port()
+    log_path = tmp / f"authsvc-{port}.log"
+    full_env = {**os.environ, "AUTHSVC_LISTEN": f"127.0.0.1:{port}", **env}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "authsvc", "serve", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp
+        )
+    server = ServerProcess(proc, f"127.0.0.1:{port}", log_path)
+    try:
+        if wait:
+            wait_serving(server.target, proc=proc)
+        yield server
+    finally:
+        server.terminate()
+
+
+class TcpProxy:
+    """A real TCP hop to PostgreSQL that a test can cut and restore.
+
+    ``cut()`` drops every open connection and refuses new ones (the server
+    looks down, as when a database host dies); ``restore()`` listens again
+    on the same port. Tests of fail-closed behaviour point authsvc here.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        import threading
+
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._threading = threading
+        self.restore()
+
+    def url_for(self, database_url: str) -> str:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(database_url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        self._threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def close(self) -> None:
+        self.cut()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
