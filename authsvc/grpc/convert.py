@@ -46,6 +46,7 @@ def api_key(key: ApiKey, now: datetime) -> pb.ApiKey:
         revoke_reason=key.revoke_reason,
         last_used_time=timestamp(key.last_used_time),
         state=int(key.state(now)),  # type: ignore[arg-type]  # IntEnum values match the proto enum
+        rate_limit=key.rate_limit,
     )
 
 
@@ -69,4 +70,7 @@ def authorize_response(decision: Decision) -> pb.AuthorizeResponse:
     )
     if decision.principal is not None:
         response.principal.CopyFrom(principal(decision.principal))
+    if decision.rate_limit is not None:
+        rl = decision.rate_limit
+        response.rate_limit.CopyFrom(pb.RateLimitStatus(limit=rl.limit, remaining=rl.remaining, reset_seconds=rl.reset_seconds))
     return response

@@ -19,7 +19,7 @@ class KeyServiceAdapter:
     async def CreateKey(self, request: pb.CreateKeyRequest) -> pb.CreateKeyResponse:
         expire = convert.from_timestamp(request.expire_time, "expire_time") if request.HasField("expire_time") else None
         created = await self._service.create_key(
-            request.org_id, convert.actor(request.actor), request.name, list(request.scopes), expire
+            request.org_id, convert.actor(request.actor), request.name, list(request.scopes), expire, request.rate_limit
         )
         return pb.CreateKeyResponse(key=convert.api_key(created.key, utcnow()), secret=created.secret)
 

@@ -25,45 +25,47 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthsvc/v1/authsvc.proto\x12\nauthsvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x05\x41\x63tor\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.authsvc.v1.Role\"\xfd\x02\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x12\n\ncreated_by\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrevoked_by\x18\n \x01(\t\x12\x15\n\rrevoke_reason\x18\x0b \x01(\t\x12\x32\n\x0elast_used_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05state\x18\r \x01(\x0e\x32\x14.authsvc.v1.KeyState\"r\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x12\n\nkey_prefix\x18\x05 \x01(\t\x12\x10\n\x08key_name\x18\x06 \x01(\t\"\x93\x01\n\x10\x43reateKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x11\x43reateKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"Q\n\rGetKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.authsvc.v1.Actor\"1\n\x0eGetKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\"\x94\x01\n\x0fListKeysRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0c\n\x04page\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x05\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x14.authsvc.v1.KeyStateH\x00\x88\x01\x01\x42\x08\n\x06_state\"`\n\x10ListKeysResponse\x12 \n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x12.authsvc.v1.ApiKey\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0c\n\x04page\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x05\"d\n\x10RevokeKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0e\n\x06reason\x18\x04 \x01(\t\"4\n\x11RevokeKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\"7\n\x10\x41uthorizeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x16\n\x0erequired_scope\x18\x02 \x01(\t\"\x98\x01\n\x11\x41uthorizeResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\"\n\x06reason\x18\x02 \x01(\x0e\x32\x12.authsvc.v1.Reason\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12(\n\tprincipal\x18\x05 \x01(\x0b\x32\x15.authsvc.v1.Principal*M\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_MEMBER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x12\x0e\n\nROLE_OWNER\x10\x03*i\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_STATE_ACTIVE\x10\x01\x12\x15\n\x11KEY_STATE_EXPIRED\x10\x02\x12\x15\n\x11KEY_STATE_REVOKED\x10\x03*\xd9\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x16\n\x12REASON_MISSING_KEY\x10\x02\x12\x18\n\x14REASON_MALFORMED_KEY\x10\x03\x12\x16\n\x12REASON_UNKNOWN_KEY\x10\x04\x12\x12\n\x0eREASON_REVOKED\x10\x05\x12\x12\n\x0eREASON_EXPIRED\x10\x06\x12\x1d\n\x19REASON_INSUFFICIENT_SCOPE\x10\x07\x12\x17\n\x13REASON_RATE_LIMITED\x10\x08\x32\xf2\x02\n\nKeyService\x12H\n\tCreateKey\x12\x1c.authsvc.v1.CreateKeyRequest\x1a\x1d.authsvc.v1.CreateKeyResponse\x12?\n\x06GetKey\x12\x19.authsvc.v1.GetKeyRequest\x1a\x1a.authsvc.v1.GetKeyResponse\x12\x45\n\x08ListKeys\x12\x1b.authsvc.v1.ListKeysRequest\x1a\x1c.authsvc.v1.ListKeysResponse\x12H\n\tRevokeKey\x12\x1c.authsvc.v1.RevokeKeyRequest\x1a\x1d.authsvc.v1.RevokeKeyResponse\x12H\n\tAuthorize\x12\x1c.authsvc.v1.AuthorizeRequest\x1a\x1d.authsvc.v1.AuthorizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthsvc/v1/authsvc.proto\x12\nauthsvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x05\x41\x63tor\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.authsvc.v1.Role\"\x91\x03\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x12\n\ncreated_by\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrevoked_by\x18\n \x01(\t\x12\x15\n\rrevoke_reason\x18\x0b \x01(\t\x12\x32\n\x0elast_used_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05state\x18\r \x01(\x0e\x32\x14.authsvc.v1.KeyState\x12\x12\n\nrate_limit\x18\x0e \x01(\x05\"r\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x12\n\nkey_prefix\x18\x05 \x01(\t\x12\x10\n\x08key_name\x18\x06 \x01(\t\"\xa7\x01\n\x10\x43reateKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrate_limit\x18\x06 \x01(\x05\"D\n\x11\x43reateKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"Q\n\rGetKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.authsvc.v1.Actor\"1\n\x0eGetKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\"\x94\x01\n\x0fListKeysRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0c\n\x04page\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x05\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x14.authsvc.v1.KeyStateH\x00\x88\x01\x01\x42\x08\n\x06_state\"`\n\x10ListKeysResponse\x12 \n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x12.authsvc.v1.ApiKey\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0c\n\x04page\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x05\"d\n\x10RevokeKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0e\n\x06reason\x18\x04 \x01(\t\"4\n\x11RevokeKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\"7\n\x10\x41uthorizeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x16\n\x0erequired_scope\x18\x02 \x01(\t\"\xc9\x01\n\x11\x41uthorizeResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\"\n\x06reason\x18\x02 \x01(\x0e\x32\x12.authsvc.v1.Reason\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12(\n\tprincipal\x18\x05 \x01(\x0b\x32\x15.authsvc.v1.Principal\x12/\n\nrate_limit\x18\x06 \x01(\x0b\x32\x1b.authsvc.v1.RateLimitStatus\"J\n\x0fRateLimitStatus\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x11\n\tremaining\x18\x02 \x01(\x05\x12\x15\n\rreset_seconds\x18\x03 \x01(\x05*M\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_MEMBER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x12\x0e\n\nROLE_OWNER\x10\x03*i\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_STATE_ACTIVE\x10\x01\x12\x15\n\x11KEY_STATE_EXPIRED\x10\x02\x12\x15\n\x11KEY_STATE_REVOKED\x10\x03*\xd9\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x16\n\x12REASON_MISSING_KEY\x10\x02\x12\x18\n\x14REASON_MALFORMED_KEY\x10\x03\x12\x16\n\x12REASON_UNKNOWN_KEY\x10\x04\x12\x12\n\x0eREASON_REVOKED\x10\x05\x12\x12\n\x0eREASON_EXPIRED\x10\x06\x12\x1d\n\x19REASON_INSUFFICIENT_SCOPE\x10\x07\x12\x17\n\x13REASON_RATE_LIMITED\x10\x08\x32\xf2\x02\n\nKeyService\x12H\n\tCreateKey\x12\x1c.authsvc.v1.CreateKeyRequest\x1a\x1d.authsvc.v1.CreateKeyResponse\x12?\n\x06GetKey\x12\x19.authsvc.v1.GetKeyRequest\x1a\x1a.authsvc.v1.GetKeyResponse\x12\x45\n\x08ListKeys\x12\x1b.authsvc.v1.ListKeysRequest\x1a\x1c.authsvc.v1.ListKeysResponse\x12H\n\tRevokeKey\x12\x1c.authsvc.v1.RevokeKeyRequest\x1a\x1d.authsvc.v1.RevokeKeyResponse\x12H\n\tAuthorize\x12\x1c.authsvc.v1.AuthorizeRequest\x1a\x1d.authsvc.v1.AuthorizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'authsvc.v1.authsvc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1602
-  _globals['_ROLE']._serialized_end=1679
-  _globals['_KEYSTATE']._serialized_start=1681
-  _globals['_KEYSTATE']._serialized_end=1786
-  _globals['_REASON']._serialized_start=1789
-  _globals['_REASON']._serialized_end=2006
+  _globals['_ROLE']._serialized_start=1767
+  _globals['_ROLE']._serialized_end=1844
+  _globals['_KEYSTATE']._serialized_start=1846
+  _globals['_KEYSTATE']._serialized_end=1951
+  _globals['_REASON']._serialized_start=1954
+  _globals['_REASON']._serialized_end=2171
   _globals['_ACTOR']._serialized_start=73
   _globals['_ACTOR']._serialized_end=129
   _globals['_APIKEY']._serialized_start=132
-  _globals['_APIKEY']._serialized_end=513
-  _globals['_PRINCIPAL']._serialized_start=515
-  _globals['_PRINCIPAL']._serialized_end=629
-  _globals['_CREATEKEYREQUEST']._serialized_start=632
-  _globals['_CREATEKEYREQUEST']._serialized_end=779
-  _globals['_CREATEKEYRESPONSE']._serialized_start=781
-  _globals['_CREATEKEYRESPONSE']._serialized_end=849
-  _globals['_GETKEYREQUEST']._serialized_start=851
-  _globals['_GETKEYREQUEST']._serialized_end=932
-  _globals['_GETKEYRESPONSE']._serialized_start=934
-  _globals['_GETKEYRESPONSE']._serialized_end=983
-  _globals['_LISTKEYSREQUEST']._serialized_start=986
-  _globals['_LISTKEYSREQUEST']._serialized_end=1134
-  _globals['_LISTKEYSRESPONSE']._serialized_start=1136
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1232
-  _globals['_REVOKEKEYREQUEST']._serialized_start=1234
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1334
-  _globals['_REVOKEKEYRESPONSE']._serialized_start=1336
-  _globals['_REVOKEKEYRESPONSE']._serialized_end=1388
-  _globals['_AUTHORIZEREQUEST']._serialized_start=1390
-  _globals['_AUTHORIZEREQUEST']._serialized_end=1445
-  _globals['_AUTHORIZERESPONSE']._serialized_start=1448
-  _globals['_AUTHORIZERESPONSE']._serialized_end=1600
-  _globals['_KEYSERVICE']._serialized_start=2009
-  _globals['_KEYSERVICE']._serialized_end=2379
+  _globals['_APIKEY']._serialized_end=533
+  _globals['_PRINCIPAL']._serialized_start=535
+  _globals['_PRINCIPAL']._serialized_end=649
+  _globals['_CREATEKEYREQUEST']._serialized_start=652
+  _globals['_CREATEKEYREQUEST']._serialized_end=819
+  _globals['_CREATEKEYRESPONSE']._serialized_start=821
+  _globals['_CREATEKEYRESPONSE']._serialized_end=889
+  _globals['_GETKEYREQUEST']._serialized_start=891
+  _globals['_GETKEYREQUEST']._serialized_end=972
+  _globals['_GETKEYRESPONSE']._serialized_start=974
+  _globals['_GETKEYRESPONSE']._serialized_end=1023
+  _globals['_LISTKEYSREQUEST']._serialized_start=1026
+  _globals['_LISTKEYSREQUEST']._serialized_end=1174
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1176
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1272
+  _globals['_REVOKEKEYREQUEST']._serialized_start=1274
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1374
+  _globals['_REVOKEKEYRESPONSE']._serialized_start=1376
+  _globals['_REVOKEKEYRESPONSE']._serialized_end=1428
+  _globals['_AUTHORIZEREQUEST']._serialized_start=1430
+  _globals['_AUTHORIZEREQUEST']._serialized_end=1485
+  _globals['_AUTHORIZERESPONSE']._serialized_start=1488
+  _globals['_AUTHORIZERESPONSE']._serialized_end=1689
+  _globals['_RATELIMITSTATUS']._serialized_start=1691
+  _globals['_RATELIMITSTATUS']._serialized_end=1765
+  _globals['_KEYSERVICE']._serialized_start=2174
+  _globals['_KEYSERVICE']._serialized_end=2544
 # @@protoc_insertion_point(module_scope)

@@ -62,7 +62,7 @@ class Actor(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
 
 class ApiKey(_message.Message):
-    __slots__ = ("id", "org_id", "name", "prefix", "scopes", "created_by", "create_time", "expire_time", "revoke_time", "revoked_by", "revoke_reason", "last_used_time", "state")
+    __slots__ = ("id", "org_id", "name", "prefix", "scopes", "created_by", "create_time", "expire_time", "revoke_time", "revoked_by", "revoke_reason", "last_used_time", "state", "rate_limit")
     ID_FIELD_NUMBER: _ClassVar[int]
     ORG_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class ApiKey(_message.Message):
     REVOKE_REASON_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_TIME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     id: str
     org_id: str
     name: str
@@ -89,7 +90,8 @@ class ApiKey(_message.Message):
     revoke_reason: str
     last_used_time: _timestamp_pb2.Timestamp
     state: KeyState
-    def __init__(self, id: _Optional[str] = ..., org_id: _Optional[str] = ..., name: _Optional[str] = ..., prefix: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_by: _Optional[str] = ..., revoke_reason: _Optional[str] = ..., last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[KeyState, str]] = ...) -> None: ...
+    rate_limit: int
+    def __init__(self, id: _Optional[str] = ..., org_id: _Optional[str] = ..., name: _Optional[str] = ..., prefix: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_by: _Optional[str] = ..., revoke_reason: _Optional[str] = ..., last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[KeyState, str]] = ..., rate_limit: _Optional[int] = ...) -> None: ...
 
 class Principal(_message.Message):
     __slots__ = ("key_id", "org_id", "user_id", "scopes", "key_prefix", "key_name")
@@ -108,18 +110,20 @@ class Principal(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., org_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., key_prefix: _Optional[str] = ..., key_name: _Optional[str] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("org_id", "actor", "name", "scopes", "expire_time")
+    __slots__ = ("org_id", "actor", "name", "scopes", "expire_time", "rate_limit")
     ORG_ID_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     org_id: str
     actor: Actor
     name: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     expire_time: _timestamp_pb2.Timestamp
-    def __init__(self, org_id: _Optional[str] = ..., actor: _Optional[_Union[Actor, _Mapping]] = ..., name: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    rate_limit: int
+    def __init__(self, org_id: _Optional[str] = ..., actor: _Optional[_Union[Actor, _Mapping]] = ..., name: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rate_limit: _Optional[int] = ...) -> None: ...
 
 class CreateKeyResponse(_message.Message):
     __slots__ = ("key", "secret")
@@ -198,15 +202,27 @@ class AuthorizeRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., required_scope: _Optional[str] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("allowed", "reason", "http_status", "message", "principal")
+    __slots__ = ("allowed", "reason", "http_status", "message", "principal", "rate_limit")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reason: Reason
     http_status: int
     message: str
     principal: Principal
-    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., http_status: _Optional[int] = ..., message: _Optional[str] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ...) -> None: ...
+    rate_limit: RateLimitStatus
+    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[_Union[Reason, str]] = ..., http_status: _Optional[int] = ..., message: _Optional[str] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ..., rate_limit: _Optional[_Union[RateLimitStatus, _Mapping]] = ...) -> None: ...
+
+class RateLimitStatus(_message.Message):
+    __slots__ = ("limit", "remaining", "reset_seconds")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    RESET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    remaining: int
+    reset_seconds: int
+    def __init__(self, limit: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_seconds: _Optional[int] = ...) -> None: ...
