@@ -53,6 +53,7 @@ class App:
     settings: Settings
     dsn: str
     listen: str | None = None
+    extra_listen: tuple[str, ...] = ()
     reuse_port: bool = False
     port: int = 0
     service: KeyService = field(init=False)
@@ -101,9 +102,20 @@ class App:
             self.port = self._server.add_insecure_port(listen)
         except RuntimeError:
             self.port = 0
+        for extra in self.extra_listen:
+            try:
+                bound = self._server.add_insecure_port(extra)
+            except RuntimeError:
+                bound = 0
+            if bound == 0:
+                self.port = 0
+                listen = extra
         if self.port == 0:
             await self._shutdown_internals()
-            raise ConfigError(f"cannot listen on {listen}: the port is in use or the address is invalid; set AUTHSVC_LISTEN")
+            raise ConfigError(
+                f"cannot listen on {listen}: the port is in use or the address is invalid; "
+                "set AUTHSVC_LISTEN (or AUTHSVC_WORKER_BASE_PORT)"
+            )
         await self._server.start()
         await self._set_health(True)
         self._monitor = asyncio.create_task(self._watch_store(), name="authsvc-health")

@@ -7,6 +7,7 @@ one line naming what to change and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import logging
 import os
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.listen:
             Settings.from_env({**os.environ, "AUTHSVC_LISTEN": args.listen})  # validates the flag like the variable
         workers = workers or (os.cpu_count() or 1)
+        settings = dataclasses.replace(settings, workers=workers, listen=listen)
         install_event_loop()
         if workers == 1:
             return asyncio.run(_serve(settings, listen))
@@ -71,16 +73,26 @@ def install_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(settings: Settings, listen: str, *, dsn: str | None = None, reuse_port: bool = False, worker: int | None = None) -> int:
+async def _serve(
+    settings: Settings,
+    listen: str,
+    *,
+    dsn: str | None = None,
+    reuse_port: bool = False,
+    worker: int | None = None,
+    extra_listen: tuple[str, ...] = (),
+) -> int:
     from authsvc.app import App, database_dsn
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = App(settings, dsn or database_dsn(settings), listen=listen, reuse_port=reuse_port)
+    if worker is None and settings.worker_base_port:
+        extra_listen = (f"{listen.rpartition(':')[0]}:{settings.worker_base_port}",)
+    app = App(settings, dsn or database_dsn(settings), listen=listen, extra_listen=extra_listen, reuse_port=reuse_port)
     await app.start()
-    extra = {"listen": listen} | ({"worker": worker} if worker is not None else {})
+    extra = {"listen": " ".join((listen, *extra_listen))} | ({"worker": worker} if worker is not None else {})
     if worker is None:
         log.info("effective configuration: %s", " ".join(f"{k}={v}" for k, v in settings.redacted().items()))
     log.info("authsvc serving", extra=extra)

@@ -40,6 +40,8 @@ class Settings:
     """host:port of the gRPC server (KeyService, Envoy Check, health, reflection)."""
     workers: int = 1
     """Server processes. ``authsvc serve --workers 0`` means one per core."""
+    worker_base_port: int = 0
+    """When set, worker i also listens on 127.0.0.1-or-listen-host:(port + i), one endpoint per process (see README)."""
     key_prefix: str = "authsvc"
     """The ``<prefix>`` of issued keys: 2-10 lowercase letters or digits, starting with a letter."""
     scopes_file: Path = DEFAULT_CATALOG
@@ -145,6 +147,7 @@ class Settings:
             data_dir=Path(get("DATA_DIR") or cls.data_dir),
             listen=listen,
             workers=integer("WORKERS", cls.workers, 0, 64),
+            worker_base_port=integer("WORKER_BASE_PORT", cls.worker_base_port, 0, 65535),
             key_prefix=prefix,
             scopes_file=scopes_file,
             max_active_keys=integer("MAX_ACTIVE_KEYS", cls.max_active_keys, 1, 10_000),
