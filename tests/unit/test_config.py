@@ -1,0 +1,51 @@
+"""Start-up errors name the variable to change; secrets never show in the effective config."""
+
+from __future__ import annotations
+
+import pytest
+
+from authsvc.config import Settings
+from authsvc.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"AUTHSVC_KEY_PREFIX": "Bad_Prefix"}, "AUTHSVC_KEY_PREFIX"),
+        ({"AUTHSVC_LISTEN": "nowhere"}, "AUTHSVC_LISTEN"),
+        ({"AUTHSVC_MAX_ACTIVE_KEYS": "ten"}, "AUTHSVC_MAX_ACTIVE_KEYS"),
+        ({"AUTHSVC_MAX_ACTIVE_KEYS": "0"}, "AUTHSVC_MAX_ACTIVE_KEYS"),
+        ({"AUTHSVC_DATABASE_URL": "mysql://x"}, "AUTHSVC_DATABASE_URL"),
+        ({"AUTHSVC_SCOPES_FILE": "/nonexistent/scopes.toml"}, "AUTHSVC_SCOPES_FILE"),
+        ({"AUTHSVC_LOG_LEVEL": "LOUD"}, "AUTHSVC_LOG_LEVEL"),
+        ({"AUTHSVC_METHOD_SCOPES": "GET=admin"}, "AUTHSVC_METHOD_SCOPES"),
+        ({"AUTHSVC_LAST_USED_FLUSH_SECONDS": "60"}, "AUTHSVC_LAST_USED_FLUSH_SECONDS"),
+        ({"AUTHSVC_REDIS_URL": "localhost:6379"}, "AUTHSVC_REDIS_URL"),
+    ],
+)
+def test_invalid_setting_names_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert variable in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_defaults_need_no_configuration() -> None:
+    settings = Settings.from_env({})
+    assert settings.database_url is None  # the embedded PostgreSQL
+    assert settings.max_active_keys == 10
+    assert settings.catalog().effective(["write"]) == {"read", "write"}
+
+
+def test_effective_config_redacts_passwords_and_tokens() -> None:
+    settings = Settings.from_env(
+        {
+            "AUTHSVC_DATABASE_URL": "postgresql://svc:hunter2@db:5432/authsvc",
+            "AUTHSVC_ADMIN_TOKENS": "tok-very-secret,tok-other",
+            "AUTHSVC_REDIS_URL": "redis://:redispass@cache:6379/0",
+        }
+    )
+    shown = " ".join(settings.redacted().values()) + repr(settings)
+    for secret in ("hunter2", "tok-very-secret", "tok-other", "redispass"):
+        assert secret not in shown
+    assert "db:5432" in shown

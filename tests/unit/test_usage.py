@@ -1,0 +1,52 @@
+"""Semantic 10 (and issue 4): last_used_time is batched, one store call per flush."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+from authsvc.usage import UsageRecorder
+
+
+class RecordingStore:
+    """Records record_last_used calls; a fake is fine for this unit (the integration test writes to PostgreSQL)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[dict[str, datetime]] = []
+        self.fail = fail
+
+    async def record_last_used(self, used: Mapping[str, datetime]) -> None:
+        if self.fail:
+            raise ConnectionError("down")
+        self.calls.append(dict(used))
+
+
+async def test_many_uses_become_one_write_with_the_latest_time() -> None:
+    store = RecordingStore()
+    recorder = UsageRecorder(store, interval=10)  # type: ignore[arg-type]
+    for i in range(1000):
+        recorder.touch("k1", 1_700_000_000.0 + i)
+        recorder.touch("k2", 1_700_000_000.0)
+    await recorder.flush()
+    assert len(store.calls) == 1
+    assert store.calls[0]["k1"].timestamp() == 1_700_000_999.0
+    assert set(store.calls[0]) == {"k1", "k2"}
+
+
+async def test_failed_flush_keeps_uses_for_the_next_one() -> None:
+    store = RecordingStore(fail=True)
+    recorder = UsageRecorder(store, interval=10)  # type: ignore[arg-type]
+    recorder.touch("k1", 1_700_000_000.0)
+    await recorder.flush()
+    store.fail = False
+    await recorder.flush()
+    assert [set(c) for c in store.calls] == [{"k1"}]
+
+
+async def test_pending_uses_are_bounded() -> None:
+    store = RecordingStore(fail=True)
+    recorder = UsageRecorder(store, interval=10, max_pending=100)  # type: ignore[arg-type]
+    for i in range(500):
+        recorder.touch(f"k{i}", 1.0)
+    await recorder.flush()
+    assert len(recorder._pending) <= 100
