@@ -1,0 +1,209 @@
+"""Semantics 2 (no secret at rest), 13 (bad input) and 14 (fail closed), and admin tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+import grpc
+import pgserver
+import pytest
+from authsvc_client.v1 import authsvc_pb2 as pb
+from authsvc_client.v1 import authsvc_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authsvc.app import App
+from authsvc.config import Secret, Settings
+from authsvc.keyformat import KeyFormat
+from tests.grpc.test_lifecycle import Stub, authorize, code_of, create
+from tests.support import ADMIN, MEMBER, TcpProxy, free_port, new_org
+
+PG_DUMP = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_dump"
+
+
+# 2. A full dump of the database contains no secret ------------------------
+
+async def test_2_database_dump_contains_no_secret(stub: Stub, database_url: str, tmp_path: Path) -> None:
+    org = new_org()
+    secrets = [(await create(stub, org, name=f"k{i}")).secret for i in range(3)]
+    for secret in secrets:
+        await authorize(stub, secret)
+    dump = subprocess.run([str(PG_DUMP), "--no-owner", database_url], capture_output=True, check=True).stdout
+    assert org.encode() in dump  # the dump really has this test's rows
+    for secret in secrets:
+        assert secret.encode() not in dump
+        assert secret[12:].encode() not in dump  # not even the part after the display prefix
+        assert secret[:12].encode() in dump  # the non-secret prefix is there
+
+
+# 13. Bad input: INVALID_ARGUMENT, a message that says what to fix, nothing written --
+
+LONG = "x" * 10_000
+BAD_CREATES = [
+    ("empty org_id", {"org_id": ""}, "org_id is required"),
+    ("org_id with spaces", {"org_id": "acme corp"}, "org_id must be"),
+    ("oversized org_id", {"org_id": LONG}, "org_id must be"),
+    ("missing actor user", {"actor": pb.Actor(role=pb.ROLE_ADMIN)}, "actor.user_id is required"),
+    ("unknown role", {"actor": pb.Actor(user_id="a", role=42)}, "actor.role 42"),  # type: ignore[arg-type]
+    ("empty name", {"name": "  "}, "name is required"),
+    ("oversized name", {"name": LONG}, "name must be at most 100"),
+    ("name with newline", {"name": "ci\nlog-injection"}, "control characters"),
+    ("name with escape", {"name": "ci\x1b[31m"}, "control characters"),
+    ("huge scope list", {"scopes": ["read"] * 10_000}, "at most 64"),
+    ("oversized scope", {"scopes": [LONG]}, "unknown scope"),
+    ("negative rate limit", {"rate_limit": -1}, "rate_limit"),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "message"), BAD_CREATES, ids=[c[0] for c in BAD_CREATES])
+async def test_13_bad_create_is_invalid_argument_and_writes_nothing(
+    stub: Stub, db: asyncpg.Connection, case: str, fields: dict[str, object], message: str
+) -> None:
+    org = new_org()
+    request: dict[str, object] = {"org_id": org, "actor": ADMIN, "name": "ci", "scopes": ["read"]} | fields
+    code, details = await code_of(stub.CreateKey(pb.CreateKeyRequest(**request)))  # type: ignore[arg-type]
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in details
+    assert len(details) < 400  # says what to fix; does not echo 10 kB back
+    assert await db.fetchval("SELECT count(*) FROM api_keys WHERE org_id = $1", org) == 0
+    assert await db.fetchval("SELECT count(*) FROM audit_events WHERE org_id = $1", org) == 0
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (pb.ListKeysRequest(actor=MEMBER, page=-1), "page must be"),
+        (pb.ListKeysRequest(actor=MEMBER, limit=101), "limit must be between 1 and 100"),
+        (pb.ListKeysRequest(actor=MEMBER, limit=-5), "limit must be"),
+        (pb.ListKeysRequest(actor=MEMBER, state=9), "state 9"),  # type: ignore[arg-type]
+    ],
+)
+async def test_13_bad_paging_is_invalid_argument(stub: Stub, request_: pb.ListKeysRequest, message: str) -> None:
+    request_.org_id = new_org()
+    code, details = await code_of(stub.ListKeys(request_))
+    assert (code, message in details) == (grpc.StatusCode.INVALID_ARGUMENT, True)
+
+
+async def test_13_bad_key_id_and_reason_are_invalid_argument(stub: Stub) -> None:
+    org = new_org()
+    created = await create(stub, org)
+    code, details = await code_of(stub.GetKey(pb.GetKeyRequest(org_id=org, key_id="../../etc", actor=MEMBER)))
+    assert (code, "key_id must be" in details) == (grpc.StatusCode.INVALID_ARGUMENT, True)
+    code, details = await code_of(
+        stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=created.key.id, actor=ADMIN, reason="r" * 501))
+    )
+    assert (code, "reason must be at most 500" in details) == (grpc.StatusCode.INVALID_ARGUMENT, True)
+    assert (await authorize(stub, created.secret)).allowed  # the failed revoke wrote nothing
+
+
+async def test_13_invalid_utf8_is_invalid_argument_not_internal(channel: grpc.aio.Channel, db: asyncpg.Connection) -> None:
+    raw = channel.unary_unary("/authsvc.v1.KeyService/CreateKey")
+    org = new_org().encode()
+    # Field 1 (org_id) valid, field 3 (name) with bytes that are not UTF-8.
+    payload = b"\x0a" + bytes([len(org)]) + org + b"\x1a\x04\xff\xfe\xfd\xfc"
+    code, details = await code_of(raw(payload))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in details
+    assert await db.fetchval("SELECT count(*) FROM api_keys WHERE org_id = $1", org.decode()) == 0
+
+
+async def test_13_garbage_bytes_never_crash_the_server(channel: grpc.aio.Channel, stub: Stub) -> None:
+    raw = channel.unary_unary("/authsvc.v1.KeyService/Authorize")
+    for payload in (b"\xff" * 64, b"\x0a\xff\xff\xff\xff\x0f", bytes(range(256))):
+        code, _ = await code_of(raw(payload))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await authorize(stub, "")).reason == pb.REASON_MISSING_KEY  # still serving
+
+
+async def test_13_oversized_key_is_malformed_without_hashing_it(stub: Stub) -> None:
+    reply = await authorize(stub, "authsvc_" + "a" * 100_000)
+    assert (reply.reason, reply.http_status) == (pb.REASON_MALFORMED_KEY, 401)
+
+
+# Admin tokens ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+async def guarded(settings: Settings, database_url: str) -> AsyncIterator[App]:
+    app = App(replace(settings, admin_tokens=(Secret("s3cret-admin"),)), database_url, listen=f"127.0.0.1:{free_port()}")
+    await app.start()
+    yield app
+    await app.stop(grace=0.5)
+
+
+async def test_admin_token_guards_management_but_not_authorize(guarded: App) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{guarded.port}") as channel:
+        stub = authsvc_pb2_grpc.KeyServiceStub(channel)
+        request = pb.CreateKeyRequest(org_id=new_org(), actor=ADMIN, name="ci", scopes=["read"])
+        code, details = await code_of(stub.CreateKey(request))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in details
+        code, _ = await code_of(stub.CreateKey(request, metadata=[("authorization", "Bearer wrong")]))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        created = await stub.CreateKey(request, metadata=[("authorization", "Bearer s3cret-admin")])
+        assert (await authorize(stub, created.secret)).allowed  # Authorize needs no admin token
+
+
+# 14. Fail closed ------------------------------------------------------------
+
+@pytest.fixture
+async def proxied(settings: Settings, database_url: str) -> AsyncIterator[tuple[App, TcpProxy]]:
+    parts = urlsplit(database_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    url = proxy.url_for(database_url)
+    app = App(replace(settings, database_url=Secret(url)), url, listen=f"127.0.0.1:{free_port()}")
+    await app.start()
+    await asyncio.wait_for(app.listener.connected.wait(), 5)
+    yield app, proxy
+    await app.stop(grace=0.5)
+    proxy.close()
+
+
+async def _health(channel: grpc.aio.Channel) -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+    return int(reply.status)
+
+
+async def test_14_store_down_never_allows_and_answers_unavailable_within_envoys_timeout(
+    proxied: tuple[App, TcpProxy],
+) -> None:
+    app, proxy = proxied
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = authsvc_pb2_grpc.KeyServiceStub(channel)
+        known = await create(stub, new_org())
+        assert (await authorize(stub, known.secret)).allowed  # cached now
+        unknown = KeyFormat("authsvc").generate().secret
+
+        proxy.cut()
+        for key in (unknown, known.secret) * 5:
+            try:
+                reply = await stub.Authorize(pb.AuthorizeRequest(key=key, required_scope="read"), timeout=0.2)
+            except grpc.aio.AioRpcError as exc:
+                # UNAVAILABLE, not DEADLINE_EXCEEDED: the answer came inside Envoy's 200 ms.
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                assert key not in (exc.details() or "")
+            else:
+                pytest.fail(f"answered {reply.reason} while the store was down")
+
+        for _ in range(40):
+            if await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.1)
+        assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        proxy.restore()
+        for _ in range(100):
+            try:
+                if (await authorize(stub, known.secret)).allowed:
+                    break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+        assert (await authorize(stub, known.secret)).allowed  # recovered by itself
+        for _ in range(40):
+            if await _health(channel) == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.1)
+        assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
