@@ -1,0 +1,118 @@
+"""``authsvc serve`` as an operator runs it: start-up errors, embedded PostgreSQL, SIGTERM, logs, workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from authsvc_client.v1 import authsvc_pb2 as pb
+from authsvc_client.v1 import authsvc_pb2_grpc
+
+from tests.support import ADMIN, free_port, new_org, serve_process
+
+
+def run_serve(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "authsvc", "serve"],
+        env={**os.environ, "AUTHSVC_LISTEN": f"127.0.0.1:{free_port()}", **env},
+        capture_output=True, text=True, timeout=60, cwd=tmp,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"AUTHSVC_KEY_PREFIX": "Not Valid"}, "AUTHSVC_KEY_PREFIX"),
+        ({"AUTHSVC_SCOPES_FILE": "/nope.toml"}, "AUTHSVC_SCOPES_FILE"),
+        ({"AUTHSVC_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}, "AUTHSVC_DATABASE_URL"),
+    ],
+    ids=["bad prefix", "missing scopes file", "unreachable database"],
+)
+def test_startup_errors_are_one_line_naming_what_to_change(env: dict[str, str], expected: str, tmp_path: Path) -> None:
+    result = run_serve(env, tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("authsvc: ") and expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_one_line(tmp_path: Path, database_url: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_serve({"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_LISTEN": f"127.0.0.1:{port}"}, tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "cannot listen on" in last and "AUTHSVC_LISTEN" in last
+    assert "Traceback" not in result.stderr
+
+
+def _lifecycle(target: str) -> tuple[str, str]:
+    """Create, authorize and revoke a key; returns (secret, prefix)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = authsvc_pb2_grpc.KeyServiceStub(channel)
+        org = new_org()
+        created = stub.CreateKey(pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="ci", scopes=["read"]))
+        assert stub.Authorize(pb.AuthorizeRequest(key=created.secret, required_scope="read")).allowed
+        stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=created.key.id, actor=ADMIN))
+        assert not stub.Authorize(pb.AuthorizeRequest(key=created.secret)).allowed
+        stub.Authorize(pb.AuthorizeRequest(key=created.secret[:-1] + "x"))
+        return created.secret, created.key.prefix
+
+
+def test_logs_never_contain_a_secret_and_sigterm_drains(tmp_path: Path, database_url: str) -> None:
+    with serve_process({"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_LOG_LEVEL": "DEBUG"}, tmp_path) as server:
+        secret, prefix = _lifecycle(server.target)
+        assert server.terminate() == 0
+    log = server.log()
+    assert secret not in log and secret[12:] not in log
+    assert prefix in log  # the display prefix is how operators find a key in logs
+    assert "shutting down" in log
+
+
+def test_embedded_postgresql_needs_no_configuration(tmp_path: Path) -> None:
+    """With no database URL the service starts its own PostgreSQL in AUTHSVC_DATA_DIR."""
+    data = tmp_path / "data"
+    env = {"AUTHSVC_DATABASE_URL": "", "AUTHSVC_DATA_DIR": str(data)}
+    with serve_process(env, tmp_path) as server:
+        _lifecycle(server.target)
+        assert server.terminate() == 0
+    assert (data / "pgdata" / "PG_VERSION").exists()
+
+
+def test_workers_share_the_port_and_each_has_its_own(tmp_path: Path, database_url: str) -> None:
+    base = free_port()
+    while any(_busy(base + i) for i in range(2)):
+        base = free_port()
+    env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_WORKER_BASE_PORT": str(base)}
+    with serve_process(env, tmp_path, args=("--workers", "2")) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{base}") as first, grpc.insecure_channel(f"127.0.0.1:{base + 1}") as second:
+            a, b = authsvc_pb2_grpc.KeyServiceStub(first), authsvc_pb2_grpc.KeyServiceStub(second)
+            org = new_org()
+            created = a.CreateKey(pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="ci", scopes=["read"]))
+            assert b.Authorize(pb.AuthorizeRequest(key=created.secret)).allowed  # cached in worker 1
+            a.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=created.key.id, actor=ADMIN))
+            deadline = time.monotonic() + 2
+            while b.Authorize(pb.AuthorizeRequest(key=created.secret)).allowed:
+                assert time.monotonic() < deadline, "worker 1 still allows a key revoked through worker 0"
+        children = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        assert server.terminate() == 0
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), signal.SIG_DFL)  # every worker is gone
+
+
+def _busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
