@@ -1,0 +1,147 @@
+"""``Client`` (blocking) and ``AsyncClient`` (asyncio): ``authorize(key, scope) -> Decision``.
+
+Both wrap the generated ``KeyService`` stub and translate its two kinds of
+outcome: a ``Decision`` (allowed or denied: an answer) and an
+``AuthsvcError`` (no answer: fail closed). Every call carries a deadline,
+short by default, because authsvc sits on the hot path of every request:
+a slow answer must turn into a quick ``Unavailable``, not a hung request.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import grpc
+
+from authsvc_client._decision import Decision, decision_from_proto
+from authsvc_client._exceptions import from_rpc_error
+from authsvc_client.v1 import authsvc_pb2 as pb
+
+# The generated KeyServiceStub has no type hints; one typed callable per
+# client keeps mypy's view of requests and replies exact.
+_AUTHORIZE = "/authsvc.v1.KeyService/Authorize"
+
+#: Seconds an Authorize call may take before it fails with ``Unavailable``.
+#: authsvc answers in a few milliseconds; Envoy's ext_authz default is 200 ms.
+DEFAULT_TIMEOUT = 0.25
+
+
+def _request(key: str, scope: str) -> pb.AuthorizeRequest:
+    if not isinstance(key, str) or not isinstance(scope, str):
+        # No repr of the value: it may be a secret of the wrong type.
+        raise TypeError("authorize(key, scope) takes two str arguments")
+    return pb.AuthorizeRequest(key=key, required_scope=scope)
+
+
+class Client:
+    """Blocking client for authsvc, safe to share between threads.
+
+    ``Client("authsvc:50051")`` opens (and on ``close()`` closes) an insecure
+    channel, or a TLS one with ``credentials``; ``Client(channel)`` uses a
+    channel you own and leaves it open.
+    """
+
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if isinstance(target, str):
+            if credentials is None:
+                self._channel = grpc.insecure_channel(target)
+            else:
+                self._channel = grpc.secure_channel(target, credentials)
+            self._owns_channel = True
+        else:
+            self._channel = target
+            self._owns_channel = False
+        self._authorize = self._channel.unary_unary(
+            _AUTHORIZE,
+            request_serializer=pb.AuthorizeRequest.SerializeToString,
+            response_deserializer=pb.AuthorizeResponse.FromString,
+        )
+        self.timeout = timeout
+
+    def authorize(self, key: str, scope: str = "", *, timeout: float | None = None) -> Decision:
+        """Whether ``key`` may act with ``scope`` (empty: authenticate only).
+
+        Returns a ``Decision`` for allowed and denied keys alike. Raises
+        ``Unavailable`` when authsvc cannot answer within the deadline and
+        ``InvalidArgument`` when ``scope`` is not in authsvc's catalog.
+        """
+        request = _request(key, scope)
+        try:
+            reply = self._authorize(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return decision_from_proto(reply)
+
+    def close(self) -> None:
+        """Close the channel if this client opened it."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client for authsvc (``grpc.aio``); create and use it inside one event loop.
+
+    ``AsyncClient("authsvc:50051")`` opens (and on ``await close()`` closes)
+    its own channel; ``AsyncClient(channel)`` uses a ``grpc.aio.Channel`` you own.
+    """
+
+    def __init__(
+        self,
+        target: str | grpc.aio.Channel,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if isinstance(target, str):
+            if credentials is None:
+                self._channel = grpc.aio.insecure_channel(target)
+            else:
+                self._channel = grpc.aio.secure_channel(target, credentials)
+            self._owns_channel = True
+        else:
+            self._channel = target
+            self._owns_channel = False
+        self._authorize = self._channel.unary_unary(
+            _AUTHORIZE,
+            request_serializer=pb.AuthorizeRequest.SerializeToString,
+            response_deserializer=pb.AuthorizeResponse.FromString,
+        )
+        self.timeout = timeout
+
+    # The timeout is a gRPC deadline: it travels to authsvc (grpc-timeout), which
+    # stops working on an answer nobody waits for; asyncio.timeout cannot do that.
+    async def authorize(self, key: str, scope: str = "", *, timeout: float | None = None) -> Decision:  # noqa: ASYNC109
+        """Whether ``key`` may act with ``scope``; see ``Client.authorize``."""
+        request = _request(key, scope)
+        try:
+            reply = await self._authorize(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return decision_from_proto(reply)
+
+    async def close(self) -> None:
+        """Close the channel if this client opened it."""
+        if self._owns_channel:
+            await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,56 @@
+"""Where a request carries its API key, and the principal of the request being served.
+
+Both integrations (the gRPC interceptors and the ASGI middleware) read keys
+the same way as authsvc's Envoy adapter: ``x-api-key: <key>`` or
+``authorization: ApiKey <key>``. A request carrying two *different* keys is
+denied as malformed rather than choosing one, so no component in front of
+the service can disagree with it about which key was checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextvars import ContextVar
+
+from authsvc_client._decision import Decision, Principal, Reason
+
+KEY_HEADER = "x-api-key"
+AUTHORIZATION_SCHEME = "apikey"
+
+_principal: ContextVar[Principal | None] = ContextVar("authsvc_principal", default=None)
+
+
+def current_principal() -> Principal | None:
+    """The principal of the request being handled, set by the interceptor or the middleware.
+
+    ``None`` outside a protected request and on public methods or paths.
+    """
+    return _principal.get()
+
+
+def carries_key(name: str, value: str) -> bool:
+    """Whether this header (lowercase name) holds an API key: such headers never reach the application."""
+    if name == KEY_HEADER:
+        return True
+    return name == "authorization" and value.strip().partition(" ")[0].lower() == AUTHORIZATION_SCHEME
+
+
+def extract_key(headers: Iterable[tuple[str, str]]) -> str | None:
+    """The key from lowercase-named headers: ``""`` when there is none, ``None`` when two keys disagree."""
+    found: set[str] = set()
+    for name, value in headers:
+        if name == KEY_HEADER:
+            found.add(value.strip())
+        elif carries_key(name, value):
+            found.add(value.strip().partition(" ")[2].strip())
+    if len(found) > 1:
+        return None
+    return next(iter(found), "")
+
+
+TWO_KEYS = Decision(
+    allowed=False,
+    reason=Reason.MALFORMED_KEY,
+    http_status=401,
+    message="the request carries two different API keys; send exactly one",
+)

@@ -1,0 +1,284 @@
+"""gRPC server interceptors that protect a service's methods with authsvc.
+
+``AuthzServerInterceptor`` (``grpc.server``) and
+``AsyncAuthzServerInterceptor`` (``grpc.aio.server``) resolve each call's
+required scope from the full method name, read the key from the incoming
+metadata (``x-api-key`` or ``authorization: ApiKey <key>``), call Authorize,
+and either run the handler with ``current_principal()`` set or abort:
+
+==========================  ============================
+authsvc answer              gRPC status
+==========================  ============================
+401 (missing, malformed,    UNAUTHENTICATED
+unknown, revoked, expired)
+403 (insufficient scope)    PERMISSION_DENIED
+429 (rate limited)          RESOURCE_EXHAUSTED (+ ``retry-after`` trailer)
+no answer (Unavailable)     UNAVAILABLE: fail closed
+any other failure           INTERNAL (logged; e.g. a scope authsvc does not know)
+method without a rule       PERMISSION_DENIED (fail closed)
+==========================  ============================
+
+The key is never logged and never put into a status message.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeAlias
+
+import grpc
+
+from authsvc_client._client import AsyncClient, Client
+from authsvc_client._credentials import TWO_KEYS, _principal, extract_key
+from authsvc_client._decision import Decision, Principal
+from authsvc_client._exceptions import AuthsvcError, Unavailable
+
+log = logging.getLogger("authsvc_client")
+
+# Generic only in the type stubs, hence the string.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+_STATUS_BY_HTTP = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+_NO_RULE = "no authorization rule covers this method"
+
+
+class _Denial(Exception):
+    """An abort to perform: status, message and trailing metadata (never the key)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.trailers = trailers
+
+
+class MethodPolicy:
+    """Which scope each full method name (``/package.Service/Method``) needs.
+
+    Lookup order: the exact method in ``scopes``, then ``/package.Service/*``,
+    then ``default_scope``. Methods in ``public`` (exact or ``/Service/*``)
+    need no key. With ``default_scope=None`` (the default) a method covered by
+    no rule is denied, so a newly added method is never open by accident;
+    ``default_scope=""`` authenticates without a scope.
+    """
+
+    def __init__(
+        self, scopes: Mapping[str, str], *, default_scope: str | None = None, public: Iterable[str] = ()
+    ) -> None:
+        self.scopes = dict(scopes)
+        self.default_scope = default_scope
+        self.public = frozenset(public)
+
+    @staticmethod
+    def _service_wildcard(method: str) -> str:
+        return method.rpartition("/")[0] + "/*"
+
+    def is_public(self, method: str) -> bool:
+        return method in self.public or self._service_wildcard(method) in self.public
+
+    def required_scope(self, method: str) -> str | None:
+        """The scope to ask Authorize for, or ``None`` when no rule covers the method."""
+        scope = self.scopes.get(method)
+        if scope is None:
+            scope = self.scopes.get(self._service_wildcard(method), self.default_scope)
+        return scope
+
+
+def _metadata_pairs(metadata: Iterable[Any] | None) -> list[tuple[str, str]]:
+    # Binary (-bin) values arrive as bytes and can never be a key.
+    return [(str(k).lower(), v) for k, v in metadata or () if isinstance(v, str)]
+
+
+def _denial_for(decision: Decision) -> _Denial:
+    code = _STATUS_BY_HTTP.get(decision.http_status, grpc.StatusCode.PERMISSION_DENIED)
+    trailers: tuple[tuple[str, str], ...] = ()
+    if decision.http_status == 429:
+        retry = decision.rate_limit.reset_seconds if decision.rate_limit else 1
+        trailers = (("retry-after", str(max(retry, 1))),)
+    return _Denial(code, decision.message or "denied", trailers)
+
+
+def _denial_for_error(exc: AuthsvcError, method: str) -> _Denial:
+    if isinstance(exc, Unavailable):
+        log.warning("authsvc unavailable while authorizing %s: %s", method, exc.message)
+        return _Denial(grpc.StatusCode.UNAVAILABLE, "the authorization service is unavailable; retry later")
+    # A scope authsvc does not know, or a server fault: the service's configuration
+    # needs fixing, the caller cannot do anything about it.
+    log.error("authsvc could not authorize %s (%s): %s", method, exc.status, exc.message)
+    return _Denial(grpc.StatusCode.INTERNAL, "authorization failed; the server log has details")
+
+
+class AuthzServerInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs
+    """Protects a ``grpc.server`` (thread pool): Authorize runs in the handler's worker thread.
+
+    The check wraps the method's behaviour instead of running in
+    ``intercept_service``, which grpcio calls on its single polling thread:
+    a blocking Authorize there would serialise every call of the server.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        scopes: Mapping[str, str],
+        *,
+        default_scope: str | None = None,
+        public: Iterable[str] = (),
+    ) -> None:
+        self.client = client
+        self.policy = MethodPolicy(scopes, default_scope=default_scope, public=public)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or self.policy.is_public(method):
+            return handler
+        scope = self.policy.required_scope(method)
+        key = extract_key(_metadata_pairs(handler_call_details.invocation_metadata))
+
+        def check(context: grpc.ServicerContext) -> contextvars.Context:
+            outcome = self._check(method, key, scope)
+            if isinstance(outcome, _Denial):
+                if outcome.trailers:
+                    context.set_trailing_metadata(outcome.trailers)
+                context.abort(outcome.code, outcome.message)
+            # The principal lives in a context of this call only: worker threads
+            # are reused, so setting it on the thread would leak it to the next call.
+            call_context = contextvars.copy_context()
+            call_context.run(_principal.set, outcome)
+            return call_context
+
+        return _guarded(handler, check)
+
+    def _check(self, method: str, key: str | None, scope: str | None) -> _Denial | Principal | None:
+        """The abort to perform, or the principal to run the handler with."""
+        if scope is None:
+            return _Denial(grpc.StatusCode.PERMISSION_DENIED, _NO_RULE)
+        if key is None:
+            return _denial_for(TWO_KEYS)
+        try:
+            decision = self.client.authorize(key, scope)
+        except AuthsvcError as exc:
+            return _denial_for_error(exc, method)
+        if not decision.allowed:
+            return _denial_for(decision)
+        return decision.principal
+
+
+def _iterate_in(context: contextvars.Context, iterator: Iterator[Any]) -> Iterator[Any]:
+    while True:
+        try:
+            item = context.run(next, iterator)
+        except StopIteration:
+            return
+        yield item
+
+
+def _guarded(handler: Handler, check: Callable[[grpc.ServicerContext], contextvars.Context]) -> Handler:
+    """The same handler, with ``check`` run first and the behaviour run in the context it returns."""
+    options: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        unary_unary = handler.unary_unary
+
+        def uu(request: Any, context: grpc.ServicerContext) -> Any:
+            return check(context).run(unary_unary, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(uu, **options)
+    if handler.unary_stream is not None:
+        unary_stream = handler.unary_stream
+
+        def us(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            call_context = check(context)
+            return _iterate_in(call_context, call_context.run(unary_stream, request, context))
+
+        return grpc.unary_stream_rpc_method_handler(us, **options)
+    if handler.stream_unary is not None:
+        stream_unary = handler.stream_unary
+
+        def su(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return check(context).run(stream_unary, requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(su, **options)
+    assert handler.stream_stream is not None
+    stream_stream = handler.stream_stream
+
+    def ss(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        call_context = check(context)
+        return _iterate_in(call_context, call_context.run(stream_stream, requests, context))
+
+    return grpc.stream_stream_rpc_method_handler(ss, **options)
+
+
+class AsyncAuthzServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs
+    """Protects a ``grpc.aio.server``: Authorize is awaited before the handler is chosen.
+
+    grpc.aio runs each call in its own task and calls the interceptor inside
+    it, so the principal set here is seen by that call's handler only.
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        scopes: Mapping[str, str],
+        *,
+        default_scope: str | None = None,
+        public: Iterable[str] = (),
+    ) -> None:
+        self.client = client
+        self.policy = MethodPolicy(scopes, default_scope=default_scope, public=public)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler: Handler | None = await continuation(handler_call_details)
+        method = handler_call_details.method
+        # Set on every call, public ones too, so nothing can ever be inherited.
+        _principal.set(None)
+        if handler is None or self.policy.is_public(method):
+            return handler
+        scope = self.policy.required_scope(method)
+        key = extract_key(_metadata_pairs(handler_call_details.invocation_metadata))
+        if scope is None:
+            return _aborting(handler, _Denial(grpc.StatusCode.PERMISSION_DENIED, _NO_RULE))
+        if key is None:
+            return _aborting(handler, _denial_for(TWO_KEYS))
+        try:
+            decision = await self.client.authorize(key, scope)
+        except AuthsvcError as exc:
+            return _aborting(handler, _denial_for_error(exc, method))
+        if not decision.allowed:
+            return _aborting(handler, _denial_for(decision))
+        _principal.set(decision.principal)
+        return handler
+
+
+def _aborting(handler: Handler, denial: _Denial) -> Handler:
+    """A handler of the same kind (so the request still decodes) that only aborts."""
+
+    async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(denial.code, denial.message, trailing_metadata=denial.trailers)
+
+    options: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(abort, **options)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(abort, **options)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(abort, **options)
+    return grpc.stream_stream_rpc_method_handler(abort, **options)
