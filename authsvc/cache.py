@@ -28,7 +28,7 @@ MISS: Final = object()
 
 
 class KeyCache:
-    def __init__(self, max_entries: int, freshness: float = 2.0) -> None:
+    def __init__(self, max_entries: int, freshness: float = 1.0) -> None:
         self._entries: OrderedDict[bytes, KeyGrant | None] = OrderedDict()
         self._max_entries = max_entries
         self._freshness = freshness

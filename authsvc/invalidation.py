@@ -53,8 +53,11 @@ class InvalidationListener:
             self._cache.synchronised()
 
     def _on_lost(self, connection: object) -> None:
-        self._cache.desynchronised()
-        self.connected.clear()
+        # Only the current subscription matters: a late callback from a
+        # connection already replaced must not switch the new one off.
+        if connection is self._connection:
+            self._cache.desynchronised()
+            self.connected.clear()
 
     async def _run(self) -> None:
         backoff = 0.05
