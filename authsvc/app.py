@@ -11,7 +11,6 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from authsvc.storage import embedded
 from authsvc.cache import KeyCache
 from authsvc.config import Settings
 from authsvc.errors import ConfigError, Unavailable
@@ -21,6 +20,7 @@ from authsvc.invalidation import InvalidationListener
 from authsvc.keyformat import KeyFormat
 from authsvc.ratelimit import RateLimiter, RedisCounter
 from authsvc.service import KeyService
+from authsvc.storage import embedded
 from authsvc.storage.migrate import migrate
 from authsvc.storage.postgres import PostgresStore, create_pool
 from authsvc.usage import UsageRecorder
@@ -41,7 +41,9 @@ async def run_migrations(dsn: str) -> list[str]:
     try:
         connection = await asyncpg.connect(dsn, timeout=5.0)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise Unavailable(f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc}); check AUTHSVC_DATABASE_URL") from None
+        raise Unavailable(
+            f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc}); check AUTHSVC_DATABASE_URL"
+        ) from None
     try:
         return await migrate(connection)
     finally:
@@ -90,7 +92,12 @@ class App:
         )
         admin = AdminTokens(t.value for t in s.admin_tokens)
         services = [
-            (KEY_SERVICE, service_handler(KEY_SERVICE, KeyServiceAdapter(self.service), admin=admin, protected=MANAGEMENT_METHODS)),
+            (
+                KEY_SERVICE,
+                service_handler(
+                    KEY_SERVICE, KeyServiceAdapter(self.service), admin=admin, protected=MANAGEMENT_METHODS
+                ),
+            ),
         ]
         from authsvc import extauthz  # the Envoy adapter over the same service
 
@@ -130,7 +137,7 @@ class App:
         serving = True
         while True:
             await asyncio.sleep(0.5)
-            ok = await self._store.ping(timeout=1.0)
+            ok = await self._store.ping(budget=1.0)
             if ok != serving:
                 serving = ok
                 await self._set_health(ok)

@@ -43,7 +43,7 @@ class KeyCache:
     def serving(self) -> bool:
         return self._synced and time.monotonic() < self._fresh_until
 
-    def get(self, digest: bytes) -> KeyGrant | None | object:
+    def get(self, digest: bytes) -> KeyGrant | object | None:
         if not self._synced or time.monotonic() >= self._fresh_until:
             return MISS
         entry = self._entries.get(digest, MISS)

@@ -7,8 +7,8 @@ one line naming what to change and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 import logging
 import os
 import signal

@@ -68,7 +68,12 @@ class Settings:
     """Envoy Check: ``authorization: <scheme> <key>`` is accepted too; empty disables it."""
     identity_header_prefix: str = "x-authsvc-"
     """Envoy Check: prefix of the identity headers added for the upstream."""
-    method_scopes: tuple[tuple[str, str], ...] = (("GET", "read"), ("HEAD", "read"), ("OPTIONS", "read"), ("*", "write"))
+    method_scopes: tuple[tuple[str, str], ...] = (
+        ("GET", "read"),
+        ("HEAD", "read"),
+        ("OPTIONS", "read"),
+        ("*", "write"),
+    )
     """Envoy Check: required scope by HTTP method when the route names none."""
     log_level: str = "INFO"
 

@@ -10,6 +10,7 @@ cached decision is served until it is subscribed again (see authsvc.cache).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import asyncpg
@@ -40,10 +41,8 @@ class InvalidationListener:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     def _on_notify(self, connection: object, pid: int, channel: str, payload: str) -> None:
         try:
@@ -85,7 +84,10 @@ class InvalidationListener:
                 raise
             except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 if self.connected.is_set() or backoff == 0.05:
-                    log.warning("cache invalidation listener lost (%s); serving from the database until it is back", type(exc).__name__)
+                    log.warning(
+                        "cache invalidation listener lost (%s); serving from the database until it is back",
+                        type(exc).__name__,
+                    )
             self._cache.desynchronised()
             self.connected.clear()
             self._connection = None

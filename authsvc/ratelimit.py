@@ -85,7 +85,8 @@ class RateLimiter:
                     self._last_failure_log = now
                     log.warning(
                         "rate limiting falls back to local counters: Redis failed (%s; %d failures so far)",
-                        type(exc).__name__, self.shared_failures,
+                        type(exc).__name__,
+                        self.shared_failures,
                     )
         return self._count_locally(key_id, window_index)
 

@@ -17,7 +17,7 @@ from authsvc import validation
 from authsvc.cache import MISS, KeyCache
 from authsvc.errors import NotFound, PermissionDenied, ResourceExhausted
 from authsvc.keyformat import KeyFormat, digest
-from authsvc.keys import Actor, ApiKey, Decision, KeyGrant, KeyState, Reason, ScopeCatalog, decide
+from authsvc.keys import Actor, ApiKey, Decision, KeyGrant, Reason, ScopeCatalog, decide
 from authsvc.ratelimit import RateLimiter
 from authsvc.storage import NewKey, Page, Store, TooManyActiveKeys
 from authsvc.usage import UsageRecorder
@@ -109,7 +109,9 @@ class KeyService:
             ) from None
         if self.cache is not None:
             self.cache.invalidate(issued.digest)
-        log.info("key created", extra={"org_id": org_id, "key_id": key.id, "key_prefix": key.prefix, "actor": actor.user_id})
+        log.info(
+            "key created", extra={"org_id": org_id, "key_id": key.id, "key_prefix": key.prefix, "actor": actor.user_id}
+        )
         return CreatedKey(key=key, secret=issued.secret)
 
     async def get_key(self, org_id: str, actor: Actor, key_id: str) -> ApiKey:
@@ -133,7 +135,12 @@ class KeyService:
         await self._require_member(actor, "key.list", org_id)
         result = await self.store.list_keys(org_id, wanted, self._clock(), (page - 1) * limit, limit)
         await self.store.audit(
-            "key.list", org_id, actor, None, "ok", {"page": page, "limit": limit, "state": wanted.name if wanted else None}
+            "key.list",
+            org_id,
+            actor,
+            None,
+            "ok",
+            {"page": page, "limit": limit, "state": wanted.name if wanted else None},
         )
         return result, page, limit
 
@@ -152,7 +159,9 @@ class KeyService:
         # denies; other processes evict on the store's notification.
         if self.cache is not None:
             self.cache.invalidate(key_digest)
-        log.info("key revoked", extra={"org_id": org_id, "key_id": key.id, "key_prefix": key.prefix, "actor": actor.user_id})
+        log.info(
+            "key revoked", extra={"org_id": org_id, "key_id": key.id, "key_prefix": key.prefix, "actor": actor.user_id}
+        )
         return key
 
     def _check_actor(self, actor: Actor) -> Actor:

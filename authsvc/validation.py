@@ -34,7 +34,8 @@ def org_id(value: str) -> str:
         raise InvalidArgument("org_id is required")
     if len(value) > MAX_ID_LENGTH or not _ORG_ID.fullmatch(value):
         raise InvalidArgument(
-            f"org_id must be 1-{MAX_ID_LENGTH} characters of letters, digits and . _ : @ -, starting with a letter or digit"
+            f"org_id must be 1-{MAX_ID_LENGTH} characters of letters, digits and . _ : @ -, "
+            "starting with a letter or digit"
         )
     return value
 
@@ -44,7 +45,8 @@ def actor_user_id(value: str) -> str:
         raise InvalidArgument("actor.user_id is required")
     if len(value) > MAX_ID_LENGTH or _has_control(value) or value != value.strip():
         raise InvalidArgument(
-            f"actor.user_id must be at most {MAX_ID_LENGTH} characters, without control characters or surrounding spaces"
+            f"actor.user_id must be at most {MAX_ID_LENGTH} characters, "
+            "without control characters or surrounding spaces"
         )
     return value
 
@@ -87,16 +89,18 @@ def reason(value: str) -> str:
 
 def scopes(values: Sequence[str], catalog: ScopeCatalog) -> tuple[str, ...]:
     if not values:
-        raise InvalidArgument(f"scopes: at least one scope is required; known scopes: {', '.join(sorted(catalog.scopes))}")
+        raise InvalidArgument(
+            f"scopes: at least one scope is required; known scopes: {', '.join(sorted(catalog.scopes))}"
+        )
     if len(values) > MAX_SCOPES_IN_REQUEST:
         raise InvalidArgument(f"scopes: at most {MAX_SCOPES_IN_REQUEST} entries, got {len(values)}")
     unique: list[str] = []
     for scope in values:
         if scope not in catalog:
-            shown = scope if len(scope) <= 64 and not _has_control(scope) else scope[:64].encode("unicode_escape").decode()
-            raise InvalidArgument(
-                f"scopes: unknown scope {shown!r}; known scopes: {', '.join(sorted(catalog.scopes))}"
+            shown = (
+                scope if len(scope) <= 64 and not _has_control(scope) else scope[:64].encode("unicode_escape").decode()
             )
+            raise InvalidArgument(f"scopes: unknown scope {shown!r}; known scopes: {', '.join(sorted(catalog.scopes))}")
         if scope not in unique:
             unique.append(scope)
     return tuple(sorted(unique))

@@ -49,7 +49,7 @@ def _worker_main(settings: Settings, listen: str, dsn: str, index: int) -> None:
     # The supervisor handles Ctrl+C for the group; workers drain on SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     install_event_loop()
-    extra = ()
+    extra: tuple[str, ...] = ()
     if settings.worker_base_port:
         extra = (f"{listen.rpartition(':')[0]}:{settings.worker_base_port + index}",)
     try:
@@ -81,7 +81,7 @@ def run(settings: Settings, listen: str, workers: int) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     for index in range(workers):
-        proc = context.Process(target=_worker_main, args=(settings, listen, dsn, index), name=f"authsvc-worker-{index}")
+        proc: BaseProcess = context.Process(target=_worker_main, args=(settings, listen, dsn, index), name=f"authsvc-worker-{index}")
         proc.start()
         procs.append(proc)
     log.info("supervising %d workers", workers, extra={"listen": listen})

@@ -27,7 +27,7 @@ from authsvc_client.v1 import authsvc_pb2_grpc
 
 from authsvc.app import App
 from authsvc.config import Secret, Settings
-from tests.support import free_port
+from tests.support import Stub, free_port
 
 
 def _server_url() -> str:
@@ -84,7 +84,7 @@ async def channel(app: App) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture(scope="session")
-def stub(channel: grpc.aio.Channel) -> authsvc_pb2_grpc.KeyServiceStub:
+def stub(channel: grpc.aio.Channel) -> Stub:
     return authsvc_pb2_grpc.KeyServiceStub(channel)
 
 

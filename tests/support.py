@@ -13,10 +13,22 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from authsvc_client.v1 import authsvc_pb2 as pb
+from authsvc_client.v1 import authsvc_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+if TYPE_CHECKING:
+    # The asyncio stub type exists only in the generated .pyi.
+    from typing import TypeAlias
+
+    from authsvc_client.v1.authsvc_pb2_grpc import KeyServiceAsyncStub
+
+    Stub: TypeAlias = KeyServiceAsyncStub
+else:
+    Stub = authsvc_pb2_grpc.KeyServiceStub
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = pb.Actor(user_id="alice", role=pb.ROLE_ADMIN)
@@ -88,7 +100,11 @@ def serve_process(
     full_env = {**os.environ, "AUTHSVC_LISTEN": f"127.0.0.1:{port}", **env}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "authsvc", "serve", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp
+            [sys.executable, "-m", "authsvc", "serve", *args],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
         )
     server = ServerProcess(proc, f"127.0.0.1:{port}", log_path)
     try:

@@ -72,5 +72,7 @@ def authorize_response(decision: Decision) -> pb.AuthorizeResponse:
         response.principal.CopyFrom(principal(decision.principal))
     if decision.rate_limit is not None:
         rl = decision.rate_limit
-        response.rate_limit.CopyFrom(pb.RateLimitStatus(limit=rl.limit, remaining=rl.remaining, reset_seconds=rl.reset_seconds))
+        response.rate_limit.CopyFrom(
+            pb.RateLimitStatus(limit=rl.limit, remaining=rl.remaining, reset_seconds=rl.reset_seconds)
+        )
     return response

@@ -64,7 +64,9 @@ class AdminTokens:
         raise Unauthenticated("management calls need metadata 'authorization: Bearer <admin token>'")
 
 
-def _wrap(behavior: Behavior, method: str, admin: AdminTokens | None) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+def _wrap(
+    behavior: Behavior, method: str, admin: AdminTokens | None
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNDECODABLE:
             await context.abort(
@@ -83,7 +85,11 @@ def _wrap(behavior: Behavior, method: str, admin: AdminTokens | None) -> Callabl
 
 
 def service_handler(
-    descriptor: ServiceDescriptor, servicer: object, *, admin: AdminTokens | None = None, protected: frozenset[str] = frozenset()
+    descriptor: ServiceDescriptor,
+    servicer: object,
+    *,
+    admin: AdminTokens | None = None,
+    protected: frozenset[str] = frozenset(),
 ) -> grpc.GenericRpcHandler:
     """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``."""
     handlers = {}
@@ -91,7 +97,11 @@ def service_handler(
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _wrap(getattr(servicer, method.name), f"/{descriptor.full_name}/{method.name}", admin if method.name in protected else None),
+            _wrap(
+                getattr(servicer, method.name),
+                f"/{descriptor.full_name}/{method.name}",
+                admin if method.name in protected else None,
+            ),
             request_deserializer=_lenient(request_class.FromString),
             response_serializer=response_class.SerializeToString,
         )
@@ -115,7 +125,8 @@ def build_server(
     server.add_generic_rpc_handlers([handler for _, handler in services])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        [d.full_name for d, _ in services] + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [d.full_name for d, _ in services]
+        + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
     return server

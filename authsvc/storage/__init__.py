@@ -46,9 +46,7 @@ class Store(Protocol):
 
     async def get_key(self, org_id: str, key_id: str) -> ApiKey | None: ...
 
-    async def list_keys(
-        self, org_id: str, state: KeyState | None, now: datetime, offset: int, limit: int
-    ) -> Page: ...
+    async def list_keys(self, org_id: str, state: KeyState | None, now: datetime, offset: int, limit: int) -> Page: ...
 
     async def revoke_key(
         self, org_id: str, key_id: str, actor: Actor, reason: str, now: datetime

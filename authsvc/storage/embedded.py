@@ -26,7 +26,7 @@ def start(data_dir: Path) -> str:
         raise ConfigError(f"AUTHSVC_DATA_DIR: cannot create {pgdata.parent}: {exc.strerror}") from None
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     try:
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]  # untyped re-export
     except Exception as exc:  # pgserver raises bare Exceptions; report them in one line
         raise ConfigError(
             f"cannot start the embedded PostgreSQL in {pgdata} ({exc}); "

@@ -56,7 +56,8 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
                 await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO authsvc_schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version, migration.name,
+                    migration.version,
+                    migration.name,
                 )
             applied_now.append(f"{migration.version:04d}_{migration.name}")
     finally:

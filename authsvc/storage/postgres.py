@@ -93,17 +93,17 @@ class PostgresStore:
         self._write_timeout = write_timeout
 
     @asynccontextmanager
-    async def _connection(self, timeout: float) -> AsyncIterator[asyncpg.Connection]:
+    async def _connection(self, budget: float) -> AsyncIterator[asyncpg.Connection]:
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(budget):
                 async with self._pool.acquire() as connection:
                     yield connection
         except CONNECTION_ERRORS:
             raise Unavailable(_UNAVAILABLE) from None
 
-    async def ping(self, timeout: float = 1.0) -> bool:
+    async def ping(self, budget: float = 1.0) -> bool:
         try:
-            async with self._connection(timeout) as conn:
+            async with self._connection(budget) as conn:
                 await conn.fetchval("SELECT 1")
         except Unavailable:
             return False
@@ -138,7 +138,12 @@ class PostgresStore:
             )
             key = _to_key(row)
             await self._insert_audit(
-                conn, "key.create", new.org_id, actor, key.id, "ok",
+                conn,
+                "key.create",
+                new.org_id,
+                actor,
+                key.id,
+                "ok",
                 {"name": new.name, "scopes": list(new.scopes), "prefix": new.prefix},
             )
             # A negative cache entry for this digest may exist somewhere.
@@ -147,16 +152,26 @@ class PostgresStore:
 
     async def get_key(self, org_id: str, key_id: str) -> ApiKey | None:
         async with self._connection(self._write_timeout) as conn:
-            row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE org_id = $1 AND id = $2", org_id, uuid.UUID(key_id))
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM api_keys WHERE org_id = $1 AND id = $2", org_id, uuid.UUID(key_id)
+            )
         return _to_key(row) if row else None
 
     async def list_keys(self, org_id: str, state: KeyState | None, now: datetime, offset: int, limit: int) -> Page:
-        where = "WHERE org_id = $1 " + (_STATE_FILTERS[state] if state is not None else "AND $2::timestamptz IS NOT NULL")
-        async with self._connection(self._write_timeout) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        where = "WHERE org_id = $1 " + (
+            _STATE_FILTERS[state] if state is not None else "AND $2::timestamptz IS NOT NULL"
+        )
+        async with (
+            self._connection(self._write_timeout) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             total = await conn.fetchval(f"SELECT count(*) FROM api_keys {where}", org_id, now)
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM api_keys {where} ORDER BY create_time DESC, id DESC LIMIT $3 OFFSET $4",
-                org_id, now, limit, offset,
+                org_id,
+                now,
+                limit,
+                offset,
             )
         return Page(keys=[_to_key(r) for r in rows], total=total)
 
@@ -167,15 +182,23 @@ class PostgresStore:
             row = await conn.fetchrow(
                 f"UPDATE api_keys SET revoke_time = $3, revoked_by = $4, revoke_reason = $5 "
                 f"WHERE org_id = $1 AND id = $2 AND revoke_time IS NULL RETURNING {_COLUMNS}, key_hash",
-                org_id, uuid.UUID(key_id), now, actor.user_id, reason,
+                org_id,
+                uuid.UUID(key_id),
+                now,
+                actor.user_id,
+                reason,
             )
             if row is None:
                 existing = await conn.fetchrow(
-                    f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE org_id = $1 AND id = $2", org_id, uuid.UUID(key_id)
+                    f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE org_id = $1 AND id = $2",
+                    org_id,
+                    uuid.UUID(key_id),
                 )
                 if existing is None:
                     return None
-                await self._insert_audit(conn, "key.revoke", org_id, actor, key_id, "already_revoked", {"reason": reason})
+                await self._insert_audit(
+                    conn, "key.revoke", org_id, actor, key_id, "already_revoked", {"reason": reason}
+                )
                 return _to_key(existing), bytes(existing["key_hash"])
             await self._insert_audit(conn, "key.revoke", org_id, actor, key_id, "ok", {"reason": reason})
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, bytes(row["key_hash"]).hex())
@@ -196,7 +219,8 @@ class PostgresStore:
                 "UPDATE api_keys AS k SET last_used_time = v.t "
                 "FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, t) "
                 "WHERE k.id = v.id AND (k.last_used_time IS NULL OR k.last_used_time < v.t)",
-                ids, times,
+                ids,
+                times,
             )
 
     async def audit(
@@ -207,12 +231,22 @@ class PostgresStore:
 
     @staticmethod
     async def _insert_audit(
-        conn: asyncpg.Connection, action: str, org_id: str, actor: Actor, key_id: str | None, outcome: str,
+        conn: asyncpg.Connection,
+        action: str,
+        org_id: str,
+        actor: Actor,
+        key_id: str | None,
+        outcome: str,
         detail: Mapping[str, object],
     ) -> None:
         await conn.execute(
             "INSERT INTO audit_events (org_id, actor_user_id, actor_role, action, key_id, outcome, detail) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
-            org_id, actor.user_id, actor.role.name.lower(), action,
-            uuid.UUID(key_id) if key_id else None, outcome, json.dumps(dict(detail)),
+            org_id,
+            actor.user_id,
+            actor.role.name.lower(),
+            action,
+            uuid.UUID(key_id) if key_id else None,
+            outcome,
+            json.dumps(dict(detail)),
         )

@@ -20,20 +20,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from authsvc.app import App
 from authsvc.config import Secret, Settings
 from authsvc.keyformat import KeyFormat
-from tests.grpc.test_lifecycle import Stub, authorize, code_of, create
-from tests.support import ADMIN, MEMBER, TcpProxy, free_port, new_org
+from tests.grpc.test_lifecycle import authorize, code_of, create
+from tests.support import ADMIN, MEMBER, Stub, TcpProxy, free_port, new_org
 
 PG_DUMP = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_dump"
 
 
 # 2. A full dump of the database contains no secret ------------------------
 
+
 async def test_2_database_dump_contains_no_secret(stub: Stub, database_url: str, tmp_path: Path) -> None:
     org = new_org()
     secrets = [(await create(stub, org, name=f"k{i}")).secret for i in range(3)]
     for secret in secrets:
         await authorize(stub, secret)
-    dump = subprocess.run([str(PG_DUMP), "--no-owner", database_url], capture_output=True, check=True).stdout
+    dump = (
+        await asyncio.to_thread(
+            subprocess.run, [str(PG_DUMP), "--no-owner", database_url], capture_output=True, check=True
+        )
+    ).stdout
     assert org.encode() in dump  # the dump really has this test's rows
     for secret in secrets:
         assert secret.encode() not in dump
@@ -101,8 +106,10 @@ async def test_13_bad_key_id_and_reason_are_invalid_argument(stub: Stub) -> None
     assert (await authorize(stub, created.secret)).allowed  # the failed revoke wrote nothing
 
 
-async def test_13_invalid_utf8_is_invalid_argument_not_internal(channel: grpc.aio.Channel, db: asyncpg.Connection) -> None:
-    raw = channel.unary_unary("/authsvc.v1.KeyService/CreateKey")
+async def test_13_invalid_utf8_is_invalid_argument_not_internal(
+    channel: grpc.aio.Channel, db: asyncpg.Connection
+) -> None:
+    raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/authsvc.v1.KeyService/CreateKey")
     org = new_org().encode()
     # Field 1 (org_id) valid, field 3 (name) with bytes that are not UTF-8.
     payload = b"\x0a" + bytes([len(org)]) + org + b"\x1a\x04\xff\xfe\xfd\xfc"
@@ -113,7 +120,7 @@ async def test_13_invalid_utf8_is_invalid_argument_not_internal(channel: grpc.ai
 
 
 async def test_13_garbage_bytes_never_crash_the_server(channel: grpc.aio.Channel, stub: Stub) -> None:
-    raw = channel.unary_unary("/authsvc.v1.KeyService/Authorize")
+    raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/authsvc.v1.KeyService/Authorize")
     for payload in (b"\xff" * 64, b"\x0a\xff\xff\xff\xff\x0f", bytes(range(256))):
         code, _ = await code_of(raw(payload))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -127,9 +134,12 @@ async def test_13_oversized_key_is_malformed_without_hashing_it(stub: Stub) -> N
 
 # Admin tokens ---------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 async def guarded(settings: Settings, database_url: str) -> AsyncIterator[App]:
-    app = App(replace(settings, admin_tokens=(Secret("s3cret-admin"),)), database_url, listen=f"127.0.0.1:{free_port()}")
+    app = App(
+        replace(settings, admin_tokens=(Secret("s3cret-admin"),)), database_url, listen=f"127.0.0.1:{free_port()}"
+    )
     await app.start()
     yield app
     await app.stop(grace=0.5)
@@ -148,6 +158,7 @@ async def test_admin_token_guards_management_but_not_authorize(guarded: App) -> 
 
 
 # 14. Fail closed ------------------------------------------------------------
+
 
 @pytest.fixture
 async def proxied(settings: Settings, database_url: str) -> AsyncIterator[tuple[App, TcpProxy]]:

@@ -17,8 +17,8 @@ from authsvc_client.v1 import authsvc_pb2_grpc
 
 from authsvc.app import App
 from authsvc.config import Secret, Settings
-from tests.grpc.test_lifecycle import Stub, authorize, create
-from tests.support import ADMIN, free_port, new_org
+from tests.grpc.test_lifecycle import authorize, create
+from tests.support import ADMIN, Stub, free_port, new_org
 
 
 @asynccontextmanager
@@ -34,8 +34,8 @@ async def running(settings: Settings, database_url: str, **overrides: Any) -> As
         await app.stop(grace=0.5)
 
 
-async def until(predicate: Any, timeout: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def until(predicate: Any, within: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not await predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.005)
@@ -84,9 +84,19 @@ async def test_a_cached_unknown_key_is_evicted_when_the_key_is_created(
         assert (await authorize(replica, issued.secret)).reason == pb.REASON_UNKNOWN_KEY  # cached as unknown
         # The same code path CreateKey uses, with a secret this test knows in advance.
         await app.service.store.create_key(
-            NewKey(org_id=new_org(), name="late", prefix=issued.display_prefix, digest=issued.digest,
-                   scopes=("read",), created_by="alice", expire_time=None, rate_limit=0),
-            Actor("alice", Role.ADMIN), 10, datetime.now(UTC),
+            NewKey(
+                org_id=new_org(),
+                name="late",
+                prefix=issued.display_prefix,
+                digest=issued.digest,
+                scopes=("read",),
+                created_by="alice",
+                expire_time=None,
+                rate_limit=0,
+            ),
+            Actor("alice", Role.ADMIN),
+            10,
+            datetime.now(UTC),
         )
 
         async def allowed() -> bool:
@@ -119,7 +129,7 @@ async def test_listener_loss_never_serves_a_missed_revocation(
             assert not reply.allowed
             assert reply.reason == pb.REASON_REVOKED
 
-            async def resubscribed() -> bool:
+            async def resubscribed(old_pid: int = old_pid) -> bool:
                 pid = replica_app.listener.backend_pid
                 return replica_app.listener.connected.is_set() and pid is not None and pid != old_pid
 
@@ -141,6 +151,7 @@ async def test_revoking_through_another_replica_while_the_listener_reconnects(
 
 
 # Rate limits ---------------------------------------------------------------
+
 
 async def test_deployment_default_rate_limit_gives_429_with_counters(settings: Settings, database_url: str) -> None:
     async with running(settings, database_url, rate_limit=3, rate_limit_window_seconds=60) as (_, stub):
@@ -178,7 +189,10 @@ async def test_denied_keys_do_not_spend_the_limit(settings: Settings, database_u
 
 async def test_redis_shares_the_limit_across_replicas(settings: Settings, database_url: str, redis_url: str) -> None:
     shared = {"rate_limit": 4, "rate_limit_window_seconds": 60, "redis_url": Secret(redis_url)}
-    async with running(settings, database_url, **shared) as (_, one), running(settings, database_url, **shared) as (_, two):
+    async with (
+        running(settings, database_url, **shared) as (_, one),
+        running(settings, database_url, **shared) as (_, two),
+    ):
         created = await create(one, new_org())
         statuses = [(await authorize(stub, created.secret)).http_status for _ in range(4) for stub in (one, two)]
         assert statuses.count(200) == 4

@@ -14,12 +14,9 @@ import asyncpg
 import grpc
 import pytest
 from authsvc_client.v1 import authsvc_pb2 as pb
-from authsvc_client.v1 import authsvc_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tests.support import ADMIN, MEMBER, OWNER, new_org
-
-Stub = authsvc_pb2_grpc.KeyServiceStub
+from tests.support import ADMIN, MEMBER, OWNER, Stub, new_org
 
 
 def ts(dt: datetime) -> Timestamp:
@@ -45,6 +42,7 @@ async def code_of(call: object) -> tuple[grpc.StatusCode, str]:
 
 # 1. Key format -------------------------------------------------------------
 
+
 async def test_1_secret_has_the_deployment_format_and_prefix_is_its_first_12_characters(stub: Stub) -> None:
     created = await create(stub, new_org())
     assert re.fullmatch(r"authsvc_[0-9A-Za-z]{49}", created.secret)
@@ -60,6 +58,7 @@ async def test_1_a_typo_is_malformed_not_unknown(stub: Stub) -> None:
 
 # 2. Only the SHA-256 is stored; the secret is shown once -----------------
 
+
 async def test_2_secret_is_returned_by_create_only(stub: Stub) -> None:
     org = new_org()
     created = await create(stub, org)
@@ -73,6 +72,7 @@ async def test_2_secret_is_returned_by_create_only(stub: Stub) -> None:
 
 # 3. Organization from the key alone ---------------------------------------
 
+
 async def test_3_authorize_resolves_the_organization_from_the_key(stub: Stub) -> None:
     org = new_org()
     created = await create(stub, org)
@@ -84,6 +84,7 @@ async def test_3_authorize_resolves_the_organization_from_the_key(stub: Stub) ->
 
 
 # 4. Scopes ----------------------------------------------------------------
+
 
 async def test_4_write_implies_read_and_effective_scopes_are_expanded(stub: Stub) -> None:
     created = await create(stub, new_org(), ("write",))
@@ -118,6 +119,7 @@ async def test_4_scopes_cannot_change_even_in_the_database(stub: Stub, db: async
 
 # 5. Roles -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("role", [pb.ROLE_MEMBER, pb.ROLE_UNSPECIFIED])
 async def test_5_only_admins_and_owners_create(stub: Stub, role: int) -> None:
     request = pb.CreateKeyRequest(org_id=new_org(), actor=pb.Actor(user_id="u", role=role), name="n", scopes=["read"])  # type: ignore[arg-type]
@@ -137,7 +139,9 @@ async def test_5_only_admins_and_owners_revoke(stub: Stub) -> None:
 async def test_5_members_get_and_list_but_unspecified_role_cannot(stub: Stub) -> None:
     org = new_org()
     created = await create(stub, org)
-    assert (await stub.GetKey(pb.GetKeyRequest(org_id=org, key_id=created.key.id, actor=MEMBER))).key.id == created.key.id
+    assert (
+        await stub.GetKey(pb.GetKeyRequest(org_id=org, key_id=created.key.id, actor=MEMBER))
+    ).key.id == created.key.id
     assert (await stub.ListKeys(pb.ListKeysRequest(org_id=org, actor=MEMBER))).total == 1
     nobody = pb.Actor(user_id="u")
     code, _ = await code_of(stub.ListKeys(pb.ListKeysRequest(org_id=org, actor=nobody)))
@@ -145,6 +149,7 @@ async def test_5_members_get_and_list_but_unspecified_role_cannot(stub: Stub) ->
 
 
 # 6. At most 10 active keys --------------------------------------------------
+
 
 async def test_6_eleventh_active_key_is_refused_until_one_is_revoked(stub: Stub) -> None:
     org = new_org()
@@ -177,6 +182,7 @@ async def test_6_concurrent_creates_never_exceed_the_limit(stub: Stub, db: async
 
 # 7. Expiry ----------------------------------------------------------------
 
+
 async def test_7_expire_time_in_the_past_is_invalid(stub: Stub) -> None:
     code, message = await code_of(create(stub, new_org(), expire_time=ts(datetime.now(UTC) - timedelta(minutes=1))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -196,6 +202,7 @@ async def test_7_expired_key_is_denied_with_expired(stub: Stub) -> None:
 
 
 # 8. Revocation ----------------------------------------------------------
+
 
 async def test_8_revocation_is_immediate_and_idempotent(stub: Stub) -> None:
     org = new_org()
@@ -231,6 +238,7 @@ async def test_8_a_revocation_cannot_be_undone_even_in_the_database(stub: Stub, 
 
 # 9. Authorize outcomes ----------------------------------------------------
 
+
 async def test_9_outcome_table(stub: Stub) -> None:
     org = new_org()
     reader = await create(stub, org, ("read",))
@@ -263,6 +271,7 @@ async def test_9_unknown_required_scope_is_invalid_argument(stub: Stub) -> None:
 
 # 10. last_used_time, batched --------------------------------------------
 
+
 async def test_10_last_used_time_is_recorded_after_the_flush(stub: Stub, db: asyncpg.Connection) -> None:
     org = new_org()
     created = await create(stub, org)
@@ -281,6 +290,7 @@ async def test_10_last_used_time_is_recorded_after_the_flush(stub: Stub, db: asy
 
 # 11. Audit rows -----------------------------------------------------------
 
+
 async def test_11_every_management_call_leaves_an_audit_row(stub: Stub, db: asyncpg.Connection) -> None:
     org = new_org()
     created = await create(stub, org)
@@ -290,7 +300,8 @@ async def test_11_every_management_call_leaves_an_audit_row(stub: Stub, db: asyn
     await code_of(stub.CreateKey(pb.CreateKeyRequest(org_id=org, actor=MEMBER, name="x", scopes=["read"])))
     rows = await db.fetch(
         "SELECT action, actor_user_id, actor_role, outcome, key_id, detail, occurred_at FROM audit_events "
-        "WHERE org_id = $1 ORDER BY id", org,
+        "WHERE org_id = $1 ORDER BY id",
+        org,
     )
     assert [(r["action"], r["actor_user_id"], r["outcome"]) for r in rows] == [
         ("key.create", "alice", "ok"),
@@ -304,6 +315,7 @@ async def test_11_every_management_call_leaves_an_audit_row(stub: Stub, db: asyn
 
 
 # 12. Cross-organization ---------------------------------------------------
+
 
 async def test_12_another_orgs_key_is_not_found_exactly_like_a_missing_one(stub: Stub) -> None:
     created = await create(stub, new_org())
@@ -319,6 +331,7 @@ async def test_12_another_orgs_key_is_not_found_exactly_like_a_missing_one(stub:
 
 
 # ListKeys paging ------------------------------------------------------------
+
 
 async def test_list_keys_pages_newest_first_with_total_and_state_filter(stub: Stub) -> None:
     org = new_org()

@@ -22,7 +22,10 @@ def run_serve(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess[str
     return subprocess.run(
         [sys.executable, "-m", "authsvc", "serve"],
         env={**os.environ, "AUTHSVC_LISTEN": f"127.0.0.1:{free_port()}", **env},
-        capture_output=True, text=True, timeout=60, cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp,
     )
 
 
@@ -95,7 +98,10 @@ def test_workers_share_the_port_and_each_has_its_own(tmp_path: Path, database_ur
         base = free_port()
     env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_WORKER_BASE_PORT": str(base)}
     with serve_process(env, tmp_path, args=("--workers", "2")) as server:
-        with grpc.insecure_channel(f"127.0.0.1:{base}") as first, grpc.insecure_channel(f"127.0.0.1:{base + 1}") as second:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{base}") as first,
+            grpc.insecure_channel(f"127.0.0.1:{base + 1}") as second,
+        ):
             a, b = authsvc_pb2_grpc.KeyServiceStub(first), authsvc_pb2_grpc.KeyServiceStub(second)
             org = new_org()
             created = a.CreateKey(pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="ci", scopes=["read"]))

@@ -10,8 +10,15 @@ from authsvc.keys import ApiKey, KeyGrant, ScopeCatalog
 
 CATALOG = ScopeCatalog.from_mapping({"scopes": {"read": {}}}, "test")
 GRANT = KeyGrant.of(
-    ApiKey(id="k1", org_id="o", name="n", prefix="authsvc_abcd", scopes=("read",), created_by="u",
-           create_time=datetime.now(UTC)),
+    ApiKey(
+        id="k1",
+        org_id="o",
+        name="n",
+        prefix="authsvc_abcd",
+        scopes=("read",),
+        created_by="u",
+        create_time=datetime.now(UTC),
+    ),
     CATALOG,
 )
 D1, D2 = b"1" * 32, b"2" * 32

@@ -46,8 +46,14 @@ def test_delete_is_reserved_but_grantable(catalog: ScopeCatalog) -> None:
 def test_resource_catalog_ships_with_admin_implying_read() -> None:
     resources = ScopeCatalog.load(RESOURCES)
     assert set(resources.scopes) == {
-        "workspaces:read", "workspaces:admin", "projects:read", "projects:admin",
-        "work_items:read", "work_items:write", "design_model:read", "design_model:write",
+        "workspaces:read",
+        "workspaces:admin",
+        "projects:read",
+        "projects:admin",
+        "work_items:read",
+        "work_items:write",
+        "design_model:read",
+        "design_model:write",
     }
     assert resources.effective(["projects:admin"]) == {"projects:admin", "projects:read"}
 
