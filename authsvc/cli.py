@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--listen", help="host:port (default: AUTHSVC_LISTEN or 127.0.0.1:50051)")
     serve.add_argument("--workers", type=int, help="server processes; 0 = one per core (default: AUTHSVC_WORKERS or 1)")
     commands.add_parser("migrate", help="apply pending database migrations and exit")
+    health = commands.add_parser("healthcheck", help="exit 0 if the server at --target reports SERVING")
+    health.add_argument("--target", help="host:port (default: AUTHSVC_LISTEN, with 0.0.0.0 read as 127.0.0.1)")
     args = parser.parse_args(argv)
+    if args.command == "healthcheck":
+        return _healthcheck(args.target)
 
     try:
         settings = Settings.from_env()
@@ -54,6 +58,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _healthcheck(target: str | None) -> int:
+    """For container HEALTHCHECKs: no grpc_health_probe binary needed."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if target is None:
+        host, _, port = Settings.from_env().listen.rpartition(":")
+        target = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{port}"  # noqa: S104  # reading, not binding
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    except grpc.RpcError as exc:
+        print(f"authsvc: {target} is not healthy: {exc.code().name}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _migrate(settings: Settings) -> int:

@@ -122,3 +122,23 @@ def test_workers_share_the_port_and_each_has_its_own(tmp_path: Path, database_ur
 def _busy(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_healthcheck_command_reports_serving_and_failure(tmp_path: Path, database_url: str) -> None:
+    """What the Docker HEALTHCHECK runs."""
+    with serve_process({"AUTHSVC_DATABASE_URL": database_url}, tmp_path) as server:
+        ok = subprocess.run(
+            [sys.executable, "-m", "authsvc", "healthcheck", "--target", server.target],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING")
+    down = subprocess.run(
+        [sys.executable, "-m", "authsvc", "healthcheck", "--target", f"127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert down.returncode == 1
+    assert "not healthy" in down.stderr and "Traceback" not in down.stderr
