@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 from authsvc_client.v1 import authsvc_pb2 as pb
-from authsvc_client.v1 import authsvc_pb2_grpc
 
 from authsvc.app import App
 from authsvc.keyformat import KeyFormat
-from tests.support import ADMIN, free_port, new_org
+from tests.support import ADMIN, Stub, free_port, new_org
 
 
 @dataclass(frozen=True)
@@ -36,17 +35,14 @@ def dead_target() -> str:
     return f"127.0.0.1:{free_port()}"
 
 
-async def create_key(
-    stub: authsvc_pb2_grpc.KeyServiceStub, org: str, scopes: list[str], *, rate_limit: int = 0
-) -> pb.CreateKeyResponse:
-    reply: pb.CreateKeyResponse = await stub.CreateKey(
+async def create_key(stub: Stub, org: str, scopes: list[str], *, rate_limit: int = 0) -> pb.CreateKeyResponse:
+    return await stub.CreateKey(
         pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="clients-test", scopes=scopes, rate_limit=rate_limit)
     )
-    return reply
 
 
 @pytest.fixture
-async def keys(stub: authsvc_pb2_grpc.KeyServiceStub) -> Keys:
+async def keys(stub: Stub) -> Keys:
     org = new_org()
     reader = await create_key(stub, org, ["read"])
     writer = await create_key(stub, org, ["write"])

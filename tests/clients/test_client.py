@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
@@ -16,10 +17,9 @@ from authsvc_client import (
     Reason,
     Unavailable,
 )
-from authsvc_client.v1 import authsvc_pb2_grpc
 
 from tests.clients.conftest import Keys, create_key
-from tests.support import new_org
+from tests.support import Stub, new_org
 
 # (which key, required scope, expected reason, expected HTTP status)
 DENIALS = [
@@ -100,7 +100,7 @@ async def test_async_server_that_does_not_answer_in_time_raises_unavailable(keys
         return b""
 
     server = grpc.aio.server()
-    handlers = {"Authorize": grpc.unary_unary_rpc_method_handler(hang)}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {"Authorize": grpc.unary_unary_rpc_method_handler(hang)}
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("authsvc.v1.KeyService", handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -115,7 +115,7 @@ async def test_async_server_that_does_not_answer_in_time_raises_unavailable(keys
 
 
 async def test_async_rate_limited_key_is_denied_with_429_and_its_window(
-    target: str, stub: authsvc_pb2_grpc.KeyServiceStub
+    target: str, stub: Stub
 ) -> None:
     limited = await create_key(stub, new_org(), ["read"], rate_limit=1)
     async with AsyncClient(target) as client:

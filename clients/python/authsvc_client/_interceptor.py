@@ -113,7 +113,7 @@ def _denial_for_error(exc: AuthsvcError, method: str) -> _Denial:
     return _Denial(grpc.StatusCode.INTERNAL, "authorization failed; the server log has details")
 
 
-class AuthzServerInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs
+class AuthzServerInterceptor(grpc.ServerInterceptor):
     """Protects a ``grpc.server`` (thread pool): Authorize runs in the handler's worker thread.
 
     The check wraps the method's behaviour instead of running in
@@ -220,7 +220,7 @@ def _guarded(handler: Handler, check: Callable[[grpc.ServicerContext], contextva
     return grpc.stream_stream_rpc_method_handler(ss, **options)
 
 
-class AsyncAuthzServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs
+class AsyncAuthzServerInterceptor(grpc.aio.ServerInterceptor):
     """Protects a ``grpc.aio.server``: Authorize is awaited before the handler is chosen.
 
     grpc.aio runs each call in its own task and calls the interceptor inside
