@@ -81,7 +81,9 @@ def run(settings: Settings, listen: str, workers: int) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     for index in range(workers):
-        proc: BaseProcess = context.Process(target=_worker_main, args=(settings, listen, dsn, index), name=f"authsvc-worker-{index}")
+        proc: BaseProcess = context.Process(
+            target=_worker_main, args=(settings, listen, dsn, index), name=f"authsvc-worker-{index}"
+        )
         proc.start()
         procs.append(proc)
     log.info("supervising %d workers", workers, extra={"listen": listen})
