@@ -169,3 +169,12 @@ def test_decision_repr_and_errors_never_show_a_key_passed_with_the_wrong_type() 
     with Client("127.0.0.1:1") as client, pytest.raises(TypeError) as caught:
         client.authorize(b"authsvc_secretbytes", "read")  # type: ignore[arg-type]  # the wrong type on purpose
     assert "secretbytes" not in str(caught.value)
+
+
+async def test_async_client_built_outside_the_event_loop_works_inside_it(target: str, keys: Keys) -> None:
+    """As when an ASGI module builds its middleware at import time, before the server starts the loop."""
+    client = await asyncio.to_thread(AsyncClient, target)
+    try:
+        assert (await client.authorize(keys.reader, "read")).allowed
+    finally:
+        await client.close()

@@ -93,10 +93,13 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client for authsvc (``grpc.aio``); create and use it inside one event loop.
+    """asyncio client for authsvc (``grpc.aio``).
 
-    ``AsyncClient("authsvc:50051")`` opens (and on ``await close()`` closes)
-    its own channel; ``AsyncClient(channel)`` uses a ``grpc.aio.Channel`` you own.
+    ``AsyncClient("authsvc:50051")`` opens its own channel on the first call
+    (and closes it on ``await close()``). A ``grpc.aio`` channel belongs to
+    the event loop it was created in, so deferring it lets an application
+    build the client at import time, before its server starts the loop.
+    ``AsyncClient(channel)`` uses a ``grpc.aio.Channel`` you own and leaves it open.
     """
 
     def __init__(
@@ -106,37 +109,50 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        if isinstance(target, str):
-            if credentials is None:
-                self._channel = grpc.aio.insecure_channel(target)
-            else:
-                self._channel = grpc.aio.secure_channel(target, credentials)
-            self._owns_channel = True
-        else:
-            self._channel = target
-            self._owns_channel = False
-        self._authorize = self._channel.unary_unary(
+        self._target = target if isinstance(target, str) else None
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None
+        self._call: grpc.aio.UnaryUnaryMultiCallable[pb.AuthorizeRequest, pb.AuthorizeResponse] | None = None
+        self._owns_channel = isinstance(target, str)
+        if not isinstance(target, str):
+            self._bind(target)
+        self.timeout = timeout
+
+    def _bind(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self._call = channel.unary_unary(
             _AUTHORIZE,
             request_serializer=pb.AuthorizeRequest.SerializeToString,
             response_deserializer=pb.AuthorizeResponse.FromString,
         )
-        self.timeout = timeout
+
+    def _open(self) -> grpc.aio.UnaryUnaryMultiCallable[pb.AuthorizeRequest, pb.AuthorizeResponse]:
+        if self._call is None:
+            assert self._target is not None
+            if self._credentials is None:
+                self._bind(grpc.aio.insecure_channel(self._target))
+            else:
+                self._bind(grpc.aio.secure_channel(self._target, self._credentials))
+        assert self._call is not None
+        return self._call
 
     # The timeout is a gRPC deadline: it travels to authsvc (grpc-timeout), which
     # stops working on an answer nobody waits for; asyncio.timeout cannot do that.
     async def authorize(self, key: str, scope: str = "", *, timeout: float | None = None) -> Decision:  # noqa: ASYNC109
         """Whether ``key`` may act with ``scope``; see ``Client.authorize``."""
         request = _request(key, scope)
+        call = self._open()
         try:
-            reply = await self._authorize(request, timeout=self.timeout if timeout is None else timeout)
+            reply = await call(request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         return decision_from_proto(reply)
 
     async def close(self) -> None:
-        """Close the channel if this client opened it."""
-        if self._owns_channel:
-            await self._channel.close(None)
+        """Close the channel if this client opened it; a later call opens a new one."""
+        if self._owns_channel and self._channel is not None:
+            channel, self._channel, self._call = self._channel, None, None
+            await channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:
         return self
