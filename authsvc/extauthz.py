@@ -32,7 +32,6 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
@@ -277,6 +276,6 @@ class AuthorizationAdapter:
         return _deny(500, MISCONFIGURED_ROUTE, "this route is misconfigured; the authsvc log says why", [])
 
 
-def service(key_service: KeyService, settings: Settings) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler[Any, Any]]:
+def service(key_service: KeyService, settings: Settings) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
     adapter = AuthorizationAdapter(key_service, HttpPolicy.from_settings(settings))
     return AUTHORIZATION_SERVICE, service_handler(AUTHORIZATION_SERVICE, adapter)

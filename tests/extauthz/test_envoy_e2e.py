@@ -169,8 +169,16 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         envoy = cleanup.enter_context(
             running(
                 [
-                    bin_path("envoy"), "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
-                    "--log-level", "warning", "--file-flush-interval-msec", "50",
+                    bin_path("envoy"),
+                    "-c",
+                    str(config),
+                    "--disable-hot-restart",
+                    "--concurrency",
+                    "1",
+                    "--log-level",
+                    "warning",
+                    "--file-flush-interval-msec",
+                    "50",
                 ],
                 envoy_log,
             )
