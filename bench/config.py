@@ -16,7 +16,7 @@ class BenchConfig:
     database_url: str = DEFAULT_DATABASE_URL
     """The bench's own database (created if missing); never a shared one."""
     redis_url: str = "redis://127.0.0.1:6379/14"
-    """The bench's own Redis database number (flushed by the rate-limit part)."""
+    """The bench's own Redis database number (counters are per key and window, so nothing is flushed)."""
     workers: int = os.cpu_count() or 1
     """Processes of every server under test (authsvc and the stand-ins alike)."""
     seed_keys: int = 1_000_000

@@ -127,6 +127,10 @@ async def table_size(url: str) -> dict[str, int]:
         await conn.close()
 
 
+def table_sizes(url: str) -> dict[str, int]:
+    return asyncio.run(table_size(url))
+
+
 def prepare(url: str, count: int) -> float:
     asyncio.run(ensure_database(url))
     migrate(url)
