@@ -22,11 +22,14 @@ class Echo(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)  # drain the body so the connection stays usable
-        body = json.dumps(
-            {"method": self.command, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}},
-            indent=2,
-            sort_keys=True,
-        ).encode()
+        body = (
+            json.dumps(
+                {"method": self.command, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}},
+                indent=2,
+                sort_keys=True,
+            ).encode()
+            + b"\n"
+        )  # a terminal prompt after `curl` starts on its own line
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))

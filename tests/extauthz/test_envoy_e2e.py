@@ -152,12 +152,10 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     tmp = tmp_path_factory.mktemp("envoy-e2e")
     parts = urlsplit(database_url)
     proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    http_port, admin_port, upstream_port = free_port(), free_port(), free_port()
+    http_port, admin_port, upstream_port, authsvc_port = free_port(), free_port(), free_port(), free_port()
     env = {"AUTHSVC_DATABASE_URL": proxy.url_for(database_url), "AUTHSVC_LOG_LEVEL": "INFO"}
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(proxy.close)
-        server = cleanup.enter_context(serve_process(env, tmp))
-        authsvc_port = int(server.target.rsplit(":", 1)[1])
         upstream = cleanup.enter_context(
             running([sys.executable, str(ECHO_UPSTREAM), "--port", str(upstream_port)], tmp / "upstream.log")
         )
@@ -183,6 +181,9 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 envoy_log,
             )
         )
+        # authsvc after Envoy, as happens in real deployments: Envoy's first
+        # health check fails and the shipped config must notice authsvc soon.
+        server = cleanup.enter_context(serve_process(env, tmp, port=authsvc_port))
         channel = cleanup.enter_context(grpc.insecure_channel(server.target))
         stack = Stack(server, proxy, authsvc_pb2_grpc.KeyServiceStub(channel), http_port, admin_port, envoy_log)
 
@@ -203,6 +204,23 @@ def denial_is_clean(reply: Reply, *secrets: str) -> None:
     for secret in secrets:
         assert secret not in reply.body
         assert all(secret not in value for value in reply.headers.values())
+
+
+def test_envoy_health_checks_authsvc_over_grpc_even_when_started_first(stack: Stack) -> None:
+    """The shipped ``grpc_health_check`` finds authsvc SERVING within seconds, not Envoy's 60 s no-traffic default."""
+    authsvc_port = stack.authsvc.target.rsplit(":", 1)[1]
+
+    def healthy() -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", stack.admin_port, timeout=5)
+        try:
+            conn.request("GET", "/clusters")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        return f"authsvc::127.0.0.1:{authsvc_port}::health_flags::healthy" in text
+
+    wait_until(healthy, "the authsvc cluster healthy in Envoy", timeout=10)
+    assert stack.envoy_stat("cluster.authsvc.health_check.success") >= 1
 
 
 def test_valid_key_reaches_upstream_with_identity_headers_and_without_the_key(stack: Stack) -> None:
