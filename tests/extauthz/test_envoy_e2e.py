@@ -383,8 +383,8 @@ def test_access_log_records_the_caller_from_dynamic_metadata_and_never_the_key(s
     assert secret not in stack.authsvc.log()
 
 
-def test_database_down_means_503_for_unverified_keys_never_200(stack: Stack) -> None:
-    """Fail closed: a key authsvc cannot verify is refused with Envoy's ``status_on_error``.
+def test_database_down_means_503_never_200(stack: Stack) -> None:
+    """Fail closed: a key authsvc cannot verify, cached or not, is refused with Envoy's ``status_on_error``.
 
     authsvc answers UNAVAILABLE itself, well inside Envoy's 0.2 s timeout:
     Envoy counts ext_authz errors but no timed-out request to the authsvc cluster. Once the database is back,
@@ -392,16 +392,20 @@ def test_database_down_means_503_for_unverified_keys_never_200(stack: Stack) -> 
     """
     org = new_org()
     secret, _ = stack.create_key(org, ["read"])  # never used: not in authsvc's cache
+    cached, _ = stack.create_key(org, ["read"])
+    assert stack.request("GET", "/items", {"x-api-key": cached}).status == 200  # cached in authsvc now
     unknown = KeyFormat("authsvc").generate().secret
     timeouts = stack.envoy_stat("cluster.authsvc.upstream_rq_timeout")
     errors = stack.envoy_stat("http.ingress.ext_authz.error")
     stack.proxy.cut()
     try:
-        for key in (secret, unknown, secret):
+        # Cached keys too: with the database gone, so is the invalidation
+        # feed, and a cached answer could hide a revocation.
+        for key in (secret, unknown, cached, secret):
             reply = stack.request("GET", "/items", {"x-api-key": key})
             assert reply.status == 503
             assert key not in reply.body
-        assert stack.envoy_stat("http.ingress.ext_authz.error") == errors + 3
+        assert stack.envoy_stat("http.ingress.ext_authz.error") == errors + 4
         assert stack.envoy_stat("cluster.authsvc.upstream_rq_timeout") == timeouts
     finally:
         stack.proxy.restore()
