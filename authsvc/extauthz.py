@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -45,7 +45,8 @@ from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]  # g
 from authsvc.config import Settings
 from authsvc.errors import InvalidArgument
 from authsvc.grpc.server import service_handler
-from authsvc.keys import Decision, Reason
+from authsvc.keys import Decision, Principal, Reason
+from authsvc.memo import PrincipalMemo
 from authsvc.service import KeyService
 
 log = logging.getLogger(__name__)
@@ -61,30 +62,31 @@ RPC_CODE: Mapping[int, int] = {
 }
 MISCONFIGURED_ROUTE = "misconfigured_route"
 
-Headers = Mapping[str, Sequence[str]]
+# Lower-case header name -> value, repeated headers joined by ",".
+Headers = Mapping[str, str]
 
 
-def request_headers(http: attributes.AttributeContext.HttpRequest) -> dict[str, list[str]]:
-    """The request headers by lower-case name, every value kept.
+def request_headers(http: attributes.AttributeContext.HttpRequest) -> Headers:
+    """The request headers by lower-case name, repeated ones joined by ``,``.
 
-    Envoy sends ``headers`` (repeated headers joined by ``,``) or, with
-    ``encode_raw_headers: true``, ``header_map`` (one entry per header line);
-    both forms give the same answer here.
+    Envoy sends ``headers`` in exactly that form (used as is: no copy on the
+    hot path) or, with ``encode_raw_headers: true``, ``header_map`` (one entry
+    per header line), which is folded into the same form.
     """
-    out: dict[str, list[str]] = {}
-    if http.header_map.headers:
-        for entry in http.header_map.headers:
-            value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
-            out.setdefault(entry.key.lower(), []).append(value)
-    else:
-        for name, value in http.headers.items():
-            out.setdefault(name.lower(), []).append(value)
+    if not http.header_map.headers:
+        headers: Headers = http.headers  # a protobuf map: no copy
+        return headers
+    out: dict[str, str] = {}
+    for entry in http.header_map.headers:
+        value = entry.raw_value.decode("utf-8", "replace") if entry.raw_value else entry.value
+        name = entry.key.lower()
+        out[name] = f"{out[name]},{value}" if name in out else value
     return out
 
 
-def _parts(values: Iterable[str]) -> list[str]:
+def _parts(value: str) -> list[str]:
     # Keys never contain a comma, so splitting undoes Envoy's joining of repeated headers.
-    return [part.strip() for value in values for part in value.split(",")]
+    return [part.strip() for part in value.split(",")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +123,7 @@ class HttpPolicy:
         )
 
     def credentials(self, headers: Headers) -> Credentials:
-        """The key from every header that may carry one.
+        """The key from every header that may carry one (repeated headers joined by ``,``).
 
         A header that carries a key is listed in ``carriers`` (so it is
         stripped before the upstream) even when it turns out empty or wrong.
@@ -202,6 +204,7 @@ class AuthorizationAdapter:
     def __init__(self, service: KeyService, policy: HttpPolicy) -> None:
         self._service = service
         self._policy = policy
+        self._allowed: PrincipalMemo[tuple[str, tuple[str, ...]], ext.CheckResponse] = PrincipalMemo()
 
     async def Check(self, request: ext.CheckRequest) -> ext.CheckResponse:
         http = request.attributes.request.http
@@ -209,7 +212,7 @@ class AuthorizationAdapter:
         policy = self._policy
         headers = request_headers(http)
         credentials = policy.credentials(headers)
-        strip = [*policy.forged(headers), *credentials.carriers]
+        strip = (*policy.forged(headers), *credentials.carriers)
         if policy.is_public(context):
             return ext.CheckResponse(
                 status=status_pb2.Status(code=code_pb2.OK), ok_response=ext.OkHttpResponse(headers_to_remove=strip)
@@ -226,8 +229,18 @@ class AuthorizationAdapter:
         return self.allowed(decision, strip)
 
     def allowed(self, decision: Decision, strip: Sequence[str]) -> ext.CheckResponse:
+        strip = tuple(strip)
         principal = decision.principal
         assert principal is not None  # an allow always identifies the key
+        if decision.rate_limit is not None:  # counters differ on every call
+            return self._build_allowed(decision, principal, strip)
+        memo_key = (principal.key_id, strip)
+        cached = self._allowed.get(memo_key, principal)
+        if cached is None:
+            cached = self._allowed.put(memo_key, principal, self._build_allowed(decision, principal, strip))
+        return cached
+
+    def _build_allowed(self, decision: Decision, principal: Principal, strip: Sequence[str]) -> ext.CheckResponse:
         prefix = self._policy.identity_prefix
         scopes = " ".join(principal.scopes)
         identity = {

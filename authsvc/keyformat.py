@@ -31,6 +31,7 @@ MAX_KEY_LENGTH = 128
 PREFIX_PATTERN = re.compile(r"[a-z][a-z0-9]{1,9}")
 
 _BASE62_SET = frozenset(BASE62)
+_BASE62_VALUE = {ch: i for i, ch in enumerate(BASE62)}
 
 
 def _base62(number: int, width: int) -> str:
@@ -94,4 +95,8 @@ class KeyFormat:
         tail = key[len(self.prefix) + 1 :]
         if not _BASE62_SET.issuperset(tail):
             return False
-        return checksum(key[:-CHECKSUM_LENGTH]) == key[-CHECKSUM_LENGTH:]
+        # Decoding the 6 checksum characters is cheaper than encoding the CRC (hot path).
+        value = 0
+        for ch in key[-CHECKSUM_LENGTH:]:
+            value = value * 62 + _BASE62_VALUE[ch]
+        return value == zlib.crc32(key[:-CHECKSUM_LENGTH].encode("ascii"))

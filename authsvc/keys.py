@@ -7,6 +7,7 @@ translate to and from these types, and the store persists them.
 from __future__ import annotations
 
 import enum
+import sys
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -168,6 +169,7 @@ class ScopeCatalog:
 
     scopes: Mapping[str, Scope]
     _closure: Mapping[str, frozenset[str]] = field(init=False, repr=False)
+    _shared: dict[tuple[str, ...], tuple[frozenset[str], tuple[str, ...]]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         closure: dict[str, frozenset[str]] = {}
@@ -182,6 +184,7 @@ class ScopeCatalog:
                 stack.extend(self.scopes[current].implies)
             closure[name] = frozenset(seen)
         object.__setattr__(self, "_closure", closure)
+        object.__setattr__(self, "_shared", {})
 
     def __contains__(self, name: object) -> bool:
         return name in self.scopes
@@ -192,6 +195,18 @@ class ScopeCatalog:
         for name in granted:
             result |= self._closure.get(name, frozenset((name,)))
         return frozenset(result)
+
+    def shared_effective(self, granted: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]]:
+        """``effective(granted)`` as a set and a sorted tuple, one shared copy per distinct grant.
+
+        Cached keys mostly share a few scope combinations (at most 2**len(catalog));
+        sharing them keeps a cached key well under 1 KiB.
+        """
+        shared = self._shared.get(granted)
+        if shared is None:
+            effective = self.effective(granted)
+            shared = self._shared[granted] = (effective, tuple(sorted(effective)))
+        return shared
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object], source: str) -> ScopeCatalog:
@@ -250,13 +265,14 @@ class KeyGrant:
 
     @classmethod
     def of(cls, key: ApiKey, catalog: ScopeCatalog) -> KeyGrant:
-        effective = catalog.effective(key.scopes)
+        effective, sorted_scopes = catalog.shared_effective(key.scopes)
         return cls(
             principal=Principal(
                 key_id=key.id,
-                org_id=key.org_id,
-                user_id=key.created_by,
-                scopes=tuple(sorted(effective)),
+                # Many keys share an org and a creator: keep one copy of each.
+                org_id=sys.intern(key.org_id),
+                user_id=sys.intern(key.created_by),
+                scopes=sorted_scopes,
                 key_prefix=key.prefix,
                 key_name=key.name,
             ),

@@ -9,7 +9,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from authsvc import validation
 from authsvc.errors import InvalidArgument
-from authsvc.keys import Actor, ApiKey, Decision, Principal
+from authsvc.keys import Actor, ApiKey, Decision, Principal, Reason
+from authsvc.memo import PrincipalMemo
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -62,6 +63,7 @@ def principal(value: Principal) -> pb.Principal:
 
 
 def authorize_response(decision: Decision) -> pb.AuthorizeResponse:
+    """A fresh response for ``decision``; see ``AuthorizeResponses`` for the hot path."""
     response = pb.AuthorizeResponse(
         allowed=decision.allowed,
         reason=int(decision.reason),  # type: ignore[arg-type]
@@ -76,3 +78,17 @@ def authorize_response(decision: Decision) -> pb.AuthorizeResponse:
             pb.RateLimitStatus(limit=rl.limit, remaining=rl.remaining, reset_seconds=rl.reset_seconds)
         )
     return response
+
+
+class AuthorizeResponses:
+    """Authorize responses, reused per cached principal when no rate-limit counters vary."""
+
+    def __init__(self) -> None:
+        self._memo: PrincipalMemo[tuple[str, Reason], pb.AuthorizeResponse] = PrincipalMemo()
+
+    def __call__(self, decision: Decision) -> pb.AuthorizeResponse:
+        principal = decision.principal
+        if principal is None or decision.rate_limit is not None:
+            return authorize_response(decision)
+        key = (principal.key_id, decision.reason)
+        return self._memo.get(key, principal) or self._memo.put(key, principal, authorize_response(decision))

@@ -15,6 +15,7 @@ from authsvc.service import KeyService, utcnow
 class KeyServiceAdapter:
     def __init__(self, service: KeyService) -> None:
         self._service = service
+        self._responses = convert.AuthorizeResponses()
 
     async def CreateKey(self, request: pb.CreateKeyRequest) -> pb.CreateKeyResponse:
         expire = convert.from_timestamp(request.expire_time, "expire_time") if request.HasField("expire_time") else None
@@ -44,4 +45,4 @@ class KeyServiceAdapter:
         return pb.RevokeKeyResponse(key=convert.api_key(key, utcnow()))
 
     async def Authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
-        return convert.authorize_response(await self._service.authorize(request.key, request.required_scope))
+        return self._responses(await self._service.authorize(request.key, request.required_scope))

@@ -91,6 +91,9 @@ class PostgresStore:
         self._pool = pool
         self._lookup_timeout = lookup_timeout
         self._write_timeout = write_timeout
+        # Lookups waiting for the next batch, by digest; see find_by_digest.
+        self._waiting: dict[bytes, asyncio.Future[ApiKey | None]] = {}
+        self._lookups: set[asyncio.Task[None]] = set()  # strong references to running batches
 
     @asynccontextmanager
     async def _connection(self, budget: float) -> AsyncIterator[asyncpg.Connection]:
@@ -205,9 +208,48 @@ class PostgresStore:
             return _to_key(row), bytes(row["key_hash"])
 
     async def find_by_digest(self, digest: bytes) -> ApiKey | None:
-        async with self._connection(self._lookup_timeout) as conn:
-            row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1", digest)
-        return _to_key(row) if row else None
+        """Look a key up by digest, batched with every other lookup of this loop iteration.
+
+        Under load most of a cache miss's cost is per query (driver, pool,
+        and PostgreSQL's parse/plan), so concurrent misses share one
+        ``key_hash = ANY($1)`` query; concurrent lookups of the same digest
+        share one result. A lone lookup is a batch of one.
+        """
+        waiting = self._waiting.get(digest)
+        if waiting is None:
+            if not self._waiting:
+                asyncio.get_running_loop().call_soon(self._dispatch)
+            waiting = self._waiting[digest] = asyncio.get_running_loop().create_future()
+            # A failure nobody is left waiting for (callers timed out) is not an unhandled error.
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # Shielded: one caller giving up must not cancel the others' answer.
+        return await asyncio.shield(waiting)
+
+    def _dispatch(self) -> None:
+        batch, self._waiting = self._waiting, {}
+        task = asyncio.get_running_loop().create_task(self._lookup(batch))
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
+
+    async def _lookup(self, batch: dict[bytes, asyncio.Future[ApiKey | None]]) -> None:
+        try:
+            async with self._connection(self._lookup_timeout) as conn:
+                rows = await conn.fetch(
+                    f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ANY($1::bytea[])", list(batch)
+                )
+        except BaseException as exc:  # every waiter learns of the failure; nothing is left hanging
+            error = exc if isinstance(exc, Exception) else Unavailable(_UNAVAILABLE)
+            for future in batch.values():
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        found = {bytes(row["key_hash"]): row for row in rows}
+        for digest, future in batch.items():
+            if not future.done():
+                row = found.get(digest)
+                future.set_result(_to_key(row) if row is not None else None)
 
     async def record_last_used(self, used: Mapping[str, datetime]) -> None:
         if not used:

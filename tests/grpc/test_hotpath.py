@@ -150,6 +150,32 @@ async def test_revoking_through_another_replica_while_the_listener_reconnects(
             assert (await authorize(replica, created.secret)).reason == pb.REASON_REVOKED
 
 
+async def test_concurrent_misses_batched_together_each_get_their_own_answer(
+    stub: Stub, settings: Settings, database_url: str
+) -> None:
+    """With the cache off every Authorize reads PostgreSQL; concurrent reads share queries, never answers."""
+    from authsvc.keyformat import KeyFormat
+
+    async with running(settings, database_url, cache_size=0) as (_, replica):
+        org = new_org()
+        readers = [(await create(stub, org, ("read",), name=f"r{i}")).secret for i in range(4)]
+        writer = (await create(stub, org, ("write",), name="w")).secret
+        revoked = await create(stub, org, ("read",), name="gone")
+        await stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=revoked.key.id, actor=ADMIN))
+        unknown = [KeyFormat("authsvc").generate().secret for _ in range(4)]
+        cases = (
+            [(k, "write", pb.REASON_INSUFFICIENT_SCOPE) for k in readers]
+            + [(k, "read", pb.REASON_OK) for k in readers]
+            + [(writer, "write", pb.REASON_OK)] * 3
+            + [(revoked.secret, "read", pb.REASON_REVOKED)] * 2
+            + [(k, "read", pb.REASON_UNKNOWN_KEY) for k in unknown]
+        ) * 3
+        replies = await asyncio.gather(*(authorize(replica, key, scope) for key, scope, _ in cases))
+        assert [r.reason for r in replies] == [reason for _, _, reason in cases]
+        by_key = {r.principal.key_id for r in replies if r.reason == pb.REASON_OK}
+        assert len(by_key) == 5  # four readers and the writer, each answered with its own principal
+
+
 # Rate limits ---------------------------------------------------------------
 
 
