@@ -45,6 +45,11 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
 )
 _UNAVAILABLE = "the key store is unavailable; retry shortly"
+# Lookup queries one process keeps in flight; lookups arriving meanwhile wait
+# and go together in the next batch. Measured with h2load on one worker and
+# the cache off: 1 in flight gave 3500 req/s, 2 gave 2670 (bigger batches,
+# fewer queries); a lone lookup never waits either way.
+_LOOKUPS_IN_FLIGHT = 1
 
 
 async def _no_reset(connection: asyncpg.Connection) -> None:
@@ -208,28 +213,42 @@ class PostgresStore:
             return _to_key(row), bytes(row["key_hash"])
 
     async def find_by_digest(self, digest: bytes) -> ApiKey | None:
-        """Look a key up by digest, batched with every other lookup of this loop iteration.
+        """Look a key up by digest, batched with the other lookups waiting at the same time.
 
         Under load most of a cache miss's cost is per query (driver, pool,
-        and PostgreSQL's parse/plan), so concurrent misses share one
-        ``key_hash = ANY($1)`` query; concurrent lookups of the same digest
-        share one result. A lone lookup is a batch of one.
+        and PostgreSQL's parse/plan). So at most ``_LOOKUPS_IN_FLIGHT``
+        queries run at once; lookups that arrive meanwhile wait and then
+        share one ``key_hash = ANY($1)`` query, and concurrent lookups of the
+        same digest share one result. Light load: a batch of one, at once.
+        The caller's whole wait, queueing included, is bounded by the lookup
+        budget (fail closed).
         """
         waiting = self._waiting.get(digest)
         if waiting is None:
-            if not self._waiting:
-                asyncio.get_running_loop().call_soon(self._dispatch)
-            waiting = self._waiting[digest] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            if not self._waiting and len(self._lookups) < _LOOKUPS_IN_FLIGHT:
+                loop.call_soon(self._dispatch)
+            waiting = self._waiting[digest] = loop.create_future()
             # A failure nobody is left waiting for (callers timed out) is not an unhandled error.
             waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
-        # Shielded: one caller giving up must not cancel the others' answer.
-        return await asyncio.shield(waiting)
+        try:
+            async with asyncio.timeout(self._lookup_timeout):
+                # Shielded: one caller giving up must not cancel the others' answer.
+                return await asyncio.shield(waiting)
+        except TimeoutError:
+            raise Unavailable(_UNAVAILABLE) from None
 
     def _dispatch(self) -> None:
+        if not self._waiting or len(self._lookups) >= _LOOKUPS_IN_FLIGHT:
+            return
         batch, self._waiting = self._waiting, {}
         task = asyncio.get_running_loop().create_task(self._lookup(batch))
         self._lookups.add(task)
-        task.add_done_callback(self._lookups.discard)
+        task.add_done_callback(self._lookup_done)
+
+    def _lookup_done(self, task: asyncio.Task[None]) -> None:
+        self._lookups.discard(task)
+        self._dispatch()  # whatever queued up while this query ran
 
     async def _lookup(self, batch: dict[bytes, asyncio.Future[ApiKey | None]]) -> None:
         try:
