@@ -14,6 +14,7 @@ from authsvc_client import (
     Decision,
     InvalidArgument,
     Principal,
+    RateLimit,
     Reason,
     Unavailable,
 )
@@ -169,6 +170,15 @@ def test_decision_repr_and_errors_never_show_a_key_passed_with_the_wrong_type() 
     with Client("127.0.0.1:1") as client, pytest.raises(TypeError) as caught:
         client.authorize(b"authsvc_secretbytes", "read")  # type: ignore[arg-type]  # the wrong type on purpose
     assert "secretbytes" not in str(caught.value)
+
+
+def test_retry_after_is_the_window_reset_and_at_least_one_second() -> None:
+    limited = Decision(allowed=False, reason=Reason.RATE_LIMITED, http_status=429, message="slow down")
+    assert limited.retry_after == 1
+    window = RateLimit(limit=10, remaining=0, reset_seconds=0)
+    assert Decision(limited.allowed, limited.reason, 429, "", rate_limit=window).retry_after == 1
+    window = RateLimit(limit=10, remaining=0, reset_seconds=37)
+    assert Decision(limited.allowed, limited.reason, 429, "", rate_limit=window).retry_after == 37
 
 
 async def test_async_client_built_outside_the_event_loop_works_inside_it(target: str, keys: Keys) -> None:

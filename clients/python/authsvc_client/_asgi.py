@@ -176,8 +176,7 @@ class AuthsvcMiddleware:
         if status == 401:
             headers.append((b"www-authenticate", WWW_AUTHENTICATE.encode()))
         if status == 429:
-            retry = decision.rate_limit.reset_seconds if decision.rate_limit else 1
-            headers.append((b"retry-after", str(max(retry, 1)).encode()))
+            headers.append((b"retry-after", str(decision.retry_after).encode()))
         await self._respond(scope, receive, send, status, decision.reason.code, decision.message, headers)
 
     @staticmethod

@@ -79,6 +79,11 @@ class Decision:
     #: Set when a rate limit applies to the key.
     rate_limit: RateLimit | None = None
 
+    @property
+    def retry_after(self) -> int:
+        """Seconds a rate-limited caller should wait (``Retry-After``): the window's reset, at least 1."""
+        return max(self.rate_limit.reset_seconds if self.rate_limit else 1, 1)
+
 
 def _reason(value: int) -> Reason:
     try:

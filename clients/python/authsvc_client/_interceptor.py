@@ -98,8 +98,7 @@ def _denial_for(decision: Decision) -> _Denial:
     code = _STATUS_BY_HTTP.get(decision.http_status, grpc.StatusCode.PERMISSION_DENIED)
     trailers: tuple[tuple[str, str], ...] = ()
     if decision.http_status == 429:
-        retry = decision.rate_limit.reset_seconds if decision.rate_limit else 1
-        trailers = (("retry-after", str(max(retry, 1))),)
+        trailers = (("retry-after", str(decision.retry_after)),)
     return _Denial(code, decision.message or "denied", trailers)
 
 
