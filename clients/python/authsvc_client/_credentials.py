@@ -28,21 +28,24 @@ def current_principal() -> Principal | None:
     return _principal.get()
 
 
+def _key_in(name: str, value: str) -> str | None:
+    """The key this header (lowercase name) holds, or ``None`` when it holds none."""
+    if name == KEY_HEADER:
+        return value.strip()
+    scheme, _, credentials = value.strip().partition(" ")
+    if name == "authorization" and scheme.lower() == AUTHORIZATION_SCHEME:
+        return credentials.strip()
+    return None
+
+
 def carries_key(name: str, value: str) -> bool:
     """Whether this header (lowercase name) holds an API key: such headers never reach the application."""
-    if name == KEY_HEADER:
-        return True
-    return name == "authorization" and value.strip().partition(" ")[0].lower() == AUTHORIZATION_SCHEME
+    return _key_in(name, value) is not None
 
 
 def extract_key(headers: Iterable[tuple[str, str]]) -> str | None:
     """The key from lowercase-named headers: ``""`` when there is none, ``None`` when two keys disagree."""
-    found: set[str] = set()
-    for name, value in headers:
-        if name == KEY_HEADER:
-            found.add(value.strip())
-        elif carries_key(name, value):
-            found.add(value.strip().partition(" ")[2].strip())
+    found = {key for name, value in headers if (key := _key_in(name, value)) is not None}
     if len(found) > 1:
         return None
     return next(iter(found), "")
