@@ -16,10 +16,7 @@ import grpc
 from authsvc_client._decision import Decision, decision_from_proto
 from authsvc_client._exceptions import from_rpc_error
 from authsvc_client.v1 import authsvc_pb2 as pb
-
-# The generated KeyServiceStub has no type hints; one typed callable per
-# client keeps mypy's view of requests and replies exact.
-_AUTHORIZE = "/authsvc.v1.KeyService/Authorize"
+from authsvc_client.v1.authsvc_pb2_grpc import KeyServiceStub
 
 #: Seconds an Authorize call may take before it fails with ``Unavailable``.
 #: authsvc answers in a few milliseconds; Envoy's ext_authz default is 200 ms.
@@ -57,11 +54,7 @@ class Client:
         else:
             self._channel = target
             self._owns_channel = False
-        self._authorize = self._channel.unary_unary(
-            _AUTHORIZE,
-            request_serializer=pb.AuthorizeRequest.SerializeToString,
-            response_deserializer=pb.AuthorizeResponse.FromString,
-        )
+        self._authorize = KeyServiceStub(self._channel).Authorize
         self.timeout = timeout
 
     def authorize(self, key: str, scope: str = "", *, timeout: float | None = None) -> Decision:
@@ -120,11 +113,8 @@ class AsyncClient:
 
     def _bind(self, channel: grpc.aio.Channel) -> None:
         self._channel = channel
-        self._call = channel.unary_unary(
-            _AUTHORIZE,
-            request_serializer=pb.AuthorizeRequest.SerializeToString,
-            response_deserializer=pb.AuthorizeResponse.FromString,
-        )
+        # The stub's typing gives grpc.aio channels an awaitable Authorize.
+        self._call = KeyServiceStub(channel).Authorize
 
     def _open(self) -> grpc.aio.UnaryUnaryMultiCallable[pb.AuthorizeRequest, pb.AuthorizeResponse]:
         if self._call is None:
