@@ -36,6 +36,8 @@ pytestmark = pytest.mark.slow
 SHIPPED_CONFIG = ROOT / "deploy" / "envoy" / "envoy.yaml"
 ECHO_UPSTREAM = ROOT / "deploy" / "envoy" / "echo_upstream.py"
 IDENTITY = ("x-authsvc-org-id", "x-authsvc-key-id", "x-authsvc-user-id", "x-authsvc-scopes")
+# Envoy's count of requests it sent to the echo upstream (which records nothing itself).
+UPSTREAM_REQUESTS = "cluster.upstream.upstream_rq_total"
 
 
 @dataclass(frozen=True)
@@ -339,6 +341,56 @@ def test_public_route_needs_no_key_and_strips_keys_and_forged_identity(stack: St
     assert "x-api-key" not in seen
 
 
+@pytest.mark.parametrize(
+    ("path", "normalized"),
+    [
+        ("/public/../admin/settings", "/admin/settings"),
+        ("/public/%2e%2e/admin/settings", "/admin/settings"),
+        ("/public/.%2E/admin/settings", "/admin/settings"),
+        ("/public/..%2fadmin/settings", "/admin/settings"),
+        ("/public/..%2F..%2Fadmin/settings", "/admin/settings"),
+        ("/public/..%5cadmin/settings", "/admin/settings"),
+        ("/orders/../admin/x", "/admin/x"),
+    ],
+)
+def test_dot_segments_cannot_route_around_a_routes_scope(stack: Stack, path: str, normalized: str) -> None:
+    """Envoy routes, authsvc checks and the upstream gets one path: ``..`` neither skips the key nor lowers the scope.
+
+    Plain and %2e dot-segments are resolved before routing. An escaped slash
+    (%2F, %5C) is never forwarded: the client gets a 307 to the normalized
+    path, and following it is an ordinary request to the route it really names.
+    """
+    reader, _ = stack.create_key(new_org(), ["read"])
+    forwarded = stack.envoy_stat(UPSTREAM_REQUESTS)
+    for headers, denial in (({}, 401), ({"x-api-key": reader}, 403)):
+        reply = stack.request("GET", path, headers)
+        if re.search("%2f|%5c", path, re.IGNORECASE):
+            assert reply.status == 307, reply
+            assert reply.headers["location"] == normalized
+            assert reply.body == ""
+            reply = stack.request("GET", reply.headers["location"], headers)  # a client that follows it
+        assert reply.status == denial, reply
+        denial_is_clean(reply, reader)
+    assert stack.envoy_stat(UPSTREAM_REQUESTS) == forwarded  # nothing reached the upstream
+
+
+@pytest.mark.parametrize(
+    ("path", "upstream_path"),
+    [
+        ("/public//docs", "/public/docs"),
+        ("//public/docs", "/public/docs"),
+        ("/public/./docs", "/public/docs"),
+        ("/public/old/../docs", "/public/docs"),
+        ("/public/docs?next=../admin", "/public/docs?next=../admin"),  # the query is left alone
+    ],
+)
+def test_paths_that_normalize_into_public_stay_public(stack: Stack, path: str, upstream_path: str) -> None:
+    """``//`` and dot-segments that stay inside ``/public/`` need no key; the upstream gets the normalized path."""
+    reply = stack.request("GET", path)
+    reply.seen_by_upstream()  # 200 from the echo upstream
+    assert reply.json()["path"] == upstream_path
+
+
 def test_forged_identity_headers_never_reach_the_upstream(stack: Stack) -> None:
     org = new_org()
     secret, key_id = stack.create_key(org, ["read"])
@@ -400,8 +452,10 @@ def test_database_down_means_503_never_200(stack: Stack) -> None:
     stack.proxy.cut()
     try:
         # Cached keys too: with the database gone, so is the invalidation
-        # feed, and a cached answer could hide a revocation.
-        for key in (secret, unknown, cached, secret):
+        # feed, and a cached answer could hide a revocation. The cached key
+        # first, right after the cut: the uncached ones each wait out the store
+        # timeout, which would give authsvc time to notice the cut before it.
+        for key in (cached, secret, unknown, secret):
             reply = stack.request("GET", "/items", {"x-api-key": key})
             assert reply.status == 503
             assert key not in reply.body
