@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from authsvc import extauthz
 from authsvc.cache import KeyCache
 from authsvc.config import Settings
 from authsvc.errors import ConfigError, Unavailable
@@ -57,6 +58,8 @@ class App:
     listen: str | None = None
     extra_listen: tuple[str, ...] = ()
     reuse_port: bool = False
+    migrate: bool = True
+    """Workers skip this: their supervisor has migrated once already."""
     port: int = 0
     service: KeyService = field(init=False)
     listener: InvalidationListener = field(init=False)
@@ -70,7 +73,8 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
-        await run_migrations(self.dsn)
+        if self.migrate:
+            await run_migrations(self.dsn)
         self._pool = await create_pool(self.dsn)
         self._store = PostgresStore(self._pool, lookup_timeout=s.store_timeout_ms / 1000)
         cache = KeyCache(s.cache_size)
@@ -83,7 +87,7 @@ class App:
         )
         self.service = KeyService(
             self._store,
-            s.catalog(),
+            s.catalog,
             KeyFormat(s.key_prefix),
             max_active_keys=s.max_active_keys,
             cache=cache,
@@ -99,8 +103,6 @@ class App:
                 ),
             ),
         ]
-        from authsvc import extauthz  # the Envoy adapter over the same service
-
         services.append(extauthz.service(self.service, s))
         self.health = HealthServicer()
         self._server = build_server(services, self.health, reuse_port=self.reuse_port)
@@ -129,7 +131,7 @@ class App:
 
     async def _set_health(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
-        for name in ("", KEY_SERVICE.full_name, "envoy.service.auth.v3.Authorization"):
+        for name in ("", KEY_SERVICE.full_name, extauthz.AUTHORIZATION_SERVICE.full_name):
             await self.health.set(name, status)
 
     async def _watch_store(self) -> None:

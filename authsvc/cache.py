@@ -13,7 +13,8 @@ Correctness rules (a missed notification must never let a revoked key in):
 
 Negative entries (``None``: no such key) are cached too, so a flood of
 well-formed unknown keys does not reach the database; a create notification
-evicts them. Expiry is not cached away: ``decide`` checks it on every hit.
+evicts them. They live in their own, smaller LRU, so such a flood cannot
+push real keys out. Expiry is not cached away: ``decide`` checks it on every hit.
 """
 
 from __future__ import annotations
@@ -29,39 +30,57 @@ MISS: Final = object()
 
 class KeyCache:
     def __init__(self, max_entries: int, freshness: float = 1.0) -> None:
-        self._entries: OrderedDict[bytes, KeyGrant | None] = OrderedDict()
+        self._entries: OrderedDict[bytes, KeyGrant] = OrderedDict()
+        self._unknown: OrderedDict[bytes, None] = OrderedDict()
         self._max_entries = max_entries
+        self._max_unknown = max_entries // 10 if max_entries else 0
         self._freshness = freshness
         self._fresh_until = 0.0
         self._synced = False
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._unknown)
 
     @property
     def serving(self) -> bool:
         return self._synced and time.monotonic() < self._fresh_until
 
     def get(self, digest: bytes) -> KeyGrant | object | None:
-        if not self._synced or time.monotonic() >= self._fresh_until:
+        if not self.serving:
             return MISS
-        entry = self._entries.get(digest, MISS)
-        if entry is not MISS:
+        grant = self._entries.get(digest)
+        if grant is not None:
             self._entries.move_to_end(digest)
-        return entry
+            return grant
+        if digest in self._unknown:
+            self._unknown.move_to_end(digest)
+            return None
+        return MISS
 
     def put(self, digest: bytes, grant: KeyGrant | None, epoch: int) -> None:
         """Store a read-through result that was read while ``self.epoch == epoch``."""
-        if not self._synced or epoch != self.epoch or self._max_entries <= 0:
+        if not self._synced or epoch != self.epoch:
             return
-        self._entries[digest] = grant
-        if len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        if grant is None:
+            self._unknown[digest] = None
+            if len(self._unknown) > self._max_unknown:
+                self._unknown.popitem(last=False)
+        else:
+            self._entries[digest] = grant
+            if len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
 
     def invalidate(self, digest: bytes) -> None:
         self.epoch += 1
         self._entries.pop(digest, None)
+        self._unknown.pop(digest, None)
+
+    def clear(self) -> None:
+        """Forget every entry; whether entries may be served is unchanged."""
+        self.epoch += 1
+        self._entries.clear()
+        self._unknown.clear()
 
     def heard_from_store(self) -> None:
         """The listener proved its connection alive; notifications up to now were delivered."""
@@ -69,12 +88,10 @@ class KeyCache:
 
     def synchronised(self) -> None:
         """The listener is (again) subscribed: start from empty, missed notifications or not."""
-        self.epoch += 1
-        self._entries.clear()
+        self.clear()
         self._synced = True
         self.heard_from_store()
 
     def desynchronised(self) -> None:
-        self.epoch += 1
-        self._entries.clear()
+        self.clear()
         self._synced = False

@@ -15,7 +15,7 @@ import signal
 import sys
 
 from authsvc import logs
-from authsvc.config import Settings
+from authsvc.config import Settings, check_listen
 from authsvc.errors import ConfigError, Unavailable
 
 log = logging.getLogger("authsvc")
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server (KeyService, Envoy Check, health, reflection)")
     serve.add_argument("--listen", help="host:port (default: AUTHSVC_LISTEN or 127.0.0.1:50051)")
-    serve.add_argument("--workers", type=int, help="server processes; 0 = one per core (default: AUTHSVC_WORKERS or 1)")
+    serve.add_argument("--workers", type=int, help="server processes; 0 = one per core (default: AUTHSVC_WORKERS or 0)")
     commands.add_parser("migrate", help="apply pending database migrations and exit")
     health = commands.add_parser("healthcheck", help="exit 0 if the server at --target reports SERVING")
     health.add_argument("--target", help="host:port (default: AUTHSVC_LISTEN, with 0.0.0.0 read as 127.0.0.1)")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--workers must be between 0 and 64")
         listen = args.listen or settings.listen
         if args.listen:
-            Settings.from_env({**os.environ, "AUTHSVC_LISTEN": args.listen})  # validates the flag like the variable
+            check_listen(args.listen, "--listen")
         workers = workers or (os.cpu_count() or 1)
         settings = dataclasses.replace(settings, workers=workers, listen=listen)
         install_event_loop()
@@ -105,6 +105,8 @@ async def _serve(
     worker: int | None = None,
     extra_listen: tuple[str, ...] = (),
 ) -> int:
+    import gc
+
     from authsvc.app import App, database_dsn
 
     stop = asyncio.Event()
@@ -113,8 +115,21 @@ async def _serve(
         loop.add_signal_handler(sig, stop.set)
     if worker is None and settings.worker_base_port:
         extra_listen = (f"{listen.rpartition(':')[0]}:{settings.worker_base_port}",)
-    app = App(settings, dsn or database_dsn(settings), listen=listen, extra_listen=extra_listen, reuse_port=reuse_port)
+    app = App(
+        settings,
+        dsn or database_dsn(settings),
+        listen=listen,
+        extra_listen=extra_listen,
+        reuse_port=reuse_port,
+        migrate=worker is None,
+    )
     await app.start()
+    # Everything allocated so far lives as long as the process: keep the
+    # collector from re-scanning it, and collect young objects less often.
+    # Measured with h2load on one worker, cache hits: +13% throughput.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 1000)
     extra = {"listen": " ".join((listen, *extra_listen))} | ({"worker": worker} if worker is not None else {})
     if worker is None:
         log.info("effective configuration: %s", " ".join(f"{k}={v}" for k, v in settings.redacted().items()))

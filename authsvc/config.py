@@ -6,6 +6,7 @@ a one-line message naming the variable, which the CLI prints as is.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -38,8 +39,8 @@ class Settings:
     """Where the embedded PostgreSQL keeps its data when no database URL is set."""
     listen: str = "127.0.0.1:50051"
     """host:port of the gRPC server (KeyService, Envoy Check, health, reflection)."""
-    workers: int = 1
-    """Server processes. ``authsvc serve --workers 0`` means one per core."""
+    workers: int = 0
+    """Server processes; 0 (the default) means one per core."""
     worker_base_port: int = 0
     """When set, worker i also listens on 127.0.0.1-or-listen-host:(port + i), one endpoint per process (see README)."""
     key_prefix: str = "authsvc"
@@ -77,7 +78,9 @@ class Settings:
     """Envoy Check: required scope by HTTP method when the route names none."""
     log_level: str = "INFO"
 
+    @functools.cached_property
     def catalog(self) -> ScopeCatalog:
+        """Loaded once, when ``from_env`` validates it (so a bad file fails at start-up)."""
         return ScopeCatalog.load(self.scopes_file)
 
     def redacted(self) -> dict[str, str]:
@@ -123,7 +126,7 @@ class Settings:
                 f"AUTHSVC_KEY_PREFIX must be 2-10 lowercase letters or digits starting with a letter, got {prefix!r}"
             )
         listen = get("LISTEN") or cls.listen
-        _check_listen(listen, "AUTHSVC_LISTEN")
+        check_listen(listen, "AUTHSVC_LISTEN")
         database_url = get("DATABASE_URL")
         if database_url is not None and not database_url.startswith(("postgres://", "postgresql://")):
             raise ConfigError("AUTHSVC_DATABASE_URL must start with postgresql:// (or postgres://)")
@@ -169,23 +172,29 @@ class Settings:
             method_scopes=tuple(method_scopes) or cls.method_scopes,
             log_level=log_level,
         )
-        catalog = settings.catalog()  # fail at start-up, not on the first request
+        catalog = settings.catalog  # fail at start-up, not on the first request
         for method, scope in settings.method_scopes:
             if scope not in catalog:
                 raise ConfigError(f"AUTHSVC_METHOD_SCOPES: {method}={scope}: {scope!r} is not in the scope catalog")
         return settings
 
 
-def _check_listen(value: str, name: str) -> None:
+def check_listen(value: str, name: str) -> None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{name} must be host:port, e.g. 127.0.0.1:50051, got {value!r}")
 
 
 def _redact_url(url: str) -> str:
+    """Mask the password, whether in ``user:pass@`` or in the query string (``?password=``)."""
     scheme, sep, rest = url.partition("://")
+    rest, qmark, query = rest.partition("?")
     userinfo, at, hostpart = rest.rpartition("@")
-    if not at:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{hostpart}" if ":" in userinfo else url
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{hostpart}"
+    if query:
+        query = "&".join(
+            f"{name}=***" if name.lower() in ("password", "sslpassword") else f"{name}{eq}{value}"
+            for name, eq, value in (part.partition("=") for part in query.split("&"))
+        )
+    return f"{scheme}{sep}{rest}{qmark}{query}"

@@ -234,11 +234,9 @@ class AuthorizationAdapter:
         assert principal is not None  # an allow always identifies the key
         if decision.rate_limit is not None:  # counters differ on every call
             return self._build_allowed(decision, principal, strip)
-        memo_key = (principal.key_id, strip)
-        cached = self._allowed.get(memo_key, principal)
-        if cached is None:
-            cached = self._allowed.put(memo_key, principal, self._build_allowed(decision, principal, strip))
-        return cached
+        return self._allowed.get_or_build(
+            (principal.key_id, strip), principal, lambda: self._build_allowed(decision, principal, strip)
+        )
 
     def _build_allowed(self, decision: Decision, principal: Principal, strip: Sequence[str]) -> ext.CheckResponse:
         prefix = self._policy.identity_prefix

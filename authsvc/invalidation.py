@@ -48,8 +48,9 @@ class InvalidationListener:
         try:
             self._cache.invalidate(bytes.fromhex(payload))
         except ValueError:
-            # Not ours; to be safe, forget everything rather than ignore it.
-            self._cache.synchronised()
+            # Not ours (anyone may NOTIFY this channel); to be safe, forget
+            # everything, but never switch serving back on from here.
+            self._cache.clear()
 
     def _on_lost(self, connection: object) -> None:
         # Only the current subscription matters: a late callback from a
@@ -88,6 +89,8 @@ class InvalidationListener:
                         "cache invalidation listener lost (%s); serving from the database until it is back",
                         type(exc).__name__,
                     )
+            except Exception:  # a bug or an odd driver state: keep retrying, loudly, rather than die silently
+                log.exception("cache invalidation listener failed; serving from the database and retrying")
             self._cache.desynchronised()
             self.connected.clear()
             self._connection = None

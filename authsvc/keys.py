@@ -7,6 +7,7 @@ translate to and from these types, and the store persists them.
 from __future__ import annotations
 
 import enum
+import re
 import sys
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -245,9 +246,25 @@ class ScopeCatalog:
     def check_required(self, scope: str) -> None:
         """An unknown required scope is a bug in the calling service, not a denial."""
         if scope and scope not in self.scopes:
-            raise InvalidArgument(
-                f"required_scope {scope!r} is not in the scope catalog; known scopes: {', '.join(sorted(self.scopes))}"
-            )
+            raise InvalidArgument(f"required_scope {self.unknown(scope)}")
+
+    def unknown(self, scope: str) -> str:
+        """Why ``scope`` is refused, safe to send back: see ``describe_scope``."""
+        return f"{describe_scope(scope)} is not in the scope catalog; known scopes: {', '.join(sorted(self.scopes))}"
+
+
+# What a scope name can look like; a key never does (keys are longer and mixed-case).
+_SCOPE_SHAPE = re.compile(r"[a-z][a-z0-9_:.\-]{0,39}")
+
+
+def describe_scope(value: str) -> str:
+    """An unknown scope for an error message: quoted when it looks like a scope name, else only its length.
+
+    A caller that swaps ``key`` and ``required_scope`` must not get its key
+    echoed back (and logged by whoever logs errors), nor may a 100 kB value
+    come back in a status message.
+    """
+    return repr(value) if _SCOPE_SHAPE.fullmatch(value) else f"(a value of {len(value)} characters)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ never mutated after they are stored, so sharing one between calls is safe.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from authsvc.keys import Principal
@@ -24,11 +24,11 @@ class PrincipalMemo(Generic[K, V]):
         self._entries: dict[K, tuple[Principal, V]] = {}
         self._max_entries = max_entries
 
-    def get(self, key: K, principal: Principal) -> V | None:
+    def get_or_build(self, key: K, principal: Principal, build: Callable[[], V]) -> V:
         hit = self._entries.get(key)
         if hit is not None and hit[0] is principal:
             return hit[1]
-        return None
+        return self.put(key, principal, build())
 
     def put(self, key: K, principal: Principal, value: V) -> V:
         if len(self._entries) >= self._max_entries:

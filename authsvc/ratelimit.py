@@ -56,10 +56,8 @@ class RateLimiter:
         self.shared = shared
         self.shared_failures = 0
         self._last_failure_log = 0.0
-        self._local: dict[str, tuple[int, int]] = {}
-
-    def limit_for(self, key_limit: int) -> int:
-        return key_limit or self.default_limit
+        self._local: dict[str, int] = {}
+        self._local_window = -1
 
     async def apply(self, decision: Decision, key_limit: int, now: float) -> Decision:
         """Turn an allowed decision into RATE_LIMITED once the key is over its limit."""
@@ -91,10 +89,11 @@ class RateLimiter:
         return self._count_locally(key_id, window_index)
 
     def _count_locally(self, key_id: str, window_index: int) -> int:
-        current = self._local.get(key_id)
-        count = current[1] + 1 if current is not None and current[0] == window_index else 1
-        self._local[key_id] = (window_index, count)
-        if len(self._local) > 100_000:
-            # Bounded memory: forget counters of past windows.
-            self._local = {k: v for k, v in self._local.items() if v[0] == window_index}
+        if window_index != self._local_window:
+            # Windows are aligned for every key, so a new window starts everyone
+            # from zero: memory is bounded by the keys seen in one window.
+            self._local = {}
+            self._local_window = window_index
+        count = self._local.get(key_id, 0) + 1
+        self._local[key_id] = count
         return count

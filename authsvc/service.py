@@ -103,6 +103,7 @@ class KeyService:
                 now,
             )
         except TooManyActiveKeys:
+            await self.store.audit("key.create", org_id, actor, None, "limit_reached", {"name": name})
             raise ResourceExhausted(
                 f"organization {org_id} already has {self.max_active_keys} active keys; "
                 "revoke unused keys before creating new ones"

@@ -28,22 +28,29 @@ class UsageRecorder:
         self._pending: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
+        self.dropped = 0
 
     def touch(self, key_id: str, at: float) -> None:
-        """Hot path: a dict store, nothing else."""
-        self._pending[key_id] = at
-        if len(self._pending) >= self._max_pending:
-            # Bound memory between flushes: flush early rather than grow.
-            self._wake.set()
+        """Hot path: a dict store, and a size check."""
+        pending = self._pending
+        if len(pending) >= self._max_pending:
+            self._wake.set()  # flush early rather than grow
+            if key_id not in pending and len(pending) >= 2 * self._max_pending:
+                # The store is not keeping up: losing a last-used update beats unbounded memory.
+                self.dropped += 1
+                return
+        pending[key_id] = at
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="authsvc-usage-flush")
 
     async def stop(self) -> None:
+        """Let a flush in progress finish (cancelling it would lose its batch), then flush the rest."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping = True
+            self._wake.set()
+            await self._task
             self._task = None
         await self.flush()
 
@@ -63,7 +70,7 @@ class UsageRecorder:
             log.warning("could not write last_used_time for %d keys; will retry", len(batch))
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()

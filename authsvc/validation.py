@@ -97,10 +97,7 @@ def scopes(values: Sequence[str], catalog: ScopeCatalog) -> tuple[str, ...]:
     unique: list[str] = []
     for scope in values:
         if scope not in catalog:
-            shown = (
-                scope if len(scope) <= 64 and not _has_control(scope) else scope[:64].encode("unicode_escape").decode()
-            )
-            raise InvalidArgument(f"scopes: unknown scope {shown!r}; known scopes: {', '.join(sorted(catalog.scopes))}")
+            raise InvalidArgument(f"scopes: unknown scope {catalog.unknown(scope)}")
         if scope not in unique:
             unique.append(scope)
     return tuple(sorted(unique))
@@ -131,5 +128,5 @@ def state(value: int | None) -> KeyState | None:
 
 def rate_limit(value: int) -> int:
     if value < 0 or value > 1_000_000_000:
-        raise InvalidArgument("rate_limit.requests must be between 0 (deployment default) and 1000000000")
+        raise InvalidArgument("rate_limit must be between 0 (the deployment default) and 1000000000")
     return value

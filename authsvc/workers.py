@@ -26,7 +26,7 @@ import time
 from multiprocessing.process import BaseProcess
 
 from authsvc.config import Settings
-from authsvc.errors import ConfigError
+from authsvc.errors import ConfigError, Unavailable
 
 log = logging.getLogger("authsvc")
 
@@ -35,6 +35,8 @@ def _check_free(listen: str) -> None:
     host, _, port = listen.rpartition(":")
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # Like gRPC's own bind: TIME_WAIT leftovers of a quick restart are not "in use".
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host.strip("[]"), int(port)))
         except OSError as exc:
@@ -54,7 +56,7 @@ def _worker_main(settings: Settings, listen: str, dsn: str, index: int) -> None:
         extra = (f"{listen.rpartition(':')[0]}:{settings.worker_base_port + index}",)
     try:
         asyncio.run(_serve(settings, listen, dsn=dsn, reuse_port=True, worker=index, extra_listen=extra))
-    except ConfigError as exc:
+    except (ConfigError, Unavailable) as exc:
         log.error("worker %d: %s", index, exc)
         raise SystemExit(2) from None
 

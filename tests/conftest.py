@@ -1,8 +1,8 @@
 """Fixtures: a real PostgreSQL, a real gRPC server on a real port, real channels.
 
 PostgreSQL: ``AUTHSVC_TEST_DATABASE_URL`` points the suite at an existing
-server (``.ci/run`` uses the machine's); without it the suite starts the
-embedded one (pgserver). Either way the session creates a fresh database and
+server; without it (as in ``.ci/run``, which runs the README's command as
+is) the suite starts the embedded one (pgserver). Either way the session creates a fresh database and
 drops it at the end, and every test works in its own organization.
 
 Redis: ``AUTHSVC_TEST_REDIS_URL`` (default redis://127.0.0.1:6379/15). Tests

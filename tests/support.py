@@ -97,7 +97,8 @@ def serve_process(
 ) -> Iterator[ServerProcess]:
     port = port or free_port()
     log_path = tmp / f"authsvc-{port}.log"
-    full_env = {**os.environ, "AUTHSVC_LISTEN": f"127.0.0.1:{port}", **env}
+    # One process unless a test asks for workers: quicker to start, same code.
+    full_env = {**os.environ, "AUTHSVC_LISTEN": f"127.0.0.1:{port}", "AUTHSVC_WORKERS": "1", **env}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "authsvc", "serve", *args],

@@ -90,5 +90,6 @@ class AuthorizeResponses:
         principal = decision.principal
         if principal is None or decision.rate_limit is not None:
             return authorize_response(decision)
-        key = (principal.key_id, decision.reason)
-        return self._memo.get(key, principal) or self._memo.put(key, principal, authorize_response(decision))
+        return self._memo.get_or_build(
+            (principal.key_id, decision.reason), principal, lambda: authorize_response(decision)
+        )

@@ -63,13 +63,3 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
     return applied_now
-
-
-async def is_at_head(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> bool:
-    """The server stays not-ready until the schema has every migration it knows."""
-    head = len(migrations(directory))
-    try:
-        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM authsvc_schema_migrations")
-    except asyncpg.UndefinedTableError:
-        return False
-    return bool(current >= head)

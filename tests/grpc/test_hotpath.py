@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -178,10 +179,20 @@ async def test_concurrent_misses_batched_together_each_get_their_own_answer(
 
 # Rate limits ---------------------------------------------------------------
 
+WINDOW = 60
+
+
+async def fresh_window(seconds: int = WINDOW) -> None:
+    """Start a test at the beginning of a rate-limit window, so its requests cannot straddle two."""
+    left = seconds - time.time() % seconds
+    if left < 5:
+        await asyncio.sleep(left + 0.01)
+
 
 async def test_deployment_default_rate_limit_gives_429_with_counters(settings: Settings, database_url: str) -> None:
-    async with running(settings, database_url, rate_limit=3, rate_limit_window_seconds=60) as (_, stub):
+    async with running(settings, database_url, rate_limit=3, rate_limit_window_seconds=WINDOW) as (_, stub):
         created = await create(stub, new_org())
+        await fresh_window()
         replies = [await authorize(stub, created.secret) for _ in range(4)]
         assert [r.http_status for r in replies] == [200, 200, 200, 429]
         assert [r.rate_limit.remaining for r in replies] == [2, 1, 0, 0]
@@ -192,8 +203,9 @@ async def test_deployment_default_rate_limit_gives_429_with_counters(settings: S
 
 
 async def test_per_key_limit_overrides_the_default(settings: Settings, database_url: str) -> None:
-    async with running(settings, database_url, rate_limit=100) as (_, stub):
+    async with running(settings, database_url, rate_limit=100, rate_limit_window_seconds=WINDOW) as (_, stub):
         created = await create(stub, new_org(), rate_limit=1)
+        await fresh_window()
         assert created.key.rate_limit == 1
         assert (await authorize(stub, created.secret)).allowed
         assert (await authorize(stub, created.secret)).http_status == 429
@@ -206,20 +218,22 @@ async def test_unlimited_by_default_sets_no_rate_limit_fields(stub: Stub) -> Non
 
 
 async def test_denied_keys_do_not_spend_the_limit(settings: Settings, database_url: str) -> None:
-    async with running(settings, database_url, rate_limit=1) as (_, stub):
+    async with running(settings, database_url, rate_limit=1, rate_limit_window_seconds=WINDOW) as (_, stub):
         created = await create(stub, new_org(), ("read",))
+        await fresh_window()
         for _ in range(3):
             assert (await authorize(stub, created.secret, "write")).http_status == 403
         assert (await authorize(stub, created.secret, "read")).http_status == 200
 
 
 async def test_redis_shares_the_limit_across_replicas(settings: Settings, database_url: str, redis_url: str) -> None:
-    shared = {"rate_limit": 4, "rate_limit_window_seconds": 60, "redis_url": Secret(redis_url)}
+    shared = {"rate_limit": 4, "rate_limit_window_seconds": WINDOW, "redis_url": Secret(redis_url)}
     async with (
         running(settings, database_url, **shared) as (_, one),
         running(settings, database_url, **shared) as (_, two),
     ):
         created = await create(one, new_org())
+        await fresh_window()
         statuses = [(await authorize(stub, created.secret)).http_status for _ in range(4) for stub in (one, two)]
         assert statuses.count(200) == 4
         assert statuses.count(429) == 4
@@ -227,8 +241,12 @@ async def test_redis_shares_the_limit_across_replicas(settings: Settings, databa
 
 async def test_redis_down_keeps_keys_working_on_local_limits(settings: Settings, database_url: str) -> None:
     dead = Secret(f"redis://127.0.0.1:{free_port()}/0")
-    async with running(settings, database_url, rate_limit=2, redis_url=dead) as (app, stub):
+    async with running(settings, database_url, rate_limit=2, rate_limit_window_seconds=WINDOW, redis_url=dead) as (
+        app,
+        stub,
+    ):
         created = await create(stub, new_org())
+        await fresh_window()
         replies = [await authorize(stub, created.secret) for _ in range(3)]
         assert [r.http_status for r in replies] == [200, 200, 429]  # the local fallback still limits
         assert app.service.limiter is not None and app.service.limiter.shared_failures >= 3

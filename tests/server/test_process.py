@@ -15,7 +15,7 @@ import pytest
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 
-from tests.support import ADMIN, free_port, new_org, serve_process
+from tests.support import ADMIN, free_port, new_org, serve_process, wait_serving
 
 
 def run_serve(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess[str]:
@@ -98,6 +98,8 @@ def test_workers_share_the_port_and_each_has_its_own(tmp_path: Path, database_ur
         base = free_port()
     env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_WORKER_BASE_PORT": str(base)}
     with serve_process(env, tmp_path, args=("--workers", "2")) as server:
+        for port in (base, base + 1):  # the shared port answers as soon as one worker is up
+            wait_serving(f"127.0.0.1:{port}", proc=server.proc)
         with (
             grpc.insecure_channel(f"127.0.0.1:{base}") as first,
             grpc.insecure_channel(f"127.0.0.1:{base + 1}") as second,

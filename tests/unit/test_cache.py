@@ -99,3 +99,27 @@ def test_size_zero_disables_caching() -> None:
     cache = synced(size=0)
     cache.put(D1, GRANT, cache.epoch)
     assert cache.get(D1) is MISS
+
+
+def test_clear_forgets_entries_but_never_switches_serving_on() -> None:
+    """An odd notification payload clears the cache; it must not re-enable a desynchronised one."""
+    cache = KeyCache(10)
+    cache.desynchronised()
+    cache.clear()
+    cache.put(D1, GRANT, cache.epoch)
+    assert cache.get(D1) is MISS
+    live = synced()
+    live.put(D1, GRANT, live.epoch)
+    live.clear()
+    assert live.get(D1) is MISS
+    live.put(D1, GRANT, live.epoch)
+    assert live.get(D1) is GRANT
+
+
+def test_a_flood_of_unknown_keys_cannot_push_real_keys_out() -> None:
+    cache = synced(size=10)
+    cache.put(D1, GRANT, cache.epoch)
+    for i in range(1000):
+        cache.put(i.to_bytes(32, "big"), None, cache.epoch)
+    assert cache.get(D1) is GRANT
+    assert len(cache) <= 10 + 1

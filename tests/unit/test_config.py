@@ -34,7 +34,7 @@ def test_defaults_need_no_configuration() -> None:
     settings = Settings.from_env({})
     assert settings.database_url is None  # the embedded PostgreSQL
     assert settings.max_active_keys == 10
-    assert settings.catalog().effective(["write"]) == {"read", "write"}
+    assert settings.catalog.effective(["write"]) == {"read", "write"}
 
 
 def test_effective_config_redacts_passwords_and_tokens() -> None:
@@ -45,6 +45,11 @@ def test_effective_config_redacts_passwords_and_tokens() -> None:
             "AUTHSVC_REDIS_URL": "redis://:redispass@cache:6379/0",
         }
     )
+    in_query = Settings.from_env(
+        {"AUTHSVC_DATABASE_URL": "postgresql://svc@db/authsvc?sslmode=require&password=qwerty"}
+    )
+    assert "qwerty" not in " ".join(in_query.redacted().values())
+    assert "sslmode=require" in in_query.redacted()["database_url"]
     shown = " ".join(settings.redacted().values()) + repr(settings)
     for secret in ("hunter2", "tok-very-secret", "tok-other", "redispass"):
         assert secret not in shown

@@ -43,10 +43,23 @@ async def test_failed_flush_keeps_uses_for_the_next_one() -> None:
     assert [set(c) for c in store.calls] == [{"k1"}]
 
 
-async def test_pending_uses_are_bounded() -> None:
+async def test_pending_uses_are_bounded_even_when_the_store_is_down() -> None:
     store = RecordingStore(fail=True)
     recorder = UsageRecorder(store, interval=10, max_pending=100)  # type: ignore[arg-type]
-    for i in range(500):
+    for i in range(5000):
         recorder.touch(f"k{i}", 1.0)
+    assert len(recorder._pending) <= 200
+    assert recorder.dropped == 5000 - 200
+    recorder.touch("k1", 2.0)  # a key already pending still moves forward
+    assert recorder._pending["k1"] == 2.0
     await recorder.flush()
-    assert len(recorder._pending) <= 100
+    assert len(recorder._pending) <= 100  # the failed batch is kept within the bound
+
+
+async def test_stop_writes_what_is_pending() -> None:
+    store = RecordingStore()
+    recorder = UsageRecorder(store, interval=10)  # type: ignore[arg-type]
+    recorder.start()
+    recorder.touch("k1", 1_700_000_000.0)
+    await recorder.stop()
+    assert [set(c) for c in store.calls] == [{"k1"}]
