@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeAlias
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import grpc
 
@@ -45,6 +45,13 @@ _STATUS_BY_HTTP = {
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _NO_RULE = "no authorization rule covers this method"
+_BUILDERS: dict[str, Callable[..., Handler]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+_C = TypeVar("_C", bound=Client | AsyncClient)
 
 
 class _Denial(Exception):
@@ -112,17 +119,12 @@ def _denial_for_error(exc: AuthsvcError, method: str) -> _Denial:
     return _Denial(grpc.StatusCode.INTERNAL, "authorization failed; the server log has details")
 
 
-class AuthzServerInterceptor(grpc.ServerInterceptor):
-    """Protects a ``grpc.server`` (thread pool): Authorize runs in the handler's worker thread.
-
-    The check wraps the method's behaviour instead of running in
-    ``intercept_service``, which grpcio calls on its single polling thread:
-    a blocking Authorize there would serialise every call of the server.
-    """
+class _Protecting(Generic[_C]):
+    """What both interceptors hold: the authsvc client and the policy of the service's methods."""
 
     def __init__(
         self,
-        client: Client,
+        client: _C,
         scopes: Mapping[str, str],
         *,
         default_scope: str | None = None,
@@ -130,6 +132,28 @@ class AuthzServerInterceptor(grpc.ServerInterceptor):
     ) -> None:
         self.client = client
         self.policy = MethodPolicy(scopes, default_scope=default_scope, public=public)
+
+
+def _same_kind(handler: Handler, behaviour_for: Callable[[Callable[..., Any], bool], Callable[..., Any]]) -> Handler:
+    """A handler of ``handler``'s kind and (de)serializers, so the request still decodes.
+
+    Its behaviour is ``behaviour_for(original behaviour, whether responses stream)``.
+    """
+    kind = next((k for k in _BUILDERS if getattr(handler, k) is not None), "stream_stream")
+    return _BUILDERS[kind](
+        behaviour_for(getattr(handler, kind), kind.endswith("_stream")),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class AuthzServerInterceptor(_Protecting[Client], grpc.ServerInterceptor):
+    """Protects a ``grpc.server`` (thread pool): Authorize runs in the handler's worker thread.
+
+    The check wraps the method's behaviour instead of running in
+    ``intercept_service``, which grpcio calls on its single polling thread:
+    a blocking Authorize there would serialise every call of the server.
+    """
 
     def intercept_service(
         self,
@@ -183,59 +207,30 @@ def _iterate_in(context: contextvars.Context, iterator: Iterator[Any]) -> Iterat
 
 def _guarded(handler: Handler, check: Callable[[grpc.ServicerContext], contextvars.Context]) -> Handler:
     """The same handler, with ``check`` run first and the behaviour run in the context it returns."""
-    options: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        unary_unary = handler.unary_unary
 
-        def uu(request: Any, context: grpc.ServicerContext) -> Any:
-            return check(context).run(unary_unary, request, context)
+    def guard(behaviour: Callable[..., Any], streams_responses: bool) -> Callable[..., Any]:
+        if streams_responses:
 
-        return grpc.unary_unary_rpc_method_handler(uu, **options)
-    if handler.unary_stream is not None:
-        unary_stream = handler.unary_stream
+            def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                call_context = check(context)
+                return _iterate_in(call_context, call_context.run(behaviour, request, context))
 
-        def us(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            call_context = check(context)
-            return _iterate_in(call_context, call_context.run(unary_stream, request, context))
+            return streaming
 
-        return grpc.unary_stream_rpc_method_handler(us, **options)
-    if handler.stream_unary is not None:
-        stream_unary = handler.stream_unary
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            return check(context).run(behaviour, request, context)
 
-        def su(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            return check(context).run(stream_unary, requests, context)
+        return unary
 
-        return grpc.stream_unary_rpc_method_handler(su, **options)
-    assert handler.stream_stream is not None
-    stream_stream = handler.stream_stream
-
-    def ss(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        call_context = check(context)
-        return _iterate_in(call_context, call_context.run(stream_stream, requests, context))
-
-    return grpc.stream_stream_rpc_method_handler(ss, **options)
+    return _same_kind(handler, guard)
 
 
-class AsyncAuthzServerInterceptor(grpc.aio.ServerInterceptor):
+class AsyncAuthzServerInterceptor(_Protecting[AsyncClient], grpc.aio.ServerInterceptor):
     """Protects a ``grpc.aio.server``: Authorize is awaited before the handler is chosen.
 
     grpc.aio runs each call in its own task and calls the interceptor inside
     it, so the principal set here is seen by that call's handler only.
     """
-
-    def __init__(
-        self,
-        client: AsyncClient,
-        scopes: Mapping[str, str],
-        *,
-        default_scope: str | None = None,
-        public: Iterable[str] = (),
-    ) -> None:
-        self.client = client
-        self.policy = MethodPolicy(scopes, default_scope=default_scope, public=public)
 
     async def intercept_service(
         self,
@@ -270,14 +265,4 @@ def _aborting(handler: Handler, denial: _Denial) -> Handler:
     async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(denial.code, denial.message, trailing_metadata=denial.trailers)
 
-    options: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(abort, **options)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(abort, **options)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(abort, **options)
-    return grpc.stream_stream_rpc_method_handler(abort, **options)
+    return _same_kind(handler, lambda _behaviour, _streams_responses: abort)
