@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Seque
 from typing import Any
 
 from authsvc_client._client import AsyncClient
-from authsvc_client._credentials import TWO_KEYS, _principal, carries_key, extract_key
+from authsvc_client._credentials import TWO_KEYS, _principal, carries_key, extract_key, loggable
 from authsvc_client._decision import Decision
 from authsvc_client._exceptions import AuthsvcError, Unavailable
 
@@ -131,7 +131,8 @@ class AuthsvcMiddleware:
         try:
             decision = await self.client.authorize(key, required)
         except Unavailable as exc:
-            log.warning("authsvc unavailable for %s %s: %s", method, path, exc.message)
+            detail = loggable(exc.message, key)
+            log.warning("authsvc unavailable for %s %s (%s): %s", method, path, exc.status, detail)
             await self._respond(
                 scope, receive, send, 503, "unavailable", "the authorization service is unavailable; retry later",
                 [(b"retry-after", b"1")],
@@ -139,7 +140,8 @@ class AuthsvcMiddleware:
             return
         except AuthsvcError as exc:
             # E.g. a rule names a scope authsvc does not know: the service's configuration is wrong.
-            log.error("authsvc could not authorize %s %s (%s): %s", method, path, exc.status, exc.message)
+            detail = loggable(exc.message, key)
+            log.error("authsvc could not authorize %s %s (%s): %s", method, path, exc.status, detail)
             await self._respond(
                 scope, receive, send, 500, "internal_error", "authorization failed; the server log has details"
             )

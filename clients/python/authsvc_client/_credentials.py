@@ -9,6 +9,7 @@ the service can disagree with it about which key was checked.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from contextvars import ContextVar
 
@@ -16,6 +17,13 @@ from authsvc_client._decision import Decision, Principal, Reason
 
 KEY_HEADER = "x-api-key"
 AUTHORIZATION_SCHEME = "apikey"
+
+# Logged text treats this many letters and digits in a row as (part of) a key:
+# an authsvc key's secret part is 49 of them, while words, scope names and the
+# transport's errors stay readable.
+_KEY_LIKE = re.compile(r"[A-Za-z0-9]{16,}")
+_REDACTED = "<redacted>"
+_LOGGED_LENGTH = 200
 
 _principal: ContextVar[Principal | None] = ContextVar("authsvc_principal", default=None)
 
@@ -49,6 +57,19 @@ def extract_key(headers: Iterable[tuple[str, str]]) -> str | None:
     if len(found) > 1:
         return None
     return next(iter(found), "")
+
+
+def loggable(message: str, key: str) -> str:
+    """``message`` (authsvc's or the transport's) made safe for a log line.
+
+    The client never relies on authsvc keeping keys out of its messages: the
+    key of the request and anything shaped like a key are redacted, line breaks
+    are flattened (no forged log lines) and the result is cut to 200 characters.
+    """
+    if key:
+        message = message.replace(key, _REDACTED)
+    message = " ".join(_KEY_LIKE.sub(_REDACTED, message).split())
+    return message if len(message) <= _LOGGED_LENGTH else message[: _LOGGED_LENGTH - 1] + "…"
 
 
 TWO_KEYS = Decision(

@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeAlias, TypeVar
 import grpc
 
 from authsvc_client._client import AsyncClient, Client
-from authsvc_client._credentials import TWO_KEYS, _principal, extract_key
+from authsvc_client._credentials import TWO_KEYS, _principal, extract_key, loggable
 from authsvc_client._decision import Decision, Principal
 from authsvc_client._exceptions import AuthsvcError, Unavailable
 
@@ -109,13 +109,14 @@ def _denial_for(decision: Decision) -> _Denial:
     return _Denial(code, decision.message or "denied", trailers)
 
 
-def _denial_for_error(exc: AuthsvcError, method: str) -> _Denial:
+def _denial_for_error(exc: AuthsvcError, method: str, key: str) -> _Denial:
+    detail = loggable(exc.message, key)
     if isinstance(exc, Unavailable):
-        log.warning("authsvc unavailable while authorizing %s: %s", method, exc.message)
+        log.warning("authsvc unavailable while authorizing %s (%s): %s", method, exc.status, detail)
         return _Denial(grpc.StatusCode.UNAVAILABLE, "the authorization service is unavailable; retry later")
     # A scope authsvc does not know, or a server fault: the service's configuration
     # needs fixing, the caller cannot do anything about it.
-    log.error("authsvc could not authorize %s (%s): %s", method, exc.status, exc.message)
+    log.error("authsvc could not authorize %s (%s): %s", method, exc.status, detail)
     return _Denial(grpc.StatusCode.INTERNAL, "authorization failed; the server log has details")
 
 
@@ -190,7 +191,7 @@ class AuthzServerInterceptor(_Protecting[Client], grpc.ServerInterceptor):
         try:
             decision = self.client.authorize(key, scope)
         except AuthsvcError as exc:
-            return _denial_for_error(exc, method)
+            return _denial_for_error(exc, method, key)
         if not decision.allowed:
             return _denial_for(decision)
         return decision.principal
@@ -252,7 +253,7 @@ class AsyncAuthzServerInterceptor(_Protecting[AsyncClient], grpc.aio.ServerInter
         try:
             decision = await self.client.authorize(key, scope)
         except AuthsvcError as exc:
-            return _aborting(handler, _denial_for_error(exc, method))
+            return _aborting(handler, _denial_for_error(exc, method, key))
         if not decision.allowed:
             return _aborting(handler, _denial_for(decision))
         _principal.set(decision.principal)
