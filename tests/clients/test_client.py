@@ -115,9 +115,7 @@ async def test_async_server_that_does_not_answer_in_time_raises_unavailable(keys
         await server.stop(None)
 
 
-async def test_async_rate_limited_key_is_denied_with_429_and_its_window(
-    target: str, stub: Stub
-) -> None:
+async def test_async_rate_limited_key_is_denied_with_429_and_its_window(target: str, stub: Stub) -> None:
     limited = await create_key(stub, new_org(), ["read"], rate_limit=1)
     async with AsyncClient(target) as client:
         first = await client.authorize(limited.secret, "read")

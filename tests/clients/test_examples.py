@@ -31,7 +31,13 @@ async def test_grpc_example_serves_and_calls_as_documented(
     """``grpc_service.py serve`` runs as a script; its ``call`` command gets allowed and denied answers."""
     listen = f"127.0.0.1:{free_port()}"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(EXAMPLES / "grpc_service.py"), "serve", "--authsvc", target, "--listen", listen,
+        sys.executable,
+        str(EXAMPLES / "grpc_service.py"),
+        "serve",
+        "--authsvc",
+        target,
+        "--listen",
+        listen,
         stdout=asyncio.subprocess.PIPE,
     )
     try:

@@ -191,9 +191,7 @@ async def test_rule_naming_an_unknown_scope_fails_closed_with_internal(service: 
     assert keys.writer not in (error.details() or "")
 
 
-async def test_rate_limited_key_gets_resource_exhausted_with_retry_after(
-    service: grpc.aio.Channel, stub: Stub
-) -> None:
+async def test_rate_limited_key_gets_resource_exhausted_with_retry_after(service: grpc.aio.Channel, stub: Stub) -> None:
     limited = await create_key(stub, new_org(), ["read"], rate_limit=1)
     await call(service, "Whoami", (("x-api-key", limited.secret),))
     error = await status_of(service, "Whoami", (("x-api-key", limited.secret),))
