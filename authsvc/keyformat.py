@@ -19,7 +19,7 @@ import hashlib
 import re
 import secrets
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 RANDOM_LENGTH = 43
@@ -30,7 +30,6 @@ DISPLAY_PREFIX_LENGTH = 12
 MAX_KEY_LENGTH = 128
 PREFIX_PATTERN = re.compile(r"[a-z][a-z0-9]{1,9}")
 
-_BASE62_SET = frozenset(BASE62)
 _BASE62_VALUE = {ch: i for i, ch in enumerate(BASE62)}
 
 
@@ -70,6 +69,7 @@ class KeyFormat:
     """The deployment's key format; ``prefix`` is a short lowercase word such as ``authsvc``."""
 
     prefix: str
+    _shape: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not PREFIX_PATTERN.fullmatch(self.prefix):
@@ -77,6 +77,9 @@ class KeyFormat:
                 "key prefix must be 2-10 characters, a lowercase letter followed "
                 f"by lowercase letters or digits, got {self.prefix!r}"
             )
+        # One C-level match for the whole shape (hot path); ASCII only, so no Unicode digits slip in.
+        shape = re.compile(rf"{self.prefix}_[0-9A-Za-z]{{{RANDOM_LENGTH + CHECKSUM_LENGTH}}}", re.ASCII)
+        object.__setattr__(self, "_shape", shape)
 
     def generate(self) -> IssuedKey:
         body = f"{self.prefix}_" + "".join(secrets.choice(BASE62) for _ in range(RANDOM_LENGTH))
@@ -89,11 +92,7 @@ class KeyFormat:
         Cheap enough to run before any lookup: garbage never reaches the
         cache or the database.
         """
-        expected_length = len(self.prefix) + 1 + RANDOM_LENGTH + CHECKSUM_LENGTH
-        if len(key) != expected_length or not key.startswith(self.prefix) or key[len(self.prefix)] != "_":
-            return False
-        tail = key[len(self.prefix) + 1 :]
-        if not _BASE62_SET.issuperset(tail):
+        if len(key) > MAX_KEY_LENGTH or not self._shape.fullmatch(key):
             return False
         # Decoding the 6 checksum characters is cheaper than encoding the CRC (hot path).
         value = 0

@@ -271,7 +271,9 @@ def describe_scope(value: str) -> str:
 class KeyGrant:
     """What Authorize needs of a key, precomputed once per lookup (and cached).
 
-    ``expire_at`` is a POSIX timestamp so the hot path compares floats.
+    ``expire_at`` is a POSIX timestamp so the hot path compares floats;
+    ``allow`` is the (immutable) allowed decision, built once rather than on
+    every hit.
     """
 
     principal: Principal
@@ -279,24 +281,27 @@ class KeyGrant:
     expire_at: float | None
     revoked: bool
     rate_limit: int
+    allow: Decision
 
     @classmethod
     def of(cls, key: ApiKey, catalog: ScopeCatalog) -> KeyGrant:
         effective, sorted_scopes = catalog.shared_effective(key.scopes)
+        principal = Principal(
+            key_id=key.id,
+            # Many keys share an org and a creator: keep one copy of each.
+            org_id=sys.intern(key.org_id),
+            user_id=sys.intern(key.created_by),
+            scopes=sorted_scopes,
+            key_prefix=key.prefix,
+            key_name=key.name,
+        )
         return cls(
-            principal=Principal(
-                key_id=key.id,
-                # Many keys share an org and a creator: keep one copy of each.
-                org_id=sys.intern(key.org_id),
-                user_id=sys.intern(key.created_by),
-                scopes=sorted_scopes,
-                key_prefix=key.prefix,
-                key_name=key.name,
-            ),
+            principal=principal,
             effective_scopes=effective,
             expire_at=key.expire_time.timestamp() if key.expire_time is not None else None,
             revoked=key.revoke_time is not None,
             rate_limit=key.rate_limit,
+            allow=Decision(Reason.OK, principal),
         )
 
 
@@ -315,4 +320,4 @@ def decide(grant: KeyGrant | None, required_scope: str, now: float) -> Decision:
         return Decision(Reason.EXPIRED, grant.principal)
     if required_scope and required_scope not in grant.effective_scopes:
         return Decision(Reason.INSUFFICIENT_SCOPE, grant.principal)
-    return Decision(Reason.OK, grant.principal)
+    return grant.allow

@@ -210,6 +210,7 @@ class KeyService:
             return decision
         if self.usage is not None:
             self.usage.touch(grant.principal.key_id, now)
-        if decision.allowed and self.limiter is not None:
-            return await self.limiter.apply(decision, grant.rate_limit, now)
+        limiter = self.limiter
+        if decision.allowed and limiter is not None and (grant.rate_limit or limiter.default_limit):
+            return await limiter.apply(decision, grant.rate_limit, now)
         return decision

@@ -96,8 +96,11 @@ def test_workers_share_the_port_and_each_has_its_own(tmp_path: Path, database_ur
     base = free_port()
     while any(_busy(base + i) for i in range(2)):
         base = free_port()
+    shared = free_port()
+    while shared in (base, base + 1):
+        shared = free_port()
     env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_WORKER_BASE_PORT": str(base)}
-    with serve_process(env, tmp_path, args=("--workers", "2")) as server:
+    with serve_process(env, tmp_path, args=("--workers", "2"), port=shared) as server:
         for port in (base, base + 1):  # the shared port answers as soon as one worker is up
             wait_serving(f"127.0.0.1:{port}", proc=server.proc)
         with (
