@@ -124,10 +124,11 @@ class TcpProxy:
     on the same port. Tests of fail-closed behaviour point authsvc here.
     """
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target: tuple[str, int] | str) -> None:
+        """``target``: (host, port), or the path of PostgreSQL's Unix socket."""
         import threading
 
-        self.target = (target_host, target_port)
+        self.target = target
         self.port = free_port()
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
@@ -135,13 +136,26 @@ class TcpProxy:
         self._threading = threading
         self.restore()
 
+    @classmethod
+    def for_database(cls, database_url: str) -> TcpProxy:
+        """A proxy in front of the server of ``database_url``: TCP, or a Unix socket (the embedded server's)."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        parts = urlsplit(database_url)
+        socket_dir = dict(parse_qsl(parts.query)).get("host", "")
+        if socket_dir.startswith("/") or not parts.hostname:
+            return cls(f"{socket_dir or '/var/run/postgresql'}/.s.PGSQL.{parts.port or 5432}")
+        return cls((parts.hostname, parts.port or 5432))
+
     def url_for(self, database_url: str) -> str:
-        from urllib.parse import urlsplit, urlunsplit
+        """``database_url``, but through this proxy over TCP."""
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
         parts = urlsplit(database_url)
         userinfo = parts.netloc.rpartition("@")[0]
         netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "host"])
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
 
     def restore(self) -> None:
         listener = socket.socket()
@@ -174,7 +188,12 @@ class TcpProxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                if isinstance(self.target, str):
+                    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    upstream.settimeout(5)
+                    upstream.connect(self.target)
+                else:
+                    upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
                 client.close()
                 continue

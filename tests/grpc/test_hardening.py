@@ -7,7 +7,6 @@ import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
@@ -162,8 +161,7 @@ async def test_admin_token_guards_management_but_not_authorize(guarded: App) -> 
 
 @pytest.fixture
 async def proxied(settings: Settings, database_url: str) -> AsyncIterator[tuple[App, TcpProxy]]:
-    parts = urlsplit(database_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    proxy = TcpProxy.for_database(database_url)
     url = proxy.url_for(database_url)
     app = App(replace(settings, database_url=Secret(url)), url, listen=f"127.0.0.1:{free_port()}")
     await app.start()
