@@ -45,6 +45,8 @@ async def run_migrations(dsn: str) -> list[str]:
         raise Unavailable(
             f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc}); check AUTHSVC_DATABASE_URL"
         ) from None
+    except ValueError as exc:  # asyncpg's DSN parser: a bad parameter such as ?sslmode=
+        raise ConfigError(f"AUTHSVC_DATABASE_URL is not usable: {exc}") from None
     try:
         return await migrate(connection)
     finally:

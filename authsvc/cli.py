@@ -15,7 +15,7 @@ import signal
 import sys
 
 from authsvc import logs
-from authsvc.config import Settings, check_listen
+from authsvc.config import Settings, check_listen, check_worker_ports
 from authsvc.errors import ConfigError, Unavailable
 
 log = logging.getLogger("authsvc")
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.listen:
             check_listen(args.listen, "--listen")
         workers = workers or (os.cpu_count() or 1)
+        check_worker_ports(listen, settings.worker_base_port, workers)
         settings = dataclasses.replace(settings, workers=workers, listen=listen)
         install_event_loop()
         if workers == 1:
@@ -66,7 +67,12 @@ def _healthcheck(target: str | None) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     if target is None:
-        host, _, port = Settings.from_env().listen.rpartition(":")
+        try:
+            listen = Settings.from_env().listen
+        except ConfigError as exc:
+            print(f"authsvc: {exc}", file=sys.stderr)
+            return 2
+        host, _, port = listen.rpartition(":")
         target = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{port}"  # noqa: S104  # reading, not binding
     try:
         with grpc.insecure_channel(target) as channel:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -128,11 +129,15 @@ class Settings:
         listen = get("LISTEN") or cls.listen
         check_listen(listen, "AUTHSVC_LISTEN")
         database_url = get("DATABASE_URL")
-        if database_url is not None and not database_url.startswith(("postgres://", "postgresql://")):
-            raise ConfigError("AUTHSVC_DATABASE_URL must start with postgresql:// (or postgres://)")
+        if database_url is not None:
+            if not database_url.startswith(("postgres://", "postgresql://")):
+                raise ConfigError("AUTHSVC_DATABASE_URL must start with postgresql:// (or postgres://)")
+            check_url(database_url, "AUTHSVC_DATABASE_URL", "postgresql://user@127.0.0.1:5432/authsvc")
         redis_url = get("REDIS_URL")
-        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("AUTHSVC_REDIS_URL must start with redis://, rediss:// or unix://")
+        if redis_url is not None:
+            if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+                raise ConfigError("AUTHSVC_REDIS_URL must start with redis://, rediss:// or unix://")
+            check_url(redis_url, "AUTHSVC_REDIS_URL", "redis://127.0.0.1:6379/0")
         log_level = (get("LOG_LEVEL") or "INFO").upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"AUTHSVC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -150,6 +155,9 @@ class Settings:
             if not sep or not method.strip() or not scope.strip():
                 raise ConfigError(f"AUTHSVC_METHOD_SCOPES: {rule!r} must look like METHOD=scope (or *=scope)")
             method_scopes.append((method.strip().upper(), scope.strip()))
+        if method_scopes and "*" not in (method for method, _ in method_scopes):
+            # Without a default, a method nobody listed (DELETE, PATCH, ...) would need no scope at all.
+            raise ConfigError("AUTHSVC_METHOD_SCOPES needs a default rule for the other methods, e.g. ...,*=write")
         settings = cls(
             database_url=Secret(database_url) if database_url else None,
             data_dir=Path(get("DATA_DIR") or cls.data_dir),
@@ -183,6 +191,29 @@ def check_listen(value: str, name: str) -> None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{name} must be host:port, e.g. 127.0.0.1:50051, got {value!r}")
+
+
+def check_url(value: str, name: str, example: str) -> None:
+    """The URL's shape (host, port) is checked here, so a typo fails at start-up in one line."""
+    try:
+        urllib.parse.urlsplit(value).port  # noqa: B018  # parsing the port is the check
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not a valid URL ({exc}), e.g. {example}") from None
+
+
+def check_worker_ports(listen: str, base_port: int, workers: int) -> None:
+    """Worker i also listens on ``base_port + i``: those ports must exist and not collide with ``listen``."""
+    if not base_port:
+        return
+    last = base_port + workers - 1
+    if last > 65535:
+        raise ConfigError(f"AUTHSVC_WORKER_BASE_PORT: {workers} workers need ports {base_port}-{last}, past 65535")
+    port = int(listen.rpartition(":")[2])
+    if base_port <= port <= last:
+        raise ConfigError(
+            f"AUTHSVC_WORKER_BASE_PORT: the per-worker ports {base_port}-{last} include the listen port {port}; "
+            "pick a range apart from it"
+        )
 
 
 def _redact_url(url: str) -> str:

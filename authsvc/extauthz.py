@@ -19,8 +19,8 @@ A thin translation over ``KeyService.authorize`` (the same rules as
    into 403, so every denial sets it.
 4. Store unreachable: ``Unavailable`` propagates as a gRPC error, so Envoy
    applies ``status_on_error`` (503 in the shipped config). Never an allow.
-   A route naming a scope the catalog does not know is a deployment bug: it
-   answers 500 (never an allow) and the log names the scope.
+   A route naming a scope the catalog does not know, or an empty one, is a
+   deployment bug: it answers 500 (never an allow) and the log says why.
 
 Nothing here logs or echoes a key: bodies and headers are built from the
 ``Decision`` only.
@@ -151,7 +151,13 @@ class HttpPolicy:
         return [name for name in headers if name.startswith(self.identity_prefix)]
 
     def required_scope(self, method: str, context: Mapping[str, str]) -> str:
-        """The route's own scope wins over the method rules; ``""`` means authenticate only."""
+        """The route's own scope wins over the method rules.
+
+        ``""`` (a route with an empty ``scope``, or method rules without a
+        default) is a misconfiguration that ``Check`` refuses with a 500:
+        through Envoy every protected route needs a scope, so a typo can
+        never turn into "any valid key may do anything".
+        """
         scope = context.get("scope")
         if scope is not None:
             return scope.strip()
@@ -220,6 +226,8 @@ class AuthorizationAdapter:
         if credentials.conflicting:
             return self.denied(Decision(Reason.MALFORMED_KEY))
         scope = policy.required_scope(http.method, context)
+        if not scope:
+            return self.misconfigured(scope)
         try:
             decision = await self._service.authorize(credentials.key, scope)
         except InvalidArgument:
@@ -278,12 +286,20 @@ class AuthorizationAdapter:
 
     @staticmethod
     def misconfigured(scope: str) -> ext.CheckResponse:
-        """A route requires a scope the catalog lacks: a deployment bug, loud in the log, never an allow.
+        """A route requires a scope the catalog lacks, or none: a deployment bug, loud in the log, never an allow.
 
         The client gets a generic message; the scope name and the catalog stay
         in the operator's log.
         """
-        log.error("an Envoy route requires scope %r, which is not in the scope catalog (AUTHSVC_SCOPES_FILE)", scope)
+        if scope:
+            log.error(
+                "an Envoy route requires scope %r, which is not in the scope catalog (AUTHSVC_SCOPES_FILE)", scope
+            )
+        else:
+            log.error(
+                "an Envoy route requires no scope (an empty context_extensions scope, or a method without a rule "
+                "in AUTHSVC_METHOD_SCOPES); name a scope, or mark the route public"
+            )
         return _deny(500, MISCONFIGURED_ROUTE, "this route is misconfigured; the authsvc log says why", [])
 
 

@@ -239,6 +239,8 @@ class ScopeCatalog:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"AUTHSVC_SCOPES_FILE: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"AUTHSVC_SCOPES_FILE: {path} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"AUTHSVC_SCOPES_FILE: {path} is not valid TOML: {exc}") from None
         return cls.from_mapping(data, f"AUTHSVC_SCOPES_FILE {path}")

@@ -17,6 +17,7 @@ import math
 import time
 from typing import Any, Protocol
 
+from authsvc.errors import ConfigError
 from authsvc.keys import Decision, RateLimitStatus, Reason
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,10 @@ class RedisCounter:
     def __init__(self, url: str, timeout: float = 0.05) -> None:
         import redis.asyncio as redis  # optional at import time; only used when configured
 
-        self._client: Any = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            self._client: Any = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        except ValueError as exc:  # redis-py's URL parser: e.g. an unknown query parameter
+            raise ConfigError(f"AUTHSVC_REDIS_URL is not usable: {exc}") from None
         self._script = self._client.register_script(_INCR_SCRIPT)
 
     async def incr(self, name: str, ttl_seconds: int) -> int:

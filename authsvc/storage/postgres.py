@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from authsvc.errors import Unavailable
+from authsvc.errors import ConfigError, Unavailable
 from authsvc.keys import Actor, ApiKey, KeyState
 from authsvc.storage import NewKey, Page, TooManyActiveKeys
 
@@ -67,6 +67,8 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, connec
         )
     except CONNECTION_ERRORS as exc:
         raise Unavailable(f"cannot connect to PostgreSQL: {exc}") from None
+    except ValueError as exc:  # asyncpg's DSN parser: a bad parameter such as ?sslmode=
+        raise ConfigError(f"AUTHSVC_DATABASE_URL is not usable: {exc}") from None
     assert pool is not None
     return pool
 

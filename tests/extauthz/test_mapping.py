@@ -289,17 +289,11 @@ def test_credentials_repr_never_shows_the_key() -> None:
         ("DELETE", {}, "write"),
         ("GET", {"scope": "write"}, "write"),  # the route's own scope wins over the method rules
         ("POST", {"scope": "read"}, "read"),
-        ("POST", {"scope": ""}, ""),  # the route asks for authentication only
+        ("POST", {"scope": " read "}, "read"),
     ],
 )
 def test_required_scope(method: str, context: dict[str, str], expected: str) -> None:
     assert POLICY.required_scope(method, context) == expected
-
-
-def test_method_rules_without_a_default_mean_authenticate_only() -> None:
-    policy = HttpPolicy.from_settings(Settings(method_scopes=(("POST", "write"),)))
-    assert policy.required_scope("POST", {}) == "write"
-    assert policy.required_scope("GET", {}) == ""
 
 
 # -- Check, end to end inside the process ---------------------------------------
@@ -400,6 +394,31 @@ async def test_unreachable_store_raises_unavailable_never_allows(
     store.down = True
     with pytest.raises(Unavailable):
         await adapter.Check(check_request(headers={"x-api-key": secret}))
+
+
+@pytest.mark.parametrize(
+    ("method_scopes", "context"),
+    [
+        (Settings.method_scopes, {"scope": ""}),  # an empty route scope (say, a template left blank)
+        (Settings.method_scopes, {"scope": "  "}),
+        ((("GET", "read"),), {}),  # method rules without a default, built around Settings.from_env's check
+    ],
+)
+async def test_a_route_without_a_scope_is_a_500_never_an_allow(
+    store: LookupOnlyStore,
+    caplog: pytest.LogCaptureFixture,
+    method_scopes: tuple[tuple[str, str], ...],
+    context: dict[str, str],
+) -> None:
+    """A read-only key must not DELETE just because nobody wrote down a scope for the route."""
+    adapter = make_adapter(Settings(method_scopes=method_scopes), store)
+    secret = store.add(("read",))
+    with caplog.at_level(logging.ERROR, logger="authsvc.extauthz"):
+        response = await adapter.Check(check_request(method="DELETE", headers={"x-api-key": secret}, context=context))
+    assert response.status.code != code_pb2.OK
+    assert response.denied_response.status.code == 500
+    assert json.loads(response.denied_response.body)["error"]["code"] == "misconfigured_route"
+    assert "requires no scope" in caplog.text
 
 
 async def test_a_route_scope_missing_from_the_catalog_is_a_500_and_logged(

@@ -34,12 +34,24 @@ def run_serve(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess[str
     [
         ({"AUTHSVC_KEY_PREFIX": "Not Valid"}, "AUTHSVC_KEY_PREFIX"),
         ({"AUTHSVC_SCOPES_FILE": "/nope.toml"}, "AUTHSVC_SCOPES_FILE"),
+        ({"AUTHSVC_SCOPES_FILE": "{tmp}/latin1.toml"}, "AUTHSVC_SCOPES_FILE"),
         ({"AUTHSVC_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}, "AUTHSVC_DATABASE_URL"),
+        ({"AUTHSVC_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none?sslmode=bogus"}, "AUTHSVC_DATABASE_URL"),
+        ({"AUTHSVC_LISTEN": "127.0.0.1:{port}", "AUTHSVC_WORKER_BASE_PORT": "{port}"}, "AUTHSVC_WORKER_BASE_PORT"),
     ],
-    ids=["bad prefix", "missing scopes file", "unreachable database"],
+    ids=[
+        "bad prefix",
+        "missing scopes file",
+        "scopes file not UTF-8",
+        "unreachable database",
+        "bad DSN parameter",
+        "worker ports overlap the listen port",
+    ],
 )
 def test_startup_errors_are_one_line_naming_what_to_change(env: dict[str, str], expected: str, tmp_path: Path) -> None:
-    result = run_serve(env, tmp_path)
+    (tmp_path / "latin1.toml").write_bytes('[scopes.lecture]\ndescription = "lire\xe9"\n'.encode("latin-1"))
+    port = str(free_port())
+    result = run_serve({k: v.replace("{tmp}", str(tmp_path)).replace("{port}", port) for k, v in env.items()}, tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -18,7 +18,12 @@ from authsvc.errors import ConfigError
         ({"AUTHSVC_DATABASE_URL": "mysql://x"}, "AUTHSVC_DATABASE_URL"),
         ({"AUTHSVC_SCOPES_FILE": "/nonexistent/scopes.toml"}, "AUTHSVC_SCOPES_FILE"),
         ({"AUTHSVC_LOG_LEVEL": "LOUD"}, "AUTHSVC_LOG_LEVEL"),
-        ({"AUTHSVC_METHOD_SCOPES": "GET=admin"}, "AUTHSVC_METHOD_SCOPES"),
+        ({"AUTHSVC_METHOD_SCOPES": "GET=admin,*=write"}, "AUTHSVC_METHOD_SCOPES"),
+        ({"AUTHSVC_METHOD_SCOPES": "GET=read,POST=write"}, "AUTHSVC_METHOD_SCOPES"),  # no default: DELETE unchecked
+        ({"AUTHSVC_DATABASE_URL": "postgresql://u@127.0.0.1:abc/x"}, "AUTHSVC_DATABASE_URL"),
+        ({"AUTHSVC_DATABASE_URL": "postgresql://u@[::1/x"}, "AUTHSVC_DATABASE_URL"),
+        ({"AUTHSVC_REDIS_URL": "redis://127.0.0.1:abc/0"}, "AUTHSVC_REDIS_URL"),
+        ({"AUTHSVC_REDIS_URL": "redis://[::1"}, "AUTHSVC_REDIS_URL"),
         ({"AUTHSVC_LAST_USED_FLUSH_SECONDS": "60"}, "AUTHSVC_LAST_USED_FLUSH_SECONDS"),
         ({"AUTHSVC_REDIS_URL": "localhost:6379"}, "AUTHSVC_REDIS_URL"),
     ],
