@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 
 from authsvc import logs
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             check_listen(args.listen, "--listen")
         workers = workers or (os.cpu_count() or 1)
         check_worker_ports(listen, settings.worker_base_port, workers)
+        host = listen.rpartition(":")[0]
+        base = settings.worker_base_port
+        for address in (listen, *(f"{host}:{base + i}" for i in range(workers if base else 0))):
+            ensure_can_listen(address)
         settings = dataclasses.replace(settings, workers=workers, listen=listen)
         install_event_loop()
         if workers == 1:
@@ -59,6 +64,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def ensure_can_listen(address: str) -> None:
+    """Fail before anything starts when a port is taken, in our one line.
+
+    gRPC would find out too, but only after the database is up, and its core
+    prints a line of its own first. (A port taken in between still fails
+    cleanly in ``App.start``.)
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {address} ({exc.strerror or exc}); set AUTHSVC_LISTEN (or AUTHSVC_WORKER_BASE_PORT)"
+        ) from None
 
 
 def _healthcheck(target: str | None) -> int:

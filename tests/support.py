@@ -121,7 +121,11 @@ class TcpProxy:
 
     ``cut()`` drops every open connection and refuses new ones (the server
     looks down, as when a database host dies); ``restore()`` listens again
-    on the same port. Tests of fail-closed behaviour point authsvc here.
+    on the same port. ``freeze()`` keeps every connection open but passes no
+    byte either way, and new connections are accepted but never reach the
+    server (a hung database: SIGSTOPped, or a partition without resets);
+    ``thaw()`` lets the held bytes through. Tests of fail-closed behaviour
+    point authsvc here.
     """
 
     def __init__(self, target: tuple[str, int] | str) -> None:
@@ -134,6 +138,8 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self._threading = threading
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.restore()
 
     @classmethod
@@ -178,7 +184,14 @@ class TcpProxy:
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
+        self.thaw()
         self.cut()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -187,6 +200,7 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            self._flowing.wait()
             try:
                 if isinstance(self.target, str):
                     upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -207,10 +221,10 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass

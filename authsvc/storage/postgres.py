@@ -50,6 +50,9 @@ _UNAVAILABLE = "the key store is unavailable; retry shortly"
 # the cache off: 1 in flight gave 3500 req/s, 2 gave 2670 (bigger batches,
 # fewer queries); a lone lookup never waits either way.
 _LOOKUPS_IN_FLIGHT = 1
+# How long returning a connection to the pool may take before it is closed
+# instead (see PostgresStore._connection). Normally instant: there is no reset.
+_RELEASE_TIMEOUT = 1.0
 
 
 async def _no_reset(connection: asyncpg.Connection) -> None:
@@ -104,12 +107,32 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _connection(self, budget: float) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for at most ``budget`` seconds; then ``Unavailable``.
+
+        The release is bounded too. When a query times out, asyncpg asks the
+        server to cancel it, and its release (and a transaction's ROLLBACK)
+        waits, without a limit, for the server to acknowledge; a database that
+        hangs rather than drops connections never does. So the connection is
+        released with its own short budget, past which asyncpg terminates it.
+        """
         try:
             async with asyncio.timeout(budget):
-                async with self._pool.acquire() as connection:
-                    yield connection
+                connection = await self._pool.acquire()
         except CONNECTION_ERRORS:
             raise Unavailable(_UNAVAILABLE) from None
+        try:
+            async with asyncio.timeout(budget):
+                yield connection
+        except CONNECTION_ERRORS:
+            raise Unavailable(_UNAVAILABLE) from None
+        finally:
+            await self._release(connection)
+
+    async def _release(self, connection: asyncpg.Connection) -> None:
+        try:
+            await self._pool.release(connection, timeout=_RELEASE_TIMEOUT)
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+            pass  # asyncpg has terminated the connection; the pool opens a new one when needed
 
     async def ping(self, budget: float = 1.0) -> bool:
         try:

@@ -217,3 +217,58 @@ async def test_14_store_down_never_allows_and_answers_unavailable_within_envoys_
                 break
             await asyncio.sleep(0.1)
         assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_14_hung_database_every_call_answers_unavailable_in_bounded_time(
+    proxied: tuple[App, TcpProxy],
+) -> None:
+    """A database that hangs (no resets, no answers) must not hang callers or keep health SERVING.
+
+    Closed connections are the easy case. Here every byte to PostgreSQL is
+    held, so a timed-out query's cancellation is never acknowledged: the
+    pooled connections that were idle are the ones that would hang.
+    """
+    app, proxy = proxied
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = authsvc_pb2_grpc.KeyServiceStub(channel)
+        org = new_org()
+        known = await create(stub, org)
+        assert (await authorize(stub, known.secret)).allowed
+        # Several idle pooled connections, as after any busy moment.
+        await asyncio.gather(*(stub.ListKeys(pb.ListKeysRequest(org_id=org, actor=ADMIN)) for _ in range(6)))
+
+        proxy.freeze()
+        try:
+            key_id = known.key.id
+            management = asyncio.gather(
+                code_of(
+                    stub.CreateKey(pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="x", scopes=["read"]), timeout=15)
+                ),
+                code_of(stub.GetKey(pb.GetKeyRequest(org_id=org, key_id=key_id, actor=ADMIN), timeout=15)),
+                code_of(stub.ListKeys(pb.ListKeysRequest(org_id=org, actor=ADMIN), timeout=15)),
+                code_of(stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=key_id, actor=ADMIN), timeout=15)),
+            )
+            # An unknown key at once; the cached one once the listener's 1 s freshness bound has passed
+            # (silence is not a closed connection: that bound is what limits it, see README).
+            for key, after in ((KeyFormat("authsvc").generate().secret, 0.0), (known.secret, 1.2)):
+                await asyncio.sleep(after)
+                with pytest.raises(grpc.aio.AioRpcError) as denied:
+                    await stub.Authorize(pb.AuthorizeRequest(key=key, required_scope="read"), timeout=0.2)
+                assert denied.value.code() == grpc.StatusCode.UNAVAILABLE
+            for _ in range(40):
+                if await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            # Within the store's write budget (5 s) plus a bounded release: never the client's 15 s deadline.
+            assert [code for code, _ in await management] == [grpc.StatusCode.UNAVAILABLE] * 4
+        finally:
+            proxy.thaw()
+
+        for _ in range(100):
+            try:
+                if (await authorize(stub, known.secret)).allowed:
+                    break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+        assert (await authorize(stub, known.secret)).allowed  # recovered by itself, and nothing was revoked
