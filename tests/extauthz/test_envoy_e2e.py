@@ -327,6 +327,11 @@ def test_route_scope_from_context_extensions_wins_over_method_rules(stack: Stack
     assert denied.status == 403
     assert denied.error_code() == "insufficient_scope"
     assert stack.request("GET", "/admin/settings", {"x-api-key": writer}).status == 200
+    # The route is /admin itself and everything below it, whatever the case (upstreams that ignore case exist),
+    # but not a sibling that merely starts with the same letters.
+    for path in ("/admin", "/admin?x=1", "/Admin/settings", "/ADMIN"):
+        assert stack.request("GET", path, {"x-api-key": reader}).status == 403, path
+    assert stack.request("GET", "/administrators", {"x-api-key": reader}).status == 200
 
 
 def test_public_route_needs_no_key_and_strips_keys_and_forged_identity(stack: Stack) -> None:
