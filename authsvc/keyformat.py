@@ -99,3 +99,12 @@ class KeyFormat:
         for ch in key[-CHECKSUM_LENGTH:]:
             value = value * 62 + _BASE62_VALUE[ch]
         return value == zlib.crc32(key[:-CHECKSUM_LENGTH].encode("ascii"))
+
+    def appears_in(self, text: str) -> bool:
+        """True when ``text`` contains one of this deployment's keys (shape and checksum).
+
+        Management calls refuse such text in their free-form fields: a key
+        pasted into an org id or a name would otherwise be stored, audited
+        and logged in the clear.
+        """
+        return any(self.is_well_formed(match.group()) for match in self._shape.finditer(text))

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from authsvc import validation
 from authsvc.cache import MISS, KeyCache
-from authsvc.errors import NotFound, PermissionDenied, ResourceExhausted
+from authsvc.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from authsvc.keyformat import KeyFormat, digest
 from authsvc.keys import Actor, ApiKey, Decision, KeyGrant, Reason, ScopeCatalog, decide
 from authsvc.ratelimit import RateLimiter
@@ -78,9 +78,9 @@ class KeyService:
         rate_limit: int = 0,
     ) -> CreatedKey:
         now = self._clock()
-        org_id = validation.org_id(org_id)
+        org_id = self._check_org(org_id)
         actor = self._check_actor(actor)
-        name = validation.name(name)
+        name = self._no_key_in("name", validation.name(name))
         granted = validation.scopes(scopes, self.catalog)
         expire_time = validation.expire_time(expire_time, now)
         rate_limit = validation.rate_limit(rate_limit)
@@ -116,12 +116,12 @@ class KeyService:
         return CreatedKey(key=key, secret=issued.secret)
 
     async def get_key(self, org_id: str, actor: Actor, key_id: str) -> ApiKey:
-        org_id = validation.org_id(org_id)
+        org_id = self._check_org(org_id)
         actor = self._check_actor(actor)
         key_id = validation.key_id(key_id)
         await self._require_member(actor, "key.get", org_id)
         key = await self.store.get_key(org_id, key_id)
-        await self.store.audit("key.get", org_id, actor, key_id if key else None, "ok" if key else "not_found", {})
+        await self.store.audit("key.get", org_id, actor, key_id, "ok" if key else "not_found", {})
         if key is None:
             raise NotFound(f"no key {key_id} in organization {org_id}")
         return key
@@ -129,7 +129,7 @@ class KeyService:
     async def list_keys(
         self, org_id: str, actor: Actor, page: int, limit: int, state: int | None
     ) -> tuple[Page, int, int]:
-        org_id = validation.org_id(org_id)
+        org_id = self._check_org(org_id)
         actor = self._check_actor(actor)
         page, limit = validation.page_and_limit(page, limit)
         wanted = validation.state(state)
@@ -146,14 +146,14 @@ class KeyService:
         return result, page, limit
 
     async def revoke_key(self, org_id: str, actor: Actor, key_id: str, reason: str) -> ApiKey:
-        org_id = validation.org_id(org_id)
+        org_id = self._check_org(org_id)
         actor = self._check_actor(actor)
         key_id = validation.key_id(key_id)
-        reason = validation.reason(reason)
+        reason = self._no_key_in("reason", validation.reason(reason))
         await self._require_manager(actor, "key.revoke", org_id, key_id)
         revoked = await self.store.revoke_key(org_id, key_id, actor, reason, self._clock())
         if revoked is None:
-            await self.store.audit("key.revoke", org_id, actor, None, "not_found", {"key_id": key_id})
+            await self.store.audit("key.revoke", org_id, actor, key_id, "not_found", {})
             raise NotFound(f"no key {key_id} in organization {org_id}")
         key, key_digest = revoked
         # Evict here at once so the very next Authorize in this process
@@ -165,8 +165,20 @@ class KeyService:
         )
         return key
 
+    def _check_org(self, org_id: str) -> str:
+        return self._no_key_in("org_id", validation.org_id(org_id))
+
     def _check_actor(self, actor: Actor) -> Actor:
-        return Actor(user_id=validation.actor_user_id(actor.user_id), role=validation.role(actor.role))
+        user_id = self._no_key_in("actor.user_id", validation.actor_user_id(actor.user_id))
+        return Actor(user_id=user_id, role=validation.role(actor.role))
+
+    def _no_key_in(self, field: str, value: str) -> str:
+        """Free-form fields are stored, audited and logged: a key pasted into one would leak."""
+        if self.key_format.appears_in(value):
+            raise InvalidArgument(
+                f"{field} holds an API key; pass the intended value (and revoke that key if it was shared)"
+            )
+        return value
 
     async def _require_member(self, actor: Actor, action: str, org_id: str) -> None:
         if actor.role == 0:

@@ -23,10 +23,18 @@ MAX_LIMIT = 100
 DEFAULT_LIMIT = 20
 MAX_PAGE = 1_000_000
 _ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
+# The canonical 8-4-4-4-12 form only: uuid.UUID() also takes braces, "urn:uuid:",
+# no dashes, stray underscores and non-ASCII digits, which would make two
+# spellings of one id (or a mistyped id silently naming another key).
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
+# Control, format, private-use, unassigned and surrogate characters, and the
+# Unicode line and paragraph separators: all of them break log lines and
+# dashboards, or hide what a name really says.
+_UNPRINTABLE = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
 
 
 def _has_control(text: str) -> bool:
-    return any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in text)
+    return any(unicodedata.category(ch) in _UNPRINTABLE for ch in text)
 
 
 def org_id(value: str) -> str:
@@ -61,10 +69,12 @@ def role(value: int) -> Role:
 def key_id(value: str) -> str:
     if not value:
         raise InvalidArgument("key_id is required")
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise InvalidArgument("key_id must be a key id as returned by CreateKey (a UUID)") from None
+    if not _UUID.fullmatch(value):
+        raise InvalidArgument(
+            "key_id must be a key id as returned by CreateKey: a UUID in its 36-character form, "
+            "e.g. 3f2c8a1e-5b7d-4e0a-9c61-2d8f4b7a9e13"
+        )
+    return str(uuid.UUID(value))
 
 
 def name(value: str) -> str:

@@ -48,6 +48,9 @@ async def test_2_database_dump_contains_no_secret(stub: Stub, database_url: str,
 # 13. Bad input: INVALID_ARGUMENT, a message that says what to fix, nothing written --
 
 LONG = "x" * 10_000
+PASTED = (
+    KeyFormat("authsvc").generate().secret
+)  # a key of the test deployment's format, pasted where it does not belong
 BAD_CREATES = [
     ("empty org_id", {"org_id": ""}, "org_id is required"),
     ("org_id with spaces", {"org_id": "acme corp"}, "org_id must be"),
@@ -61,6 +64,15 @@ BAD_CREATES = [
     ("huge scope list", {"scopes": ["read"] * 10_000}, "at most 64"),
     ("oversized scope", {"scopes": [LONG]}, "unknown scope"),
     ("negative rate limit", {"rate_limit": -1}, "rate_limit"),
+    ("name with line separator", {"name": "ci\u2028log-injection"}, "control characters"),
+    (
+        "user id with paragraph separator",
+        {"actor": pb.Actor(user_id="al\u2029ice", role=pb.ROLE_ADMIN)},
+        "actor.user_id",
+    ),
+    ("key pasted as org_id", {"org_id": PASTED}, "org_id holds an API key"),
+    ("key inside the name", {"name": f"for ci: {PASTED}"}, "name holds an API key"),
+    ("key as actor user id", {"actor": pb.Actor(user_id=PASTED, role=pb.ROLE_ADMIN)}, "actor.user_id holds an API key"),
 ]
 
 
@@ -74,6 +86,7 @@ async def test_13_bad_create_is_invalid_argument_and_writes_nothing(
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in details
     assert len(details) < 400  # says what to fix; does not echo 10 kB back
+    assert PASTED not in details and PASTED[12:] not in details
     assert await db.fetchval("SELECT count(*) FROM api_keys WHERE org_id = $1", org) == 0
     assert await db.fetchval("SELECT count(*) FROM audit_events WHERE org_id = $1", org) == 0
 
@@ -96,8 +109,17 @@ async def test_13_bad_paging_is_invalid_argument(stub: Stub, request_: pb.ListKe
 async def test_13_bad_key_id_and_reason_are_invalid_argument(stub: Stub) -> None:
     org = new_org()
     created = await create(stub, org)
-    code, details = await code_of(stub.GetKey(pb.GetKeyRequest(org_id=org, key_id="../../etc", actor=MEMBER)))
-    assert (code, "key_id must be" in details) == (grpc.StatusCode.INVALID_ARGUMENT, True)
+    uuid = created.key.id
+    # Only the canonical form: no second spelling of an id, no typo that quietly names another key.
+    for bad in ("../../etc", f"{{{uuid}}}", f"urn:uuid:{uuid}", uuid.replace("-", ""), uuid[:-2] + "_" + uuid[-1],
+                uuid[:-1] + "\u0669"):  # fmt: skip
+        code, details = await code_of(stub.GetKey(pb.GetKeyRequest(org_id=org, key_id=bad, actor=MEMBER)))
+        assert (code, "key_id must be" in details) == (grpc.StatusCode.INVALID_ARGUMENT, True), bad
+    assert (await stub.GetKey(pb.GetKeyRequest(org_id=org, key_id=uuid.upper(), actor=MEMBER))).key.id == uuid
+    code, details = await code_of(
+        stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=created.key.id, actor=ADMIN, reason=f"leaked {PASTED}"))
+    )
+    assert (code, "reason holds an API key" in details) == (grpc.StatusCode.INVALID_ARGUMENT, True)
     code, details = await code_of(
         stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=created.key.id, actor=ADMIN, reason="r" * 501))
     )

@@ -331,6 +331,21 @@ async def test_11_every_management_call_leaves_an_audit_row(stub: Stub, db: asyn
     assert all(r["occurred_at"] is not None for r in rows)
 
 
+async def test_11_audit_names_the_key_asked_for_even_when_there_is_none(stub: Stub, db: asyncpg.Connection) -> None:
+    """A probe for another organization's key id leaves that id in the prober's audit trail."""
+    org, other = new_org(), new_org()
+    theirs = await create(stub, other)
+    await code_of(stub.GetKey(pb.GetKeyRequest(org_id=org, key_id=theirs.key.id, actor=MEMBER)))
+    await code_of(stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=theirs.key.id, actor=OWNER)))
+    await code_of(stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=theirs.key.id, actor=MEMBER)))
+    rows = await db.fetch("SELECT action, outcome, key_id FROM audit_events WHERE org_id = $1 ORDER BY id", org)
+    assert [(r["action"], r["outcome"], str(r["key_id"])) for r in rows] == [
+        ("key.get", "not_found", theirs.key.id),
+        ("key.revoke", "not_found", theirs.key.id),
+        ("key.revoke", "denied", theirs.key.id),
+    ]
+
+
 # 12. Cross-organization ---------------------------------------------------
 
 
