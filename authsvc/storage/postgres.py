@@ -115,18 +115,16 @@ class PostgresStore:
         hangs rather than drops connections never does. So the connection is
         released with its own short budget, past which asyncpg terminates it.
         """
+        connection: asyncpg.Connection | None = None
         try:
-            async with asyncio.timeout(budget):
+            async with asyncio.timeout(budget):  # one budget for acquiring and using it
                 connection = await self._pool.acquire()
-        except CONNECTION_ERRORS:
-            raise Unavailable(_UNAVAILABLE) from None
-        try:
-            async with asyncio.timeout(budget):
                 yield connection
         except CONNECTION_ERRORS:
             raise Unavailable(_UNAVAILABLE) from None
         finally:
-            await self._release(connection)
+            if connection is not None:
+                await self._release(connection)
 
     async def _release(self, connection: asyncpg.Connection) -> None:
         try:
