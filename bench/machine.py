@@ -6,6 +6,7 @@ import contextlib
 import os
 import platform
 import subprocess
+import urllib.parse
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -47,9 +48,15 @@ def describe(database_url: str) -> dict[str, str]:
         "envoy": _first_line([tool("envoy"), "--version"]).split("version:")[-1].strip(),
         "h2load": _first_line(["h2load", "--version"]),
         "wrk": _first_line(["wrk", "-v"]).split(" Copyright")[0],
-        "postgresql": _first_line(["psql", database_url, "-Atc", "SHOW server_version"]),
+        "postgresql": postgresql_version(database_url),
         "redis": _first_line(["redis-cli", "INFO", "server"]) and _redis_version(),
     }
+
+
+def postgresql_version(database_url: str) -> str:
+    """Asked of the server's maintenance database: the bench database may not exist yet on a fresh machine."""
+    maintenance = urllib.parse.urlsplit(database_url)._replace(path="/postgres").geturl()
+    return _first_line(["psql", maintenance, "-Atc", "SHOW server_version"])
 
 
 def _redis_version() -> str:
