@@ -198,6 +198,26 @@ async def _health(channel: grpc.aio.Channel) -> int:
     return int(reply.status)
 
 
+async def _health_becomes(channel: grpc.aio.Channel, status: int) -> bool:
+    """Polls for up to 4 s (the health monitor pings every 0.5 s with a 1 s budget)."""
+    for _ in range(40):
+        if await _health(channel) == status:
+            return True
+        await asyncio.sleep(0.1)
+    return await _health(channel) == status
+
+
+async def _allowed_again(stub: Stub, secret: str) -> bool:
+    """Polls for up to ~10 s until Authorize allows ``secret`` again (the service recovering by itself)."""
+    for _ in range(100):
+        try:
+            if (await authorize(stub, secret)).allowed:
+                return True
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.1)
+    return (await authorize(stub, secret)).allowed
+
+
 async def test_14_store_down_never_allows_and_answers_unavailable_within_envoys_timeout(
     proxied: tuple[App, TcpProxy],
 ) -> None:
@@ -220,25 +240,11 @@ async def test_14_store_down_never_allows_and_answers_unavailable_within_envoys_
             else:
                 pytest.fail(f"answered {reply.reason} while the store was down")
 
-        for _ in range(40):
-            if await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            await asyncio.sleep(0.1)
-        assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await _health_becomes(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         proxy.restore()
-        for _ in range(100):
-            try:
-                if (await authorize(stub, known.secret)).allowed:
-                    break
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.1)
-        assert (await authorize(stub, known.secret)).allowed  # recovered by itself
-        for _ in range(40):
-            if await _health(channel) == health_pb2.HealthCheckResponse.SERVING:
-                break
-            await asyncio.sleep(0.1)
-        assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+        assert await _allowed_again(stub, known.secret)  # recovered by itself
+        assert await _health_becomes(channel, health_pb2.HealthCheckResponse.SERVING)
 
 
 async def test_14_hung_database_every_call_answers_unavailable_in_bounded_time(
@@ -277,20 +283,10 @@ async def test_14_hung_database_every_call_answers_unavailable_in_bounded_time(
                 with pytest.raises(grpc.aio.AioRpcError) as denied:
                     await stub.Authorize(pb.AuthorizeRequest(key=key, required_scope="read"), timeout=0.2)
                 assert denied.value.code() == grpc.StatusCode.UNAVAILABLE
-            for _ in range(40):
-                if await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    break
-                await asyncio.sleep(0.1)
-            assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await _health_becomes(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
             # Within the store's write budget (5 s) plus a bounded release: never the client's 15 s deadline.
             assert [code for code, _ in await management] == [grpc.StatusCode.UNAVAILABLE] * 4
         finally:
             proxy.thaw()
 
-        for _ in range(100):
-            try:
-                if (await authorize(stub, known.secret)).allowed:
-                    break
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.1)
-        assert (await authorize(stub, known.secret)).allowed  # recovered by itself, and nothing was revoked
+        assert await _allowed_again(stub, known.secret)  # recovered by itself, and nothing was revoked
