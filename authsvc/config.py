@@ -194,9 +194,16 @@ def check_listen(value: str, name: str) -> None:
 
 
 def check_url(value: str, name: str, example: str) -> None:
-    """The URL's shape (host, port) is checked here, so a typo fails at start-up in one line."""
+    """The URL's shape (hosts, ports) is checked here, so a typo fails at start-up in one line.
+
+    PostgreSQL URLs may list several hosts (``h1:5432,h2:5433``, for
+    failover); each is checked on its own.
+    """
     try:
-        urllib.parse.urlsplit(value).port  # noqa: B018  # parsing the port is the check
+        parts = urllib.parse.urlsplit(value)
+        hosts = parts.netloc.rpartition("@")[2]
+        for host in hosts.split(","):
+            urllib.parse.urlsplit(f"//{host}").port  # noqa: B018  # parsing the port is the check
     except ValueError as exc:
         raise ConfigError(f"{name} is not a valid URL ({exc}), e.g. {example}") from None
 

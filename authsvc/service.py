@@ -119,7 +119,7 @@ class KeyService:
         org_id = self._check_org(org_id)
         actor = self._check_actor(actor)
         key_id = validation.key_id(key_id)
-        await self._require_member(actor, "key.get", org_id)
+        await self._require_member(actor, "key.get", org_id, key_id)
         key = await self.store.get_key(org_id, key_id)
         await self.store.audit("key.get", org_id, actor, key_id, "ok" if key else "not_found", {})
         if key is None:
@@ -180,9 +180,9 @@ class KeyService:
             )
         return value
 
-    async def _require_member(self, actor: Actor, action: str, org_id: str) -> None:
+    async def _require_member(self, actor: Actor, action: str, org_id: str, key_id: str | None = None) -> None:
         if actor.role == 0:
-            await self.store.audit(action, org_id, actor, None, "denied", {})
+            await self.store.audit(action, org_id, actor, key_id, "denied", {})
             raise PermissionDenied("actor.role must be set (ROLE_MEMBER, ROLE_ADMIN or ROLE_OWNER)")
 
     async def _require_manager(self, actor: Actor, action: str, org_id: str, key_id: str | None = None) -> None:

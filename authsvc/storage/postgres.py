@@ -8,6 +8,7 @@ is reported to callers as a generic INTERNAL error by the transport.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -50,9 +51,10 @@ _UNAVAILABLE = "the key store is unavailable; retry shortly"
 # the cache off: 1 in flight gave 3500 req/s, 2 gave 2670 (bigger batches,
 # fewer queries); a lone lookup never waits either way.
 _LOOKUPS_IN_FLIGHT = 1
-# How long returning a connection to the pool may take before it is closed
-# instead (see PostgresStore._connection). Normally instant: there is no reset.
-_RELEASE_TIMEOUT = 1.0
+# How long a ROLLBACK after a timed-out query, and then returning the
+# connection to the pool, may each take before the connection is closed
+# instead (see PostgresStore._connection). Normally instant.
+_CLEANUP_TIMEOUT = 1.0
 
 
 async def _no_reset(connection: asyncpg.Connection) -> None:
@@ -68,10 +70,10 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, connec
         pool = await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, timeout=connect_timeout, reset=_no_reset
         )
+    except ValueError as exc:  # first: asyncpg's ClientConfigurationError (?sslmode=bogus) is an InterfaceError too
+        raise ConfigError(f"AUTHSVC_DATABASE_URL is not usable: {exc}") from None
     except CONNECTION_ERRORS as exc:
         raise Unavailable(f"cannot connect to PostgreSQL: {exc}") from None
-    except ValueError as exc:  # asyncpg's DSN parser: a bad parameter such as ?sslmode=
-        raise ConfigError(f"AUTHSVC_DATABASE_URL is not usable: {exc}") from None
     assert pool is not None
     return pool
 
@@ -106,18 +108,22 @@ class PostgresStore:
         self._lookups: set[asyncio.Task[None]] = set()  # strong references to running batches
 
     @asynccontextmanager
-    async def _connection(self, budget: float) -> AsyncIterator[asyncpg.Connection]:
+    async def _connection(self, budget: float, *, hot: bool = False) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection for at most ``budget`` seconds; then ``Unavailable``.
 
-        The release is bounded too. When a query times out, asyncpg asks the
-        server to cancel it, and its release (and a transaction's ROLLBACK)
-        waits, without a limit, for the server to acknowledge; a database that
-        hangs rather than drops connections never does. So the connection is
-        released with its own short budget, past which asyncpg terminates it.
+        The clean-up is bounded too. When a query times out, asyncpg asks the
+        server to cancel it, and both a transaction's ROLLBACK and the
+        release wait, without a limit, for the server to acknowledge; a
+        database that hangs rather than drops connections never does. So the
+        caller's clean-up (ROLLBACK) gets ``_CLEANUP_TIMEOUT`` past the budget,
+        and the release as much again, after which asyncpg closes the
+        connection. ``hot``: the lookup path, which runs no transaction and
+        keeps to one timer.
         """
         connection: asyncpg.Connection | None = None
+        guard = contextlib.nullcontext() if hot else asyncio.timeout(budget + _CLEANUP_TIMEOUT)
         try:
-            async with asyncio.timeout(budget):  # one budget for acquiring and using it
+            async with guard, asyncio.timeout(budget):  # one budget for acquiring and using it
                 connection = await self._pool.acquire()
                 yield connection
         except CONNECTION_ERRORS:
@@ -128,7 +134,7 @@ class PostgresStore:
 
     async def _release(self, connection: asyncpg.Connection) -> None:
         try:
-            await self._pool.release(connection, timeout=_RELEASE_TIMEOUT)
+            await self._pool.release(connection, timeout=_CLEANUP_TIMEOUT)
         except (*CONNECTION_ERRORS, asyncpg.PostgresError):
             pass  # asyncpg has terminated the connection; the pool opens a new one when needed
 
@@ -275,7 +281,7 @@ class PostgresStore:
 
     async def _lookup(self, batch: dict[bytes, asyncio.Future[ApiKey | None]]) -> None:
         try:
-            async with self._connection(self._lookup_timeout) as conn:
+            async with self._connection(self._lookup_timeout, hot=True) as conn:
                 rows = await conn.fetch(
                     f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ANY($1::bytea[])", list(batch)
                 )

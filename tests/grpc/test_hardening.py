@@ -290,3 +290,28 @@ async def test_14_hung_database_every_call_answers_unavailable_in_bounded_time(
             proxy.thaw()
 
         assert await _allowed_again(stub, known.secret)  # recovered by itself, and nothing was revoked
+
+
+async def test_14_hung_database_mid_transaction_answers_unavailable_in_bounded_time(
+    proxied: tuple[App, TcpProxy], db: asyncpg.Connection
+) -> None:
+    """A call already inside its transaction when the database hangs: its ROLLBACK is never acknowledged either."""
+    app, proxy = proxied
+    org = new_org()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = authsvc_pb2_grpc.KeyServiceStub(channel)
+        await create(stub, org)
+        # Another session holds the organization's create lock, so the next CreateKey waits inside its transaction.
+        async with db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock(hashtextextended('authsvc.org:' || $1, 0))", org)
+            request = pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="blocked", scopes=["read"])
+            call = asyncio.ensure_future(code_of(stub.CreateKey(request, timeout=15)))
+            await asyncio.sleep(0.5)
+            proxy.freeze()
+            try:
+                code, _ = await call
+            finally:
+                proxy.thaw()
+        # The 5 s write budget, then at most 1 s for the ROLLBACK and 1 s to release: not the client's 15 s deadline.
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert await _allowed_again(stub, (await create(stub, org, name="after")).secret)

@@ -338,11 +338,14 @@ async def test_11_audit_names_the_key_asked_for_even_when_there_is_none(stub: St
     await code_of(stub.GetKey(pb.GetKeyRequest(org_id=org, key_id=theirs.key.id, actor=MEMBER)))
     await code_of(stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=theirs.key.id, actor=OWNER)))
     await code_of(stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=theirs.key.id, actor=MEMBER)))
+    nobody = pb.Actor(user_id="nobody")  # no role: refused before the store is asked
+    await code_of(stub.GetKey(pb.GetKeyRequest(org_id=org, key_id=theirs.key.id, actor=nobody)))
     rows = await db.fetch("SELECT action, outcome, key_id FROM audit_events WHERE org_id = $1 ORDER BY id", org)
     assert [(r["action"], r["outcome"], str(r["key_id"])) for r in rows] == [
         ("key.get", "not_found", theirs.key.id),
         ("key.revoke", "not_found", theirs.key.id),
         ("key.revoke", "denied", theirs.key.id),
+        ("key.get", "denied", theirs.key.id),
     ]
 
 

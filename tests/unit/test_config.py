@@ -35,6 +35,19 @@ def test_invalid_setting_names_the_variable(env: dict[str, str], variable: str) 
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u@h1:5432,h2:5433/db",  # several hosts, for failover
+        "postgresql://u@h1:5432,h2/db",
+        "postgresql://u@[::1]:5432,[::2]:5433/db",
+        "postgresql:///db?host=/var/run/postgresql",
+    ],
+)
+def test_valid_database_urls_are_accepted(url: str) -> None:
+    assert Settings.from_env({"AUTHSVC_DATABASE_URL": url}).database_url is not None
+
+
 def test_defaults_need_no_configuration() -> None:
     settings = Settings.from_env({})
     assert settings.database_url is None  # the embedded PostgreSQL
