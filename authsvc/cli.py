@@ -16,7 +16,7 @@ import socket
 import sys
 
 from authsvc import logs
-from authsvc.config import Settings, check_listen, check_worker_ports
+from authsvc.config import Settings, check_listen, worker_addresses
 from authsvc.errors import ConfigError, Unavailable
 
 log = logging.getLogger("authsvc")
@@ -47,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.listen:
             check_listen(args.listen, "--listen")
         workers = workers or (os.cpu_count() or 1)
-        check_worker_ports(listen, settings.worker_base_port, workers)
-        host = listen.rpartition(":")[0]
-        base = settings.worker_base_port
-        for address in (listen, *(f"{host}:{base + i}" for i in range(workers if base else 0))):
+        for address in (listen, *worker_addresses(listen, settings.worker_base_port, workers)):
             ensure_can_listen(address)
         settings = dataclasses.replace(settings, workers=workers, listen=listen)
         install_event_loop()
@@ -145,8 +142,8 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if worker is None and settings.worker_base_port:
-        extra_listen = (f"{listen.rpartition(':')[0]}:{settings.worker_base_port}",)
+    if worker is None:
+        extra_listen = worker_addresses(listen, settings.worker_base_port, 1)
     app = App(
         settings,
         dsn or database_dsn(settings),

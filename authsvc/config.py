@@ -208,19 +208,23 @@ def check_url(value: str, name: str, example: str) -> None:
         raise ConfigError(f"{name} is not a valid URL ({exc}), e.g. {example}") from None
 
 
-def check_worker_ports(listen: str, base_port: int, workers: int) -> None:
-    """Worker i also listens on ``base_port + i``: those ports must exist and not collide with ``listen``."""
+def worker_addresses(listen: str, base_port: int, workers: int) -> tuple[str, ...]:
+    """Worker i's own address, ``<listen host>:(base_port + i)``; none without a base port.
+
+    Checked here, once: the ports must exist and must not include ``listen``.
+    """
     if not base_port:
-        return
+        return ()
     last = base_port + workers - 1
     if last > 65535:
         raise ConfigError(f"AUTHSVC_WORKER_BASE_PORT: {workers} workers need ports {base_port}-{last}, past 65535")
-    port = int(listen.rpartition(":")[2])
-    if base_port <= port <= last:
+    host, _, port = listen.rpartition(":")
+    if base_port <= int(port) <= last:
         raise ConfigError(
             f"AUTHSVC_WORKER_BASE_PORT: the per-worker ports {base_port}-{last} include the listen port {port}; "
             "pick a range apart from it"
         )
+    return tuple(f"{host}:{base_port + i}" for i in range(workers))
 
 
 def _redact_url(url: str) -> str:

@@ -282,7 +282,7 @@ class AuthorizationAdapter:
             # Every 429 says when to retry, even if the limiter gave no window.
             reset = decision.rate_limit.reset_seconds if decision.rate_limit is not None else 1
             headers.append(_header("retry-after", str(reset)))
-        return _deny(status, decision.reason.name.lower(), decision.message, headers)
+        return _deny(status, decision.reason.code, decision.message, headers)
 
     @staticmethod
     def misconfigured(scope: str) -> ext.CheckResponse:

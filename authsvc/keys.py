@@ -15,6 +15,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+# Reason, Principal and RateLimit are the client package's value types: the
+# same values on both sides of the wire, defined once (the server depends on
+# the client package for the generated code anyway). Re-exported from here.
+from authsvc_client import Principal as Principal
+from authsvc_client import RateLimit as RateLimit
+from authsvc_client import Reason as Reason
+
 from authsvc.errors import ConfigError, InvalidArgument
 
 
@@ -39,20 +46,6 @@ class KeyState(enum.IntEnum):
     ACTIVE = 1
     EXPIRED = 2
     REVOKED = 3
-
-
-class Reason(enum.IntEnum):
-    """Why Authorize allowed or denied (values match the proto)."""
-
-    UNSPECIFIED = 0
-    OK = 1
-    MISSING_KEY = 2
-    MALFORMED_KEY = 3
-    UNKNOWN_KEY = 4
-    REVOKED = 5
-    EXPIRED = 6
-    INSUFFICIENT_SCOPE = 7
-    RATE_LIMITED = 8
 
 
 # One table for the HTTP meaning of every reason, shared by KeyService.Authorize
@@ -115,33 +108,12 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
-class Principal:
-    """The identity behind a key, handed to downstream services."""
-
-    key_id: str
-    org_id: str
-    user_id: str
-    scopes: tuple[str, ...]
-    key_prefix: str
-    key_name: str
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimitStatus:
-    """Where a key stands against its rate limit in the current window."""
-
-    limit: int
-    remaining: int
-    reset_seconds: int
-
-
-@dataclass(frozen=True, slots=True)
 class Decision:
     """The answer to Authorize. A denial is data, not an exception."""
 
     reason: Reason
     principal: Principal | None = None
-    rate_limit: RateLimitStatus | None = None
+    rate_limit: RateLimit | None = None
 
     @property
     def allowed(self) -> bool:

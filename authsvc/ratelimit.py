@@ -18,7 +18,7 @@ import time
 from typing import Any, Protocol
 
 from authsvc.errors import ConfigError
-from authsvc.keys import Decision, RateLimitStatus, Reason
+from authsvc.keys import Decision, RateLimit, Reason
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class RateLimiter:
         reset = max(1, math.ceil((window_index + 1) * self.window - now))
         key_id = decision.principal.key_id
         count = await self._count(key_id, window_index)
-        status = RateLimitStatus(limit=limit, remaining=max(0, limit - count), reset_seconds=reset)
+        status = RateLimit(limit=limit, remaining=max(0, limit - count), reset_seconds=reset)
         reason = Reason.OK if count <= limit else Reason.RATE_LIMITED
         return Decision(reason, decision.principal, status)
 

@@ -21,26 +21,13 @@ import asyncio
 import logging
 import multiprocessing
 import signal
-import socket
 import time
 from multiprocessing.process import BaseProcess
 
-from authsvc.config import Settings
+from authsvc.config import Settings, worker_addresses
 from authsvc.errors import ConfigError, Unavailable
 
 log = logging.getLogger("authsvc")
-
-
-def _check_free(listen: str) -> None:
-    host, _, port = listen.rpartition(":")
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # Like gRPC's own bind: TIME_WAIT leftovers of a quick restart are not "in use".
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host.strip("[]"), int(port)))
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {listen}: {exc.strerror}; set AUTHSVC_LISTEN") from None
 
 
 def _worker_main(settings: Settings, listen: str, dsn: str, index: int) -> None:
@@ -51,9 +38,7 @@ def _worker_main(settings: Settings, listen: str, dsn: str, index: int) -> None:
     # The supervisor handles Ctrl+C for the group; workers drain on SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     install_event_loop()
-    extra: tuple[str, ...] = ()
-    if settings.worker_base_port:
-        extra = (f"{listen.rpartition(':')[0]}:{settings.worker_base_port + index}",)
+    extra = worker_addresses(listen, settings.worker_base_port, index + 1)[index:]
     try:
         asyncio.run(_serve(settings, listen, dsn=dsn, reuse_port=True, worker=index, extra_listen=extra))
     except (ConfigError, Unavailable) as exc:
@@ -62,13 +47,9 @@ def _worker_main(settings: Settings, listen: str, dsn: str, index: int) -> None:
 
 
 def run(settings: Settings, listen: str, workers: int) -> int:
+    """Supervise ``workers`` processes; the CLI has already checked that every port is free."""
     from authsvc.app import database_dsn, run_migrations
 
-    _check_free(listen)
-    if settings.worker_base_port:
-        host = listen.rpartition(":")[0]
-        for i in range(workers):
-            _check_free(f"{host}:{settings.worker_base_port + i}")
     dsn = database_dsn(settings)
     asyncio.run(run_migrations(dsn))
     log.info("effective configuration: %s", " ".join(f"{k}={v}" for k, v in settings.redacted().items()))

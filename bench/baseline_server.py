@@ -12,9 +12,7 @@ the price of authorization itself.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
-import grpc
 from authsvc_client.v1 import authsvc_pb2 as pb
 
 from bench import serving
@@ -35,21 +33,7 @@ RESPONSE = pb.AuthorizeResponse(
 )
 
 
-async def authorize(request: pb.AuthorizeRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.AuthorizeResponse:
-    return RESPONSE
-
-
-def handler() -> grpc.GenericRpcHandler:
-    return grpc.method_handlers_generic_handler(
-        "authsvc.v1.KeyService",
-        {
-            "Authorize": grpc.unary_unary_rpc_method_handler(
-                authorize,
-                request_deserializer=pb.AuthorizeRequest.FromString,
-                response_serializer=pb.AuthorizeResponse.SerializeToString,
-            )
-        },
-    )
+handler = serving.constant_handler("authsvc.v1.KeyService", "Authorize", pb.AuthorizeRequest, RESPONSE)
 
 
 if __name__ == "__main__":

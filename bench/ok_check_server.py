@@ -10,9 +10,7 @@ isolates what authsvc's decision costs on the real gateway path.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
-import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]  # no stubs shipped
 
@@ -21,21 +19,7 @@ from bench import serving
 RESPONSE = ext.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=ext.OkHttpResponse())
 
 
-async def check(request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ext.CheckResponse:
-    return RESPONSE
-
-
-def handler() -> grpc.GenericRpcHandler:
-    return grpc.method_handlers_generic_handler(
-        "envoy.service.auth.v3.Authorization",
-        {
-            "Check": grpc.unary_unary_rpc_method_handler(
-                check,
-                request_deserializer=ext.CheckRequest.FromString,
-                response_serializer=ext.CheckResponse.SerializeToString,
-            )
-        },
-    )
+handler = serving.constant_handler("envoy.service.auth.v3.Authorization", "Check", ext.CheckRequest, RESPONSE)
 
 
 if __name__ == "__main__":

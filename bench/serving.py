@@ -19,12 +19,35 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 HandlerFactory = Callable[[], grpc.GenericRpcHandler]
+
+
+def constant_handler(service: str, method: str, request_type: type[Message], response: Message) -> HandlerFactory:
+    """A stand-in for ``/service/method`` that parses each request (as authsvc must) and answers ``response``."""
+
+    async def answer(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        return response
+
+    def handler() -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            service,
+            {
+                method: grpc.unary_unary_rpc_method_handler(
+                    answer,
+                    request_deserializer=request_type.FromString,
+                    response_serializer=type(response).SerializeToString,
+                )
+            },
+        )
+
+    return handler
 
 
 def _parse(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
@@ -71,8 +94,19 @@ def main(module: str, factory: HandlerFactory, description: str, argv: Sequence[
         return 0
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", module, "--listen", args.listen, "--workers", str(args.workers),
-             "--base-port", str(args.base_port), "--worker-index", str(i)]
+            [
+                sys.executable,
+                "-m",
+                module,
+                "--listen",
+                args.listen,
+                "--workers",
+                str(args.workers),
+                "--base-port",
+                str(args.base_port),
+                "--worker-index",
+                str(i),
+            ]
         )
         for i in range(args.workers)
     ]

@@ -21,7 +21,7 @@ from authsvc.config import DEFAULT_CATALOG, Settings
 from authsvc.errors import Unavailable
 from authsvc.extauthz import AuthorizationAdapter, Credentials, HttpPolicy
 from authsvc.keyformat import KeyFormat
-from authsvc.keys import MESSAGES, Actor, ApiKey, Decision, KeyState, Principal, RateLimitStatus, Reason, ScopeCatalog
+from authsvc.keys import MESSAGES, Actor, ApiKey, Decision, KeyState, Principal, RateLimit, Reason, ScopeCatalog
 from authsvc.service import KeyService
 from authsvc.storage import NewKey, Page
 
@@ -159,7 +159,7 @@ def test_each_denial_carries_its_http_status_rpc_code_body_and_challenge(
 
 
 def test_429_says_when_to_retry_and_where_the_key_stands() -> None:
-    decision = Decision(Reason.RATE_LIMITED, PRINCIPAL, RateLimitStatus(limit=100, remaining=0, reset_seconds=17))
+    decision = Decision(Reason.RATE_LIMITED, PRINCIPAL, RateLimit(limit=100, remaining=0, reset_seconds=17))
     headers = header_dict(make_adapter().denied(decision).denied_response.headers)
     assert headers["retry-after"] == "17"
     assert (headers["ratelimit-limit"], headers["ratelimit-remaining"], headers["ratelimit-reset"]) == (
@@ -175,7 +175,7 @@ def test_429_without_a_window_still_has_retry_after() -> None:
 
 
 def test_allowed_under_a_rate_limit_tells_the_client_its_budget() -> None:
-    decision = Decision(Reason.OK, PRINCIPAL, RateLimitStatus(limit=100, remaining=42, reset_seconds=9))
+    decision = Decision(Reason.OK, PRINCIPAL, RateLimit(limit=100, remaining=42, reset_seconds=9))
     ok = make_adapter().allowed(decision, []).ok_response
     assert header_dict(ok.response_headers_to_add) == {
         "ratelimit-limit": "100",
