@@ -7,19 +7,11 @@ one line naming what to change and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
-import logging
-import os
-import signal
-import socket
 import sys
 
 from authsvc import logs
-from authsvc.config import Settings, check_listen, worker_addresses
-from authsvc.errors import ConfigError, Unavailable
-
-log = logging.getLogger("authsvc")
+from authsvc.config import Settings
+from authsvc.core.errors import ConfigError, Unavailable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,53 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "healthcheck":
         return _healthcheck(args.target)
 
+    # The one place start-up errors become what the operator reads: one line, exit 2.
     try:
-        settings = Settings.from_env()
-        logs.configure(settings.log_level)
         if args.command == "migrate":
+            settings = Settings.from_env()
+            logs.configure(settings.log_level)
             return _migrate(settings)
-        workers = args.workers if args.workers is not None else settings.workers
-        if workers < 0 or workers > 64:
-            raise ConfigError("--workers must be between 0 and 64")
-        listen = args.listen or settings.listen
-        if args.listen:
-            check_listen(args.listen, "--listen")
-        workers = workers or (os.cpu_count() or 1)
-        for address in (listen, *worker_addresses(listen, settings.worker_base_port, workers)):
-            ensure_can_listen(address)
-        settings = dataclasses.replace(settings, workers=workers, listen=listen)
-        install_event_loop()
-        if workers == 1:
-            return asyncio.run(_serve(settings, listen))
-        from authsvc import workers as pool
+        settings = Settings.from_env(listen=args.listen, workers=args.workers)
+        logs.configure(settings.log_level)
+        from authsvc import runtime  # imported late: the gRPC server stack is slow to import
 
-        return pool.run(settings, listen, workers)
+        return runtime.serve(settings)
     except (ConfigError, Unavailable) as exc:
         print(f"authsvc: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def ensure_can_listen(address: str) -> None:
-    """Fail before anything starts when a port is taken, in our one line.
-
-    gRPC would find out too, but only after the database is up, and its core
-    prints a line of its own first. (A port taken in between still fails
-    cleanly in ``App.start``.)
-    """
-    host, _, port = address.rpartition(":")
-    try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(sockaddr)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot listen on {address} ({exc.strerror or exc}); set AUTHSVC_LISTEN (or AUTHSVC_WORKER_BASE_PORT)"
-        ) from None
 
 
 def _healthcheck(target: str | None) -> int:
@@ -109,61 +70,8 @@ def _healthcheck(target: str | None) -> int:
 
 
 def _migrate(settings: Settings) -> int:
-    from authsvc.app import database_dsn, run_migrations
+    from authsvc import runtime
 
-    applied = asyncio.run(run_migrations(database_dsn(settings)))
+    applied = runtime.migrate(settings)
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'schema already at head'}")
-    return 0
-
-
-def install_event_loop() -> None:
-    """uvloop when available: measurably cheaper per RPC than the default loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; Windows lacks it
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-async def _serve(
-    settings: Settings,
-    listen: str,
-    *,
-    dsn: str | None = None,
-    reuse_port: bool = False,
-    worker: int | None = None,
-    extra_listen: tuple[str, ...] = (),
-) -> int:
-    import gc
-
-    from authsvc.app import App, database_dsn
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if worker is None:
-        extra_listen = worker_addresses(listen, settings.worker_base_port, 1)
-    app = App(
-        settings,
-        dsn or database_dsn(settings),
-        listen=listen,
-        extra_listen=extra_listen,
-        reuse_port=reuse_port,
-        migrate=worker is None,
-    )
-    await app.start()
-    # Everything allocated so far lives as long as the process: keep the
-    # collector from re-scanning it, and collect young objects less often.
-    # Measured with h2load on one worker, cache hits: +13% throughput.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 1000)
-    extra = {"listen": " ".join((listen, *extra_listen))} | ({"worker": worker} if worker is not None else {})
-    if worker is None:
-        log.info("effective configuration: %s", " ".join(f"{k}={v}" for k, v in settings.redacted().items()))
-    log.info("authsvc serving", extra=extra)
-    await stop.wait()
-    log.info("shutting down: draining in-flight calls", extra=extra)
-    await app.stop(grace=5.0)
     return 0

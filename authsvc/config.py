@@ -1,21 +1,27 @@
 """Settings: the only place that reads the environment.
 
 Every variable is ``AUTHSVC_*``; an invalid value raises ``ConfigError`` with
-a one-line message naming the variable, which the CLI prints as is.
+a one-line message naming the variable, which the CLI prints as is. Every
+derived value (the scope catalog, the worker addresses, the HTTP policy) is
+worked out here once, at start-up, so a bad value fails before anything runs
+and no other module re-derives it.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import tomllib
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from authsvc.errors import ConfigError
-from authsvc.keyformat import PREFIX_PATTERN
-from authsvc.keys import ScopeCatalog
+from authsvc_client._http import HttpPolicy
+
+from authsvc.core.errors import ConfigError
+from authsvc.core.keyformat import PREFIX_PATTERN
+from authsvc.core.keys import ScopeCatalog
 
 DEFAULT_CATALOG = Path(__file__).parent / "catalogs" / "default.toml"
 
@@ -40,8 +46,8 @@ class Settings:
     """Where the embedded PostgreSQL keeps its data when no database URL is set."""
     listen: str = "127.0.0.1:50051"
     """host:port of the gRPC server (KeyService, Envoy Check, health, reflection)."""
-    workers: int = 0
-    """Server processes; 0 (the default) means one per core."""
+    workers: int = 1
+    """Server processes (``AUTHSVC_WORKERS``, ``--workers``); 0, the default there, means one per core."""
     worker_base_port: int = 0
     """When set, worker i also listens on 127.0.0.1-or-listen-host:(port + i), one endpoint per process (see README)."""
     key_prefix: str = "authsvc"
@@ -82,7 +88,17 @@ class Settings:
     @functools.cached_property
     def catalog(self) -> ScopeCatalog:
         """Loaded once, when ``from_env`` validates it (so a bad file fails at start-up)."""
-        return ScopeCatalog.load(self.scopes_file)
+        return load_catalog(self.scopes_file)
+
+    @functools.cached_property
+    def http_policy(self) -> HttpPolicy:
+        """Where HTTP requests carry keys and how denials look, for every HTTP front end."""
+        return HttpPolicy(self.key_headers, self.authorization_scheme)
+
+    @functools.cached_property
+    def worker_addresses(self) -> tuple[str, ...]:
+        """Worker i's own address, ``<listen host>:(worker_base_port + i)``; none without a base port."""
+        return worker_addresses(self.listen, self.worker_base_port, self.workers)
 
     def redacted(self) -> dict[str, str]:
         """The effective configuration for the start-up log, secrets masked."""
@@ -96,7 +112,10 @@ class Settings:
         return out
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, listen: str | None = None, workers: int | None = None
+    ) -> Settings:
+        """The effective settings; ``listen`` and ``workers`` are the CLI's flags, which win over the environment."""
         env = os.environ if environ is None else environ
 
         def get(name: str) -> str | None:
@@ -126,8 +145,16 @@ class Settings:
             raise ConfigError(
                 f"AUTHSVC_KEY_PREFIX must be 2-10 lowercase letters or digits starting with a letter, got {prefix!r}"
             )
-        listen = get("LISTEN") or cls.listen
-        check_listen(listen, "AUTHSVC_LISTEN")
+        if listen is not None:
+            check_listen(listen, "--listen")
+        else:
+            listen = get("LISTEN") or cls.listen
+            check_listen(listen, "AUTHSVC_LISTEN")
+        if workers is None:
+            workers = integer("WORKERS", 0, 0, 64)
+        elif not 0 <= workers <= 64:
+            raise ConfigError("--workers must be between 0 and 64")
+        workers = workers or (os.cpu_count() or 1)
         database_url = get("DATABASE_URL")
         if database_url is not None:
             if not database_url.startswith(("postgres://", "postgresql://")):
@@ -162,7 +189,7 @@ class Settings:
             database_url=Secret(database_url) if database_url else None,
             data_dir=Path(get("DATA_DIR") or cls.data_dir),
             listen=listen,
-            workers=integer("WORKERS", cls.workers, 0, 64),
+            workers=workers,
             worker_base_port=integer("WORKER_BASE_PORT", cls.worker_base_port, 0, 65535),
             key_prefix=prefix,
             scopes_file=scopes_file,
@@ -181,10 +208,23 @@ class Settings:
             log_level=log_level,
         )
         catalog = settings.catalog  # fail at start-up, not on the first request
+        settings.worker_addresses  # noqa: B018  # checked (and derived) here, once
         for method, scope in settings.method_scopes:
             if scope not in catalog:
                 raise ConfigError(f"AUTHSVC_METHOD_SCOPES: {method}={scope}: {scope!r} is not in the scope catalog")
         return settings
+
+
+def load_catalog(path: Path) -> ScopeCatalog:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"AUTHSVC_SCOPES_FILE: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"AUTHSVC_SCOPES_FILE: {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"AUTHSVC_SCOPES_FILE: {path} is not valid TOML: {exc}") from None
+    return ScopeCatalog.from_mapping(data, f"AUTHSVC_SCOPES_FILE {path}")
 
 
 def check_listen(value: str, name: str) -> None:
@@ -211,7 +251,7 @@ def check_url(value: str, name: str, example: str) -> None:
 def worker_addresses(listen: str, base_port: int, workers: int) -> tuple[str, ...]:
     """Worker i's own address, ``<listen host>:(base_port + i)``; none without a base port.
 
-    Checked here, once: the ports must exist and must not include ``listen``.
+    The ports must exist and must not include ``listen``.
     """
     if not base_port:
         return ()

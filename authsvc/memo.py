@@ -1,11 +1,19 @@
-"""Responses reused while the principal they were built from is still the cached one.
+"""Transport responses reused while the decision they were built from is still the cached one.
 
-Building protobuf responses is most of what a cache hit costs (a Check's
-OkHttpResponse with identity headers and dynamic metadata, an
-AuthorizeResponse with its Principal). They depend only on the principal, so
-each transport memoizes them per principal *object*: a re-read key gets a new
-Principal object, so a stale response can never be served. Messages are
-never mutated after they are stored, so sharing one between calls is safe.
+Building a response is most of what a cache hit costs a transport (a
+Check's OkHttpResponse with identity headers and dynamic metadata, an
+AuthorizeResponse with its Principal). A response depends only on the
+decision's reason and principal, so each transport keeps one ``ResponseMemo``
+and asks it for the response of each decision. The rules live here once:
+
+* a re-read key gets a new ``Principal`` object, and an entry is reused only
+  for the very same object, so a stale response can never be served;
+* a decision with rate-limit counters (new values on every call) is always
+  built fresh;
+* decisions without a principal (missing, malformed, unknown key) share one
+  response per reason and message.
+
+Responses are never mutated once stored, so sharing one between calls is safe.
 """
 
 from __future__ import annotations
@@ -13,24 +21,29 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-from authsvc.keys import Principal
+from authsvc.core.keys import Decision, Principal, Reason
 
-K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+Variant = TypeVar("Variant", bound=Hashable)
 
 
-class PrincipalMemo(Generic[K, V]):
-    def __init__(self, max_entries: int = 10_000) -> None:
-        self._entries: dict[K, tuple[Principal, V]] = {}
+class ResponseMemo(Generic[Variant, V]):
+    """``build(decision, variant)`` once per (principal, reason, variant); see the module docstring."""
+
+    def __init__(self, build: Callable[[Decision, Variant], V], max_entries: int = 10_000) -> None:
+        self._build = build
+        self._entries: dict[tuple[str, Reason, Variant], tuple[Principal | None, V]] = {}
         self._max_entries = max_entries
 
-    def get_or_build(self, key: K, principal: Principal, build: Callable[[], V]) -> V:
+    def __call__(self, decision: Decision, variant: Variant) -> V:
+        if decision.rate_limit is not None:
+            return self._build(decision, variant)
+        principal = decision.principal
+        key = (principal.key_id if principal is not None else decision.message, decision.reason, variant)
         hit = self._entries.get(key)
         if hit is not None and hit[0] is principal:
             return hit[1]
-        return self.put(key, principal, build())
-
-    def put(self, key: K, principal: Principal, value: V) -> V:
+        value = self._build(decision, variant)
         if len(self._entries) >= self._max_entries:
             self._entries.clear()  # bounded; rebuilding is cheap and rare
         self._entries[key] = (principal, value)

@@ -1,4 +1,4 @@
-"""Memory per cached key, in one process: authsvc's own ``KeyCache`` filled with ``KeyGrant``s of real rows.
+"""Memory per cached key, in one process: authsvc's own ``DecisionCache`` filled with ``KeyGrant``s of real rows.
 
     python -m bench.memory_inprocess --database-url URL --count 1000000
 
@@ -16,12 +16,13 @@ import asyncio
 import gc
 import json
 import sys
+import time
 
 import asyncpg
+from authsvc_client._cache import DecisionCache
 
-from authsvc.cache import KeyCache
-from authsvc.config import DEFAULT_CATALOG
-from authsvc.keys import KeyGrant, ScopeCatalog
+from authsvc.config import DEFAULT_CATALOG, load_catalog
+from authsvc.core.keys import KeyGrant
 from authsvc.storage.postgres import _COLUMNS, _to_key
 from bench.procs import rss_bytes
 
@@ -29,9 +30,9 @@ from bench.procs import rss_bytes
 async def fill(url: str, count: int) -> dict[str, int]:
     import os
 
-    catalog = ScopeCatalog.load(DEFAULT_CATALOG)
-    cache = KeyCache(count)
-    cache.synchronised()
+    catalog = load_catalog(DEFAULT_CATALOG)
+    cache: DecisionCache[KeyGrant] = DecisionCache(count, 3600.0)
+    cache.synchronised(time.monotonic())
     conn = await asyncpg.connect(url, timeout=10)
     try:
         # Warm up the code paths (and asyncpg's codecs) before the "before" reading.

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from authsvc.keyformat import BASE62, DISPLAY_PREFIX_LENGTH, RANDOM_LENGTH, checksum, digest
+from authsvc.core.keyformat import BASE62, DISPLAY_PREFIX_LENGTH, RANDOM_LENGTH, checksum, digest
 from bench.procs import PYTHON, ROOT
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/authsvc_bench"

@@ -25,8 +25,8 @@ import grpc
 import pytest
 from authsvc_client.v1 import authsvc_pb2_grpc
 
-from authsvc.app import App
 from authsvc.config import Secret, Settings
+from authsvc.runtime import App
 from tests.support import Stub, free_port
 
 
@@ -72,7 +72,7 @@ async def app(settings: Settings, database_url: str) -> AsyncIterator[App]:
     """authsvc running in this process on a real port."""
     server = App(settings, database_url, listen=f"127.0.0.1:{free_port()}")
     await server.start()
-    await asyncio.wait_for(server.listener.connected.wait(), 5)
+    await asyncio.wait_for(server.feed.connected.wait(), 5)
     yield server
     await server.stop(grace=1)
 

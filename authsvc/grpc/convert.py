@@ -7,10 +7,9 @@ from datetime import UTC, datetime
 from authsvc_client.v1 import authsvc_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from authsvc import validation
-from authsvc.errors import InvalidArgument
-from authsvc.keys import Actor, ApiKey, Decision, Principal, Reason
-from authsvc.memo import PrincipalMemo
+from authsvc.core import validation
+from authsvc.core.errors import InvalidArgument
+from authsvc.core.keys import Actor, ApiKey, Decision, Principal
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -62,8 +61,8 @@ def principal(value: Principal) -> pb.Principal:
     )
 
 
-def authorize_response(decision: Decision) -> pb.AuthorizeResponse:
-    """A fresh response for ``decision``; see ``AuthorizeResponses`` for the hot path."""
+def authorize_response(decision: Decision, _variant: object = None) -> pb.AuthorizeResponse:
+    """A fresh response for ``decision``; the hot path reuses them through ``authsvc.memo``."""
     response = pb.AuthorizeResponse(
         allowed=decision.allowed,
         reason=int(decision.reason),  # type: ignore[arg-type]
@@ -78,18 +77,3 @@ def authorize_response(decision: Decision) -> pb.AuthorizeResponse:
             pb.RateLimitStatus(limit=rl.limit, remaining=rl.remaining, reset_seconds=rl.reset_seconds)
         )
     return response
-
-
-class AuthorizeResponses:
-    """Authorize responses, reused per cached principal when no rate-limit counters vary."""
-
-    def __init__(self) -> None:
-        self._memo: PrincipalMemo[tuple[str, Reason], pb.AuthorizeResponse] = PrincipalMemo()
-
-    def __call__(self, decision: Decision) -> pb.AuthorizeResponse:
-        principal = decision.principal
-        if principal is None or decision.rate_limit is not None:
-            return authorize_response(decision)
-        return self._memo.get_or_build(
-            (principal.key_id, decision.reason), principal, lambda: authorize_response(decision)
-        )

@@ -1,5 +1,6 @@
 """The authsvc.v1.KeyService adapter: messages in, core calls, messages out.
 
+Management calls go to the ``KeyManager``, Authorize to the ``Authorizer``.
 Errors are not handled here; the server's handler wrapper maps them
 (``authsvc.grpc.status``).
 """
@@ -8,41 +9,47 @@ from __future__ import annotations
 
 from authsvc_client.v1 import authsvc_pb2 as pb
 
+from authsvc.core.authorizer import Authorizer, Pending
+from authsvc.core.manager import KeyManager
 from authsvc.grpc import convert
-from authsvc.service import KeyService, utcnow
+from authsvc.memo import ResponseMemo
 
 
 class KeyServiceAdapter:
-    def __init__(self, service: KeyService) -> None:
-        self._service = service
-        self._responses = convert.AuthorizeResponses()
+    def __init__(self, manager: KeyManager, authorizer: Authorizer) -> None:
+        self._manager = manager
+        self._authorizer = authorizer
+        self._responses: ResponseMemo[None, pb.AuthorizeResponse] = ResponseMemo(convert.authorize_response)
 
     async def CreateKey(self, request: pb.CreateKeyRequest) -> pb.CreateKeyResponse:
         expire = convert.from_timestamp(request.expire_time, "expire_time") if request.HasField("expire_time") else None
-        created = await self._service.create_key(
+        created = await self._manager.create_key(
             request.org_id, convert.actor(request.actor), request.name, list(request.scopes), expire, request.rate_limit
         )
-        return pb.CreateKeyResponse(key=convert.api_key(created.key, utcnow()), secret=created.secret)
+        return pb.CreateKeyResponse(key=convert.api_key(created.key, self._manager.now()), secret=created.secret)
 
     async def GetKey(self, request: pb.GetKeyRequest) -> pb.GetKeyResponse:
-        key = await self._service.get_key(request.org_id, convert.actor(request.actor), request.key_id)
-        return pb.GetKeyResponse(key=convert.api_key(key, utcnow()))
+        key = await self._manager.get_key(request.org_id, convert.actor(request.actor), request.key_id)
+        return pb.GetKeyResponse(key=convert.api_key(key, self._manager.now()))
 
     async def ListKeys(self, request: pb.ListKeysRequest) -> pb.ListKeysResponse:
         state = request.state if request.HasField("state") else None
-        page, number, limit = await self._service.list_keys(
+        page, number, limit = await self._manager.list_keys(
             request.org_id, convert.actor(request.actor), request.page, request.limit, state
         )
-        now = utcnow()
+        now = self._manager.now()
         return pb.ListKeysResponse(
             data=[convert.api_key(k, now) for k in page.keys], total=page.total, page=number, limit=limit
         )
 
     async def RevokeKey(self, request: pb.RevokeKeyRequest) -> pb.RevokeKeyResponse:
-        key = await self._service.revoke_key(
+        key = await self._manager.revoke_key(
             request.org_id, convert.actor(request.actor), request.key_id, request.reason
         )
-        return pb.RevokeKeyResponse(key=convert.api_key(key, utcnow()))
+        return pb.RevokeKeyResponse(key=convert.api_key(key, self._manager.now()))
 
     async def Authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
-        return self._responses(await self._service.authorize(request.key, request.required_scope))
+        answer = self._authorizer.check(request.key, request.required_scope)
+        if isinstance(answer, Pending):  # a miss or a rate limit: the only await on this path
+            return self._responses(await self._authorizer.complete(answer), None)
+        return self._responses(answer, None)

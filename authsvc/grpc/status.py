@@ -10,7 +10,7 @@ import logging
 
 import grpc
 
-from authsvc import errors
+from authsvc.core import errors
 
 log = logging.getLogger(__name__)
 

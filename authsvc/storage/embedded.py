@@ -11,7 +11,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from authsvc.errors import ConfigError
+from authsvc.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

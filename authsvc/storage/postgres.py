@@ -1,8 +1,12 @@
-"""The PostgreSQL store (asyncpg).
+"""The PostgreSQL store (asyncpg): ``authsvc.core.ports.KeyStore``.
 
 Driver errors never leave this module raw: lost connections and timeouts
 become ``Unavailable`` (the caller fails closed); anything else propagates and
 is reported to callers as a generic INTERNAL error by the transport.
+
+Every write that changes an Authorize answer publishes the key's digest on
+``NOTIFY_CHANNEL`` in its own transaction; ``authsvc.storage.notify`` is the
+feed that delivers those notifications to each process's decision cache.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from typing import Any
 
 import asyncpg
 
-from authsvc.errors import ConfigError, Unavailable
-from authsvc.keys import Actor, ApiKey, KeyState
-from authsvc.storage import NewKey, Page, TooManyActiveKeys
+from authsvc.core.errors import ConfigError, Unavailable
+from authsvc.core.keys import Actor, ApiKey, KeyState
+from authsvc.core.ports import NewKey, Page, TooManyActiveKeys
+from authsvc.storage.migrate import migrate
 
 # Create and revoke publish the key's digest here, in the same transaction,
-# so every process can evict its cached copy (see authsvc.cache).
+# so every process can evict its cached copy (see authsvc.storage.notify).
 NOTIFY_CHANNEL = "authsvc_keys"
 
 _COLUMNS = (
@@ -65,17 +70,37 @@ async def _no_reset(connection: asyncpg.Connection) -> None:
     """
 
 
+def _connect_error(exc: BaseException) -> Exception:
+    """The one translation of a failed connect at start-up: a bad URL, or a database that is not there.
+
+    The messages name no setting: the caller knows which one gave the URL.
+    """
+    if isinstance(exc, ValueError):  # asyncpg's DSN parser, and ClientConfigurationError (?sslmode=bogus)
+        return ConfigError(f"is not usable: {exc}")
+    return Unavailable(f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc})")
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 5.0) -> asyncpg.Pool:
     try:
         pool = await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, timeout=connect_timeout, reset=_no_reset
         )
-    except ValueError as exc:  # first: asyncpg's ClientConfigurationError (?sslmode=bogus) is an InterfaceError too
-        raise ConfigError(f"AUTHSVC_DATABASE_URL is not usable: {exc}") from None
-    except CONNECTION_ERRORS as exc:
-        raise Unavailable(f"cannot connect to PostgreSQL: {exc}") from None
+    except (ValueError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:  # ValueError first: see _connect_error
+        raise _connect_error(exc) from None
     assert pool is not None
     return pool
+
+
+async def run_migrations(dsn: str) -> list[str]:
+    """Bring the schema to head (see ``authsvc.storage.migrate``); returns the steps applied now."""
+    try:
+        connection = await asyncpg.connect(dsn, timeout=5.0)
+    except (ValueError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        raise _connect_error(exc) from None
+    try:
+        return await migrate(connection)
+    finally:
+        await connection.close()
 
 
 def _to_key(row: Mapping[str, Any]) -> ApiKey:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import pytest
 from authsvc_client.v1 import authsvc_pb2 as pb
 
-from authsvc.app import App
-from authsvc.keyformat import KeyFormat
+from authsvc.core.keyformat import KeyFormat
+from authsvc.runtime import App
 from tests.support import ADMIN, Stub, free_port, new_org
 
 

@@ -171,12 +171,12 @@ def test_decision_repr_and_errors_never_show_a_key_passed_with_the_wrong_type() 
 
 
 def test_retry_after_is_the_window_reset_and_at_least_one_second() -> None:
-    limited = Decision(allowed=False, reason=Reason.RATE_LIMITED, http_status=429, message="slow down")
+    limited = Decision(Reason.RATE_LIMITED, message="slow down")
     assert limited.retry_after == 1
     window = RateLimit(limit=10, remaining=0, reset_seconds=0)
-    assert Decision(limited.allowed, limited.reason, 429, "", rate_limit=window).retry_after == 1
+    assert Decision(limited.reason, rate_limit=window).retry_after == 1
     window = RateLimit(limit=10, remaining=0, reset_seconds=37)
-    assert Decision(limited.allowed, limited.reason, 429, "", rate_limit=window).retry_after == 37
+    assert Decision(limited.reason, rate_limit=window).retry_after == 37
 
 
 async def test_async_client_built_outside_the_event_loop_works_inside_it(target: str, keys: Keys) -> None:

@@ -27,7 +27,7 @@ from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from authsvc.keyformat import KeyFormat
+from authsvc.core.keyformat import KeyFormat
 from tests.support import ADMIN, ROOT, ServerProcess, TcpProxy, bin_path, free_port, new_org, serve_process
 
 pytestmark = pytest.mark.slow

@@ -9,47 +9,46 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import pytest
+from authsvc_client._decision import MESSAGES
+from authsvc_client._http import Credentials
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 from google.rpc import code_pb2  # type: ignore[import-untyped]  # googleapis-common-protos ships no stubs
 
-from authsvc.config import DEFAULT_CATALOG, Settings
-from authsvc.errors import Unavailable
-from authsvc.extauthz import AuthorizationAdapter, Credentials, HttpPolicy
-from authsvc.keyformat import KeyFormat
-from authsvc.keys import MESSAGES, Actor, ApiKey, Decision, KeyState, Principal, RateLimit, Reason, ScopeCatalog
-from authsvc.service import KeyService
-from authsvc.storage import NewKey, Page
+from authsvc.config import DEFAULT_CATALOG, Settings, load_catalog
+from authsvc.core.authorizer import Authorizer
+from authsvc.core.errors import Unavailable
+from authsvc.core.keyformat import KeyFormat
+from authsvc.core.keys import ApiKey, Decision, Principal, RateLimit, Reason
+from authsvc.core.ports import NewKey
+from authsvc.extauthz import AuthorizationAdapter, RoutePolicy
+from authsvc.storage.memory import InMemoryStore
 
 FORMAT = KeyFormat("authsvc")
-POLICY = HttpPolicy.from_settings(Settings())
+POLICY = Settings().http_policy
+ROUTES = RoutePolicy.from_settings(Settings())
 PRINCIPAL = Principal(
     key_id="key-1", org_id="acme", user_id="alice", scopes=("read", "write"), key_prefix="authsvc_abcd", key_name="ci"
 )
 
 
-class LookupOnlyStore:
-    """Answers ``find_by_digest`` from a dict (or fails like an unreachable database); nothing else is needed here."""
+class LookupStore(InMemoryStore):
+    """The in-memory store, counting hot-path lookups, and failing them like an unreachable database when ``down``."""
 
     def __init__(self) -> None:
-        self.keys: dict[bytes, ApiKey] = {}
+        super().__init__()
         self.down = False
         self.lookups = 0
 
     def add(self, scopes: tuple[str, ...]) -> str:
         issued = FORMAT.generate()
-        self.keys[issued.digest] = ApiKey(
-            id=f"key-{len(self.keys) + 1}",
-            org_id="acme",
-            name="ci",
-            prefix=issued.display_prefix,
-            scopes=scopes,
-            created_by="alice",
-            create_time=datetime.now(UTC),
+        self.insert(
+            NewKey("acme", "ci", issued.display_prefix, issued.digest, scopes, "alice", None, 0), datetime.now(UTC)
         )
         return issued.secret
 
@@ -57,44 +56,23 @@ class LookupOnlyStore:
         self.lookups += 1
         if self.down:
             raise Unavailable("the key store did not answer in time")
-        return self.keys.get(digest)
-
-    async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:
-        raise NotImplementedError
-
-    async def get_key(self, org_id: str, key_id: str) -> ApiKey | None:
-        raise NotImplementedError
-
-    async def list_keys(self, org_id: str, state: KeyState | None, now: datetime, offset: int, limit: int) -> Page:
-        raise NotImplementedError
-
-    async def revoke_key(
-        self, org_id: str, key_id: str, actor: Actor, reason: str, now: datetime
-    ) -> tuple[ApiKey, bytes] | None:
-        raise NotImplementedError
-
-    async def record_last_used(self, used: Mapping[str, datetime]) -> None:
-        raise NotImplementedError
-
-    async def audit(
-        self, action: str, org_id: str, actor: Actor, key_id: str | None, outcome: str, detail: Mapping[str, object]
-    ) -> None:
-        raise NotImplementedError
+        return await super().find_by_digest(digest)
 
 
 @pytest.fixture
-def store() -> LookupOnlyStore:
-    return LookupOnlyStore()
+def store() -> LookupStore:
+    return LookupStore()
 
 
-def make_adapter(settings: Settings | None = None, store: LookupOnlyStore | None = None) -> AuthorizationAdapter:
+def make_adapter(settings: Settings | None = None, store: LookupStore | None = None) -> AuthorizationAdapter:
     """The adapter as ``authsvc serve`` builds it, over the real core and an in-memory store."""
-    service = KeyService(store or LookupOnlyStore(), ScopeCatalog.load(DEFAULT_CATALOG), FORMAT)
-    return AuthorizationAdapter(service, HttpPolicy.from_settings(settings or Settings()))
+    settings = settings or Settings()
+    authorizer = Authorizer(store or LookupStore(), load_catalog(DEFAULT_CATALOG), FORMAT, clock=time.time)
+    return AuthorizationAdapter(authorizer, settings.http_policy, RoutePolicy.from_settings(settings))
 
 
 @pytest.fixture
-def adapter(store: LookupOnlyStore) -> AuthorizationAdapter:
+def adapter(store: LookupStore) -> AuthorizationAdapter:
     return make_adapter(store=store)
 
 
@@ -260,12 +238,12 @@ def test_key_extraction(headers: dict[str, str], expected: Credentials) -> None:
 
 
 def test_configured_key_headers_replace_x_api_key() -> None:
-    policy = HttpPolicy.from_settings(Settings(key_headers=("x-token", "x-key")))
+    policy = Settings(key_headers=("x-token", "x-key")).http_policy
     assert policy.credentials({"x-api-key": K1, "x-key": K2}) == Credentials(K2, ("x-key",))
 
 
 def test_an_empty_authorization_scheme_disables_the_authorization_form() -> None:
-    policy = HttpPolicy.from_settings(Settings(authorization_scheme=""))
+    policy = Settings(authorization_scheme="").http_policy
     assert policy.credentials({"authorization": f"ApiKey {K1}"}) == Credentials("", ())
 
 
@@ -293,14 +271,14 @@ def test_credentials_repr_never_shows_the_key() -> None:
     ],
 )
 def test_required_scope(method: str, context: dict[str, str], expected: str) -> None:
-    assert POLICY.required_scope(method, context) == expected
+    assert ROUTES.required_scope(method, context) == expected
 
 
 # -- Check, end to end inside the process ---------------------------------------
 
 
 async def test_check_allows_a_good_key_and_strips_it_and_forged_identity(
-    adapter: AuthorizationAdapter, store: LookupOnlyStore
+    adapter: AuthorizationAdapter, store: LookupStore
 ) -> None:
     secret = store.add(("read",))
     response = await adapter.Check(
@@ -312,7 +290,7 @@ async def test_check_allows_a_good_key_and_strips_it_and_forged_identity(
     assert sorted(ok.headers_to_remove) == ["x-api-key", "x-authsvc-admin"]
 
 
-async def test_check_reads_envoys_raw_header_map_too(adapter: AuthorizationAdapter, store: LookupOnlyStore) -> None:
+async def test_check_reads_envoys_raw_header_map_too(adapter: AuthorizationAdapter, store: LookupStore) -> None:
     secret = store.add(("read",))
     request = check_request(
         raw_headers=[("x-api-key", secret), ("x-api-key", secret), ("authorization", f"ApiKey {secret}")]
@@ -335,7 +313,7 @@ async def test_check_reads_envoys_raw_header_map_too(adapter: AuthorizationAdapt
 )
 async def test_check_applies_the_resolved_scope(
     adapter: AuthorizationAdapter,
-    store: LookupOnlyStore,
+    store: LookupStore,
     method: str,
     context: dict[str, str],
     scopes: tuple[str, ...],
@@ -350,7 +328,7 @@ async def test_check_applies_the_resolved_scope(
 
 
 async def test_check_denies_two_different_keys_without_looking_either_up(
-    adapter: AuthorizationAdapter, store: LookupOnlyStore
+    adapter: AuthorizationAdapter, store: LookupStore
 ) -> None:
     first, second = store.add(("read",)), store.add(("read",))
     response = await adapter.Check(check_request(headers={"x-api-key": first, "authorization": f"ApiKey {second}"}))
@@ -387,7 +365,7 @@ async def test_only_public_true_makes_a_route_public(adapter: AuthorizationAdapt
 
 
 async def test_unreachable_store_raises_unavailable_never_allows(
-    adapter: AuthorizationAdapter, store: LookupOnlyStore
+    adapter: AuthorizationAdapter, store: LookupStore
 ) -> None:
     """The gRPC wrapper turns this into UNAVAILABLE, so Envoy applies status_on_error (503)."""
     secret = store.add(("read",))
@@ -405,7 +383,7 @@ async def test_unreachable_store_raises_unavailable_never_allows(
     ],
 )
 async def test_a_route_without_a_scope_is_a_500_never_an_allow(
-    store: LookupOnlyStore,
+    store: LookupStore,
     caplog: pytest.LogCaptureFixture,
     method_scopes: tuple[tuple[str, str], ...],
     context: dict[str, str],
@@ -422,7 +400,7 @@ async def test_a_route_without_a_scope_is_a_500_never_an_allow(
 
 
 async def test_a_route_scope_missing_from_the_catalog_is_a_500_and_logged(
-    adapter: AuthorizationAdapter, store: LookupOnlyStore, caplog: pytest.LogCaptureFixture
+    adapter: AuthorizationAdapter, store: LookupStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = store.add(("read", "write"))
     with caplog.at_level(logging.ERROR, logger="authsvc.extauthz"):

@@ -16,9 +16,9 @@ from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authsvc.app import App
 from authsvc.config import Secret, Settings
-from authsvc.keyformat import KeyFormat
+from authsvc.core.keyformat import KeyFormat
+from authsvc.runtime import App
 from tests.grpc.test_lifecycle import authorize, code_of, create
 from tests.support import ADMIN, MEMBER, Stub, TcpProxy, free_port, new_org
 
@@ -187,7 +187,7 @@ async def proxied(settings: Settings, database_url: str) -> AsyncIterator[tuple[
     url = proxy.url_for(database_url)
     app = App(replace(settings, database_url=Secret(url)), url, listen=f"127.0.0.1:{free_port()}")
     await app.start()
-    await asyncio.wait_for(app.listener.connected.wait(), 5)
+    await asyncio.wait_for(app.feed.connected.wait(), 5)
     yield app, proxy
     await app.stop(grace=0.5)
     proxy.close()

@@ -16,8 +16,8 @@ import pytest
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 
-from authsvc.app import App
 from authsvc.config import Secret, Settings
+from authsvc.runtime import App
 from tests.grpc.test_lifecycle import authorize, create
 from tests.support import ADMIN, Stub, free_port, new_org
 
@@ -27,7 +27,7 @@ async def running(settings: Settings, database_url: str, **overrides: Any) -> As
     """Another authsvc replica on the same database, with its own cache and listener."""
     app = App(replace(settings, **overrides), database_url, listen=f"127.0.0.1:{free_port()}")
     await app.start()
-    await asyncio.wait_for(app.listener.connected.wait(), 5)
+    await asyncio.wait_for(app.feed.connected.wait(), 5)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
             yield app, authsvc_pb2_grpc.KeyServiceStub(channel)
@@ -44,12 +44,12 @@ async def until(predicate: Any, within: float = 3.0) -> None:
 
 async def kill_listener(app: App, db: asyncpg.Connection) -> int:
     """Terminate the listener's backend and wait until the replica has seen the loss; returns the old pid."""
-    old_pid = app.listener.backend_pid
+    old_pid = app.feed.backend_pid
     assert old_pid is not None
     await db.execute("SELECT pg_terminate_backend($1)", old_pid)
 
     async def loss_seen() -> bool:
-        return not app.listener.connected.is_set() or app.listener.backend_pid != old_pid
+        return not app.feed.connected.is_set() or app.feed.backend_pid != old_pid
 
     await until(loss_seen)
     return old_pid
@@ -76,15 +76,15 @@ async def test_a_cached_unknown_key_is_evicted_when_the_key_is_created(
     """Negative entries are evicted by the create notification, on every replica."""
     from datetime import UTC, datetime
 
-    from authsvc.keyformat import KeyFormat
-    from authsvc.keys import Actor, Role
-    from authsvc.storage import NewKey
+    from authsvc.core.keyformat import KeyFormat
+    from authsvc.core.keys import Actor, Role
+    from authsvc.core.ports import NewKey
 
     async with running(settings, database_url) as (_, replica):
         issued = KeyFormat("authsvc").generate()
         assert (await authorize(replica, issued.secret)).reason == pb.REASON_UNKNOWN_KEY  # cached as unknown
         # The same code path CreateKey uses, with a secret this test knows in advance.
-        await app.service.store.create_key(
+        await app.store.create_key(
             NewKey(
                 org_id=new_org(),
                 name="late",
@@ -131,8 +131,8 @@ async def test_listener_loss_never_serves_a_missed_revocation(
             assert reply.reason == pb.REASON_REVOKED
 
             async def resubscribed(old_pid: int = old_pid) -> bool:
-                pid = replica_app.listener.backend_pid
-                return replica_app.listener.connected.is_set() and pid is not None and pid != old_pid
+                pid = replica_app.feed.backend_pid
+                return replica_app.feed.connected.is_set() and pid is not None and pid != old_pid
 
             await until(resubscribed)
             assert (await authorize(replica, created.secret)).reason == pb.REASON_REVOKED
@@ -155,7 +155,7 @@ async def test_concurrent_misses_batched_together_each_get_their_own_answer(
     stub: Stub, settings: Settings, database_url: str
 ) -> None:
     """With the cache off every Authorize reads PostgreSQL; concurrent reads share queries, never answers."""
-    from authsvc.keyformat import KeyFormat
+    from authsvc.core.keyformat import KeyFormat
 
     async with running(settings, database_url, cache_size=0) as (_, replica):
         org = new_org()
@@ -249,7 +249,7 @@ async def test_redis_down_keeps_keys_working_on_local_limits(settings: Settings,
         await fresh_window()
         replies = [await authorize(stub, created.secret) for _ in range(3)]
         assert [r.http_status for r in replies] == [200, 200, 429]  # the local fallback still limits
-        assert app.service.limiter is not None and app.service.limiter.shared_failures >= 3
+        assert app.limiter.shared_failures >= 3
 
 
 @pytest.mark.parametrize("limit", [0, 5])

@@ -265,7 +265,7 @@ async def test_9_outcome_table(stub: Stub) -> None:
     reader = await create(stub, org, ("read",))
     revoked = await create(stub, org, ("read",))
     await stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=revoked.key.id, actor=ADMIN))
-    from authsvc.keyformat import KeyFormat
+    from authsvc.core.keyformat import KeyFormat
 
     unknown = KeyFormat("authsvc").generate().secret
     cases = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from authsvc.config import Settings
-from authsvc.errors import ConfigError
+from authsvc.core.errors import ConfigError
 
 
 @pytest.mark.parametrize(

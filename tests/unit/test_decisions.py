@@ -6,10 +6,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from authsvc_client._decision import HTTP_STATUS
 
-from authsvc.config import DEFAULT_CATALOG
-from authsvc.errors import ConfigError, InvalidArgument
-from authsvc.keys import HTTP_STATUS, ApiKey, KeyGrant, Reason, ScopeCatalog, decide
+from authsvc.config import DEFAULT_CATALOG, load_catalog
+from authsvc.core.errors import ConfigError, InvalidArgument
+from authsvc.core.keys import ApiKey, KeyGrant, Reason, ScopeCatalog, decide
 
 RESOURCES = DEFAULT_CATALOG.parent / "resources.toml"
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -17,7 +18,7 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def catalog() -> ScopeCatalog:
-    return ScopeCatalog.load(DEFAULT_CATALOG)
+    return load_catalog(DEFAULT_CATALOG)
 
 
 def key(**overrides: object) -> ApiKey:
@@ -44,7 +45,7 @@ def test_delete_is_reserved_but_grantable(catalog: ScopeCatalog) -> None:
 
 
 def test_resource_catalog_ships_with_admin_implying_read() -> None:
-    resources = ScopeCatalog.load(RESOURCES)
+    resources = load_catalog(RESOURCES)
     assert set(resources.scopes) == {
         "workspaces:read",
         "workspaces:admin",
@@ -62,7 +63,7 @@ def test_catalog_with_unknown_implication_names_it(tmp_path: Path) -> None:
     path = tmp_path / "scopes.toml"
     path.write_text('[scopes.write]\nimplies = ["raed"]\n')
     with pytest.raises(ConfigError, match="raed"):
-        ScopeCatalog.load(path)
+        load_catalog(path)
 
 
 def test_unknown_required_scope_is_a_caller_bug(catalog: ScopeCatalog) -> None:

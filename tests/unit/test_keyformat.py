@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from authsvc.keyformat import BASE62, CHECKSUM_LENGTH, RANDOM_LENGTH, KeyFormat, digest
+from authsvc.core.keyformat import BASE62, CHECKSUM_LENGTH, RANDOM_LENGTH, KeyFormat, digest
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from authsvc.usage import UsageRecorder
+from authsvc.core.usage import UsageRecorder
 
 
 class RecordingStore:

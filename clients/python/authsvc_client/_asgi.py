@@ -20,15 +20,15 @@ meant for another.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 from authsvc_client._client import AsyncClient
-from authsvc_client._credentials import TWO_KEYS, _principal, carries_key, extract_key, loggable
-from authsvc_client._decision import Decision
+from authsvc_client._credentials import _principal, loggable
+from authsvc_client._decision import TWO_KEYS, Decision
 from authsvc_client._exceptions import AuthsvcError, Unavailable
+from authsvc_client._http import Answer, HttpPolicy, joined, rate_limit_headers
 
 log = logging.getLogger("authsvc_client")
 
@@ -43,7 +43,8 @@ Rule = tuple[str, str, str]
 ScopeResolver = Callable[[str, str], str | None]
 
 PRINCIPAL_STATE_KEY = "authsvc_principal"
-WWW_AUTHENTICATE = 'ApiKey realm="authsvc", header="x-api-key"'
+_POLICY = HttpPolicy()
+_BAD_PATH = HttpPolicy.answer(400, "bad_path", "the path has empty, '.' or '..' segments")
 
 
 def path_matches(path: str, prefix: str) -> bool:
@@ -69,19 +70,8 @@ def _rules_resolver(rules: Sequence[Rule]) -> ScopeResolver:
     return resolve
 
 
-def _error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
-
-
-def _rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
-    rl = decision.rate_limit
-    if rl is None:
-        return []
-    return [
-        (b"ratelimit-limit", str(rl.limit).encode()),
-        (b"ratelimit-remaining", str(rl.remaining).encode()),
-        (b"ratelimit-reset", str(rl.reset_seconds).encode()),
-    ]
+def _encoded(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
 
 class AuthsvcMiddleware:
@@ -113,41 +103,38 @@ class AuthsvcMiddleware:
             return
         path: str = scope["path"]
         if not _canonical(path):
-            await self._respond(scope, receive, send, 400, "bad_path", "the path has empty, '.' or '..' segments")
+            await self._respond(scope, receive, send, _BAD_PATH)
             return
-        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
         if any(path_matches(path, prefix) for prefix in self.public):
             await self._call_app(scope, receive, send, None)
             return
-        key = extract_key(headers)
+        credentials = _POLICY.credentials(
+            joined((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
+        )
+        key = credentials.key
         method = str(scope.get("method", "GET")).upper()
         required = self.resolve(method, path)
         if required is None:
-            await self._respond(scope, receive, send, 403, "forbidden", "no authorization rule covers this route")
+            await self._respond(scope, receive, send, _POLICY.no_rule)
             return
-        if key is None:
-            await self._deny(scope, receive, send, TWO_KEYS)
+        if credentials.conflicting:
+            await self._respond(scope, receive, send, _POLICY.denial(TWO_KEYS))
             return
         try:
             decision = await self.client.authorize(key, required)
         except Unavailable as exc:
             detail = loggable(exc.message, key)
             log.warning("authsvc unavailable for %s %s (%s): %s", method, path, exc.status, detail)
-            await self._respond(
-                scope, receive, send, 503, "unavailable", "the authorization service is unavailable; retry later",
-                [(b"retry-after", b"1")],
-            )
+            await self._respond(scope, receive, send, _POLICY.unavailable)
             return
         except AuthsvcError as exc:
             # E.g. a rule names a scope authsvc does not know: the service's configuration is wrong.
             detail = loggable(exc.message, key)
             log.error("authsvc could not authorize %s %s (%s): %s", method, path, exc.status, detail)
-            await self._respond(
-                scope, receive, send, 500, "internal_error", "authorization failed; the server log has details"
-            )
+            await self._respond(scope, receive, send, _POLICY.failed)
             return
         if not decision.allowed:
-            await self._deny(scope, receive, send, decision)
+            await self._respond(scope, receive, send, _POLICY.denial(decision))
             return
         await self._call_app(scope, receive, send, decision)
 
@@ -155,11 +142,13 @@ class AuthsvcMiddleware:
         principal = decision.principal if decision else None
         inner = dict(scope)
         inner["headers"] = [
-            (k, v) for k, v in scope["headers"] if not carries_key(k.decode("latin-1").lower(), v.decode("latin-1"))
+            (k, v)
+            for k, v in scope["headers"]
+            if not _POLICY.carries_key(k.decode("latin-1").lower(), v.decode("latin-1"))
         ]
         # A copy: the server's per-request state stays untouched for anything outside this middleware.
         inner["state"] = {**(scope.get("state") or {}), PRINCIPAL_STATE_KEY: principal}
-        extra = _rate_limit_headers(decision) if decision else []
+        extra = _encoded(rate_limit_headers(decision)) if decision else []
 
         async def send_with_headers(message: Message) -> None:
             if extra and message["type"] == "http.response.start":
@@ -172,31 +161,10 @@ class AuthsvcMiddleware:
         finally:
             _principal.reset(token)
 
-    async def _deny(self, scope: Scope, receive: Receive, send: Send, decision: Decision) -> None:
-        status = decision.http_status if decision.http_status in (401, 403, 429) else 403
-        headers = _rate_limit_headers(decision)
-        if status == 401:
-            headers.append((b"www-authenticate", WWW_AUTHENTICATE.encode()))
-        if status == 429:
-            headers.append((b"retry-after", str(decision.retry_after).encode()))
-        await self._respond(scope, receive, send, status, decision.reason.code, decision.message, headers)
-
     @staticmethod
-    async def _respond(
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        status: int,
-        code: str,
-        message: str,
-        headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        body = _error_body(code, message)
-        all_headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            *(headers or []),
-        ]
+    async def _respond(scope: Scope, receive: Receive, send: Send, answer: Answer) -> None:
+        status, body = answer.status, answer.body
+        all_headers = [*_encoded(answer.headers), (b"content-length", str(len(body)).encode())]
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": status, "headers": all_headers})
             await send({"type": "http.response.body", "body": body})

@@ -13,7 +13,7 @@ from types import TracebackType
 
 import grpc
 
-from authsvc_client._decision import Decision, decision_from_proto
+from authsvc_client._decision import Decision, Principal, RateLimit, Reason
 from authsvc_client._exceptions import from_rpc_error
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1.authsvc_pb2_grpc import KeyServiceStub
@@ -21,6 +21,44 @@ from authsvc_client.v1.authsvc_pb2_grpc import KeyServiceStub
 #: Seconds an Authorize call may take before it fails with ``Unavailable``.
 #: authsvc answers in a few milliseconds; Envoy's ext_authz default is 200 ms.
 DEFAULT_TIMEOUT = 0.25
+
+
+def _reason(value: int) -> Reason:
+    try:
+        return Reason(value)
+    except ValueError:
+        return Reason.UNSPECIFIED
+
+
+def decision_from_proto(reply: pb.AuthorizeResponse) -> Decision:
+    """Translate the wire answer; fields are read with ``HasField`` so older servers still decode."""
+    principal = None
+    if reply.HasField("principal"):
+        p = reply.principal
+        principal = Principal(
+            key_id=p.key_id,
+            org_id=p.org_id,
+            user_id=p.user_id,
+            scopes=tuple(p.scopes),
+            key_prefix=p.key_prefix,
+            key_name=p.key_name,
+        )
+    rate_limit = None
+    if reply.HasField("rate_limit"):
+        r = reply.rate_limit
+        rate_limit = RateLimit(limit=r.limit, remaining=r.remaining, reset_seconds=r.reset_seconds)
+    reason = _reason(reply.reason)
+    # Fail closed on an inconsistent answer: "allowed" needs both the flag and REASON_OK.
+    if reason is Reason.OK and not reply.allowed:
+        reason = Reason.UNSPECIFIED
+    allowed = reason is Reason.OK
+    return Decision(
+        reason,
+        principal,
+        rate_limit,
+        http_status=reply.http_status if allowed or reply.http_status >= 400 else 403,
+        message=reply.message,
+    )
 
 
 def _request(key: str, scope: str) -> pb.AuthorizeRequest:

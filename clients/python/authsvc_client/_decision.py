@@ -1,17 +1,24 @@
 """What Authorize answers, as plain frozen values: ``Decision``, ``Principal``, ``RateLimit``.
 
+One set of types for both sides of the wire: authsvc's core builds these
+``Decision`` objects and this client decodes the same ones, so a reason, its
+HTTP status and its message are defined once, here (``Reason.http_status``,
+``Reason.message``). How an HTTP or gRPC front end renders a decision lives
+in ``_http``.
+
 A denial is an answer, not an error: ``authorize()`` returns a ``Decision``
 with ``allowed=False`` and a ``Reason``; only "authsvc could not answer" and
 caller bugs raise (see ``_exceptions``). The values hold no key: the secret
 the caller passed in is never stored on anything this module builds.
+
+No I/O and no grpc here: authsvc's core imports this module.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-
-from authsvc_client.v1 import authsvc_pb2 as pb
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 
 class Reason(enum.IntEnum):
@@ -33,8 +40,44 @@ class Reason(enum.IntEnum):
 
     @property
     def code(self) -> str:
-        """The short code used in JSON error bodies, e.g. ``"insufficient_scope"`` (same as the Envoy adapter)."""
+        """The short code used in JSON error bodies, e.g. ``"insufficient_scope"``."""
         return self.name.lower()
+
+    @property
+    def http_status(self) -> int:
+        """What an HTTP gateway answers for this reason: 200, 401, 403 or 429."""
+        return HTTP_STATUS.get(self, 403)
+
+    @property
+    def message(self) -> str:
+        """Short and human readable; never contains the key."""
+        return MESSAGES.get(self, "denied")
+
+
+#: The one table from a reason to its HTTP status. 401: the key itself is no
+#: good (send another); 403: a good key without the scope; 429: slow down.
+#: ``UNSPECIFIED`` (an answer this client cannot read) is none of these: a denial, 403.
+HTTP_STATUS: Mapping[Reason, int] = {
+    Reason.OK: 200,
+    Reason.MISSING_KEY: 401,
+    Reason.MALFORMED_KEY: 401,
+    Reason.UNKNOWN_KEY: 401,
+    Reason.REVOKED: 401,
+    Reason.EXPIRED: 401,
+    Reason.INSUFFICIENT_SCOPE: 403,
+    Reason.RATE_LIMITED: 429,
+}
+
+MESSAGES: Mapping[Reason, str] = {
+    Reason.OK: "allowed",
+    Reason.MISSING_KEY: "no API key was sent",
+    Reason.MALFORMED_KEY: "the API key is malformed",
+    Reason.UNKNOWN_KEY: "the API key is not valid",
+    Reason.REVOKED: "the API key has been revoked",
+    Reason.EXPIRED: "the API key has expired",
+    Reason.INSUFFICIENT_SCOPE: "the API key lacks the required scope",
+    Reason.RATE_LIMITED: "the API key is over its rate limit",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,20 +107,38 @@ class RateLimit:
     reset_seconds: int
 
 
+_DERIVED = -1
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The answer to one Authorize call."""
+    """The answer to one Authorize call.
 
-    allowed: bool
+    ``Decision(Reason.REVOKED, principal)`` takes its HTTP status and message
+    from the reason. A decoded answer may carry the server's own (for a
+    reason this client does not know yet), passed as keywords.
+    """
+
     reason: Reason
-    #: What an HTTP gateway should answer: 200, 401, 403 or 429.
-    http_status: int
-    #: Short and human readable; never contains the key.
-    message: str
     #: Set whenever the key was identified, also on denials for scope, expiry or revocation.
     principal: Principal | None = None
     #: Set when a rate limit applies to the key.
     rate_limit: RateLimit | None = None
+    #: What an HTTP gateway should answer: 200, 401, 403 or 429.
+    http_status: int = field(default=_DERIVED, kw_only=True)
+    #: Short and human readable; never contains the key.
+    message: str = field(default="", kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.http_status == _DERIVED:
+            object.__setattr__(self, "http_status", self.reason.http_status)
+        if not self.message:
+            object.__setattr__(self, "message", self.reason.message)
+
+    @property
+    def allowed(self) -> bool:
+        """Only ``REASON_OK`` allows; every other reason, known or not, denies."""
+        return self.reason is Reason.OK
 
     @property
     def retry_after(self) -> int:
@@ -85,38 +146,5 @@ class Decision:
         return max(self.rate_limit.reset_seconds if self.rate_limit else 1, 1)
 
 
-def _reason(value: int) -> Reason:
-    try:
-        return Reason(value)
-    except ValueError:
-        return Reason.UNSPECIFIED
-
-
-def decision_from_proto(reply: pb.AuthorizeResponse) -> Decision:
-    """Translate the wire answer; fields are read with ``HasField`` so older servers still decode."""
-    principal = None
-    if reply.HasField("principal"):
-        p = reply.principal
-        principal = Principal(
-            key_id=p.key_id,
-            org_id=p.org_id,
-            user_id=p.user_id,
-            scopes=tuple(p.scopes),
-            key_prefix=p.key_prefix,
-            key_name=p.key_name,
-        )
-    rate_limit = None
-    if reply.HasField("rate_limit"):
-        r = reply.rate_limit
-        rate_limit = RateLimit(limit=r.limit, remaining=r.remaining, reset_seconds=r.reset_seconds)
-    reason = _reason(reply.reason)
-    # Fail closed on an inconsistent answer: "allowed" needs both the flag and REASON_OK.
-    allowed = reply.allowed and reason is Reason.OK
-    return Decision(
-        allowed=allowed,
-        reason=reason,
-        http_status=reply.http_status if allowed or reply.http_status >= 400 else 403,
-        message=reply.message,
-        principal=principal,
-        rate_limit=rate_limit,
-    )
+#: A request that carried two different keys: no component may pick one.
+TWO_KEYS = Decision(Reason.MALFORMED_KEY, message="the request carries two different API keys; send exactly one")

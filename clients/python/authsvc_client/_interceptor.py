@@ -31,19 +31,18 @@ from typing import Any, Generic, TypeAlias, TypeVar
 import grpc
 
 from authsvc_client._client import AsyncClient, Client
-from authsvc_client._credentials import TWO_KEYS, _principal, extract_key, loggable
-from authsvc_client._decision import Decision, Principal
+from authsvc_client._credentials import _principal, loggable
+from authsvc_client._decision import TWO_KEYS, Decision, Principal
 from authsvc_client._exceptions import AuthsvcError, Unavailable
+from authsvc_client._http import Answer, HttpPolicy, joined
 
 log = logging.getLogger("authsvc_client")
 
 # Generic only in the type stubs, hence the string.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-_STATUS_BY_HTTP = {
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
+_STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
+#: Keys are read from metadata exactly as the HTTP policy reads them from headers.
+_POLICY = HttpPolicy()
 _NO_RULE = "no authorization rule covers this method"
 _BUILDERS: dict[str, Callable[..., Handler]] = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -96,28 +95,32 @@ class MethodPolicy:
         return scope
 
 
-def _metadata_pairs(metadata: Iterable[Any] | None) -> list[tuple[str, str]]:
-    # Binary (-bin) values arrive as bytes and can never be a key.
-    return [(str(k).lower(), v) for k, v in metadata or () if isinstance(v, str)]
+def _key(metadata: Iterable[Any] | None) -> str | None:
+    """The call's key: ``""`` when it has none, ``None`` when it carries two different ones."""
+    credentials = _POLICY.credentials(joined(metadata or ()))
+    return None if credentials.conflicting else credentials.key
+
+
+def _from_answer(answer: Answer) -> _Denial:
+    """The gRPC form of an HTTP policy answer: its code, message and ``retry-after`` as a trailer."""
+    retry_after = answer.retry_after
+    trailers = (("retry-after", retry_after),) if retry_after is not None else ()
+    return _Denial(_STATUS_BY_CODE[answer.grpc_code], answer.message, trailers)
 
 
 def _denial_for(decision: Decision) -> _Denial:
-    code = _STATUS_BY_HTTP.get(decision.http_status, grpc.StatusCode.PERMISSION_DENIED)
-    trailers: tuple[tuple[str, str], ...] = ()
-    if decision.http_status == 429:
-        trailers = (("retry-after", str(decision.retry_after)),)
-    return _Denial(code, decision.message or "denied", trailers)
+    return _from_answer(_POLICY.denial(decision))
 
 
 def _denial_for_error(exc: AuthsvcError, method: str, key: str) -> _Denial:
     detail = loggable(exc.message, key)
     if isinstance(exc, Unavailable):
         log.warning("authsvc unavailable while authorizing %s (%s): %s", method, exc.status, detail)
-        return _Denial(grpc.StatusCode.UNAVAILABLE, "the authorization service is unavailable; retry later")
+        return _from_answer(_POLICY.unavailable)
     # A scope authsvc does not know, or a server fault: the service's configuration
     # needs fixing, the caller cannot do anything about it.
     log.error("authsvc could not authorize %s (%s): %s", method, exc.status, detail)
-    return _Denial(grpc.StatusCode.INTERNAL, "authorization failed; the server log has details")
+    return _from_answer(_POLICY.failed)
 
 
 class _Protecting(Generic[_C]):
@@ -166,7 +169,7 @@ class AuthzServerInterceptor(_Protecting[Client], grpc.ServerInterceptor):
         if handler is None or self.policy.is_public(method):
             return handler
         scope = self.policy.required_scope(method)
-        key = extract_key(_metadata_pairs(handler_call_details.invocation_metadata))
+        key = _key(handler_call_details.invocation_metadata)
 
         def check(context: grpc.ServicerContext) -> contextvars.Context:
             outcome = self._check(method, key, scope)
@@ -245,7 +248,7 @@ class AsyncAuthzServerInterceptor(_Protecting[AsyncClient], grpc.aio.ServerInter
         if handler is None or self.policy.is_public(method):
             return handler
         scope = self.policy.required_scope(method)
-        key = extract_key(_metadata_pairs(handler_call_details.invocation_metadata))
+        key = _key(handler_call_details.invocation_metadata)
         if scope is None:
             return _aborting(handler, _Denial(grpc.StatusCode.PERMISSION_DENIED, _NO_RULE))
         if key is None:

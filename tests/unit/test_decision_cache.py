@@ -1,12 +1,16 @@
-"""The cache's safety rules (issue 4): never serve what a missed notification could have changed."""
+"""The decision cache's safety rules (issue 4): never serve what a missed notification could have changed.
+
+One cache module serves authsvc's server and client-side caches alike
+(``authsvc_client._cache``); its clock is injected, so these run without sleeping.
+"""
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 
-from authsvc.cache import MISS, KeyCache
-from authsvc.keys import ApiKey, KeyGrant, ScopeCatalog
+from authsvc_client._cache import MISS, DecisionCache
+
+from authsvc.core.keys import ApiKey, KeyGrant, ScopeCatalog
 
 CATALOG = ScopeCatalog.from_mapping({"scopes": {"read": {}}}, "test")
 GRANT = KeyGrant.of(
@@ -24,9 +28,18 @@ GRANT = KeyGrant.of(
 D1, D2 = b"1" * 32, b"2" * 32
 
 
-def synced(size: int = 10) -> KeyCache:
-    cache = KeyCache(size)
-    cache.synchronised()
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def synced(size: int = 10, clock: Clock | None = None) -> DecisionCache[KeyGrant]:
+    clock = clock or Clock()
+    cache: DecisionCache[KeyGrant] = DecisionCache(size, 1.0, clock)
+    cache.synchronised(clock.now)
     return cache
 
 
@@ -43,7 +56,7 @@ def test_negative_entries_are_cached() -> None:
 
 
 def test_nothing_is_served_before_the_listener_is_subscribed() -> None:
-    cache = KeyCache(10)
+    cache: DecisionCache[KeyGrant] = DecisionCache(10, 1.0, Clock())
     cache.put(D1, GRANT, cache.epoch)
     assert cache.get(D1) is MISS
 
@@ -55,32 +68,55 @@ def test_losing_the_listener_drops_and_stops_serving() -> None:
     assert cache.get(D1) is MISS
     cache.put(D1, GRANT, cache.epoch)
     assert cache.get(D1) is MISS
-    cache.synchronised()
+    cache.synchronised(100.0)
     assert cache.get(D1) is MISS  # resynchronised from empty: missed notifications cannot matter
 
 
 def test_a_read_that_raced_an_invalidation_is_not_stored() -> None:
     cache = synced()
     epoch = cache.epoch  # lookup starts
-    cache.invalidate(D2)  # a revocation lands while it reads
+    cache.evict(D2)  # a revocation lands while it reads
     cache.put(D1, GRANT, epoch)
     assert cache.get(D1) is MISS
 
 
-def test_invalidate_evicts() -> None:
+def test_evict_evicts() -> None:
     cache = synced()
     cache.put(D1, GRANT, cache.epoch)
-    cache.invalidate(D1)
+    cache.evict(D1)
     assert cache.get(D1) is MISS
 
 
 def test_stale_heartbeat_stops_serving() -> None:
-    cache = KeyCache(10, freshness=0.01)
-    cache.synchronised()
+    clock = Clock()
+    cache = synced(clock=clock)
     cache.put(D1, GRANT, cache.epoch)
-    time.sleep(0.02)
+    clock.now += 1.0
     assert cache.get(D1) is MISS
-    cache.heard_from_store()
+    cache.alive(clock.now)
+    assert cache.get(D1) is GRANT
+
+
+def test_freshness_counts_from_when_the_heartbeat_was_sent() -> None:
+    """A heartbeat answered late proves only what was committed before it was sent."""
+    clock = Clock()
+    cache = synced(clock=clock)
+    cache.put(D1, GRANT, cache.epoch)
+    sent = clock.now + 0.5
+    clock.now += 1.4  # the answer came back 0.9 s after it was sent
+    cache.alive(sent)
+    assert cache.get(D1) is GRANT  # good until sent + 1.0
+    clock.now = sent + 1.0
+    assert cache.get(D1) is MISS
+
+
+def test_a_late_heartbeat_never_shortens_freshness() -> None:
+    clock = Clock()
+    cache = synced(clock=clock)
+    cache.put(D1, GRANT, cache.epoch)
+    cache.alive(clock.now + 0.5)
+    cache.alive(clock.now)  # an older heartbeat answered after a newer one
+    clock.now += 1.2
     assert cache.get(D1) is GRANT
 
 
@@ -103,7 +139,7 @@ def test_size_zero_disables_caching() -> None:
 
 def test_clear_forgets_entries_but_never_switches_serving_on() -> None:
     """An odd notification payload clears the cache; it must not re-enable a desynchronised one."""
-    cache = KeyCache(10)
+    cache: DecisionCache[KeyGrant] = DecisionCache(10, 1.0, Clock())
     cache.desynchronised()
     cache.clear()
     cache.put(D1, GRANT, cache.epoch)
@@ -123,3 +159,11 @@ def test_a_flood_of_unknown_keys_cannot_push_real_keys_out() -> None:
         cache.put(i.to_bytes(32, "big"), None, cache.epoch)
     assert cache.get(D1) is GRANT
     assert len(cache) <= 10 + 1
+
+
+def test_hits_and_misses_are_counted() -> None:
+    cache = synced()
+    cache.put(D1, GRANT, cache.epoch)
+    cache.get(D1)
+    cache.get(D2)
+    assert (cache.hits, cache.misses) == (1, 1)

@@ -1,10 +1,15 @@
-"""Listens for key changes on PostgreSQL and keeps this process's cache honest.
+"""The PostgreSQL invalidation feed: LISTEN/NOTIFY delivered to each process's decision cache.
 
 Create and revoke publish the key's digest on ``NOTIFY_CHANNEL`` in the same
-transaction. This listener evicts on every notification, proves its
-connection alive with a heartbeat (which also proves every earlier
-notification was delivered), and on any loss desynchronises the cache, so no
-cached decision is served until it is subscribed again (see authsvc.cache).
+transaction (``authsvc.storage.postgres``). This feed
+(``authsvc.core.ports.InvalidationFeed``) evicts on every notification,
+proves its connection alive with a heartbeat, and on any loss
+desynchronises its subscribers, so no cached decision is served until it is
+subscribed again (the rules are ``authsvc_client._cache``'s).
+
+A heartbeat's answer proves that every notification committed before the
+heartbeat was *sent* has been delivered (one connection, in order), so
+freshness counts from the send time, not from when the answer came back.
 """
 
 from __future__ import annotations
@@ -12,30 +17,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import asyncpg
 
-from authsvc.cache import KeyCache
+from authsvc.core.ports import FeedSubscriber
 from authsvc.storage.postgres import CONNECTION_ERRORS, NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 
 
-class InvalidationListener:
-    def __init__(self, dsn: str, cache: KeyCache, *, heartbeat: float = 0.2) -> None:
+class PostgresFeed:
+    def __init__(self, dsn: str, *, heartbeat: float = 0.2) -> None:
         self._dsn = dsn
-        self._cache = cache
+        self._subscribers: list[FeedSubscriber] = []
         self._heartbeat = heartbeat
         self._task: asyncio.Task[None] | None = None
         self._connection: asyncpg.Connection | None = None
         self.connected = asyncio.Event()
+
+    def subscribe(self, subscriber: FeedSubscriber) -> None:
+        self._subscribers.append(subscriber)
 
     @property
     def backend_pid(self) -> int | None:
         """The listening backend's pid (tests terminate it to prove the cache stays safe)."""
         return self._connection.get_server_pid() if self._connection is not None else None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="authsvc-invalidation")
 
     async def stop(self) -> None:
@@ -46,18 +55,26 @@ class InvalidationListener:
 
     def _on_notify(self, connection: object, pid: int, channel: str, payload: str) -> None:
         try:
-            self._cache.invalidate(bytes.fromhex(payload))
+            key_digest = bytes.fromhex(payload)
         except ValueError:
             # Not ours (anyone may NOTIFY this channel); to be safe, forget
             # everything, but never switch serving back on from here.
-            self._cache.clear()
+            for subscriber in self._subscribers:
+                subscriber.clear()
+            return
+        for subscriber in self._subscribers:
+            subscriber.evict(key_digest)
+
+    def _desynchronise(self) -> None:
+        for subscriber in self._subscribers:
+            subscriber.desynchronised()
+        self.connected.clear()
 
     def _on_lost(self, connection: object) -> None:
         # Only the current subscription matters: a late callback from a
         # connection already replaced must not switch the new one off.
         if connection is self._connection:
-            self._cache.desynchronised()
-            self.connected.clear()
+            self._desynchronise()
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -68,18 +85,22 @@ class InvalidationListener:
                 connection.add_termination_listener(self._on_lost)
                 await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self._connection = connection
-                self._cache.synchronised()
+                subscribed_at = time.monotonic()
+                for subscriber in self._subscribers:
+                    subscriber.synchronised(subscribed_at)
                 self.connected.set()
                 if backoff > 0.05:
                     log.info("cache invalidation listener reconnected; cache dropped and resynchronised")
                 backoff = 0.05
                 while not connection.is_closed():
                     await asyncio.sleep(self._heartbeat)
+                    sent_at = time.monotonic()
                     async with asyncio.timeout(self._heartbeat * 2):
                         await connection.fetchval("SELECT 1")
-                    self._cache.heard_from_store()
+                    for subscriber in self._subscribers:
+                        subscriber.alive(sent_at)
             except asyncio.CancelledError:
-                self._cache.desynchronised()
+                self._desynchronise()
                 if connection is not None:
                     connection.terminate()
                 raise
@@ -91,8 +112,7 @@ class InvalidationListener:
                     )
             except Exception:  # a bug or an odd driver state: keep retrying, loudly, rather than die silently
                 log.exception("cache invalidation listener failed; serving from the database and retrying")
-            self._cache.desynchronised()
-            self.connected.clear()
+            self._desynchronise()
             self._connection = None
             if connection is not None:
                 connection.terminate()

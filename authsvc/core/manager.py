@@ -1,32 +1,25 @@
-"""The core: key lifecycle and Authorize over a ``Store``.
+"""The key lifecycle: create, get, list and revoke, with validation, roles, the key limit and audit.
 
-Transports (the gRPC KeyService, the Envoy Check adapter) translate their
-messages into calls here and back, and do nothing else. Nothing in this
-module imports grpc or asyncpg.
+The gRPC KeyService adapter translates its messages into calls here and
+back, and does nothing else. Every input is checked before anything is
+written, so a refused call leaves nothing behind; every refused or
+permitted call is audited.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
-from authsvc import validation
-from authsvc.cache import MISS, KeyCache
-from authsvc.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from authsvc.keyformat import KeyFormat, digest
-from authsvc.keys import Actor, ApiKey, Decision, KeyGrant, Reason, ScopeCatalog, decide
-from authsvc.ratelimit import RateLimiter
-from authsvc.storage import NewKey, Page, Store, TooManyActiveKeys
-from authsvc.usage import UsageRecorder
+from authsvc.core import validation
+from authsvc.core.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from authsvc.core.keyformat import KeyFormat
+from authsvc.core.keys import Actor, ApiKey, ScopeCatalog
+from authsvc.core.ports import DateClock, KeyStore, NewKey, Page, TooManyActiveKeys
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,35 +31,30 @@ class CreatedKey:
         return f"CreatedKey(key={self.key!r}, secret=<redacted>)"
 
 
-class KeyService:
-    """Create, get, list, revoke and authorize API keys.
+class KeyManager:
+    """Create, get, list and revoke API keys on behalf of an organization's members.
 
-    ``cache``, ``usage`` and ``limiter`` are optional so the core can be
-    exercised alone; the server always wires all three.
+    ``evict`` forgets a key in this process's decision cache right after a
+    write (``Authorizer.evict``), so the very next Authorize here sees it;
+    other processes hear of it through the store's invalidation feed.
     """
 
     def __init__(
         self,
-        store: Store,
+        store: KeyStore,
         catalog: ScopeCatalog,
         key_format: KeyFormat,
         *,
+        clock: DateClock,
         max_active_keys: int = 10,
-        cache: KeyCache | None = None,
-        usage: UsageRecorder | None = None,
-        limiter: RateLimiter | None = None,
-        clock: Callable[[], datetime] = utcnow,
+        evict: Callable[[bytes], None] = lambda digest: None,
     ) -> None:
         self.store = store
         self.catalog = catalog
         self.key_format = key_format
         self.max_active_keys = max_active_keys
-        self.cache = cache
-        self.usage = usage
-        self.limiter = limiter
-        self._clock = clock
-
-    # -- management -------------------------------------------------------
+        self.now = clock
+        self._evict = evict
 
     async def create_key(
         self,
@@ -77,7 +65,7 @@ class KeyService:
         expire_time: datetime | None,
         rate_limit: int = 0,
     ) -> CreatedKey:
-        now = self._clock()
+        now = self.now()
         org_id = self._check_org(org_id)
         actor = self._check_actor(actor)
         name = self._no_key_in("name", validation.name(name))
@@ -108,8 +96,7 @@ class KeyService:
                 f"organization {org_id} already has {self.max_active_keys} active keys; "
                 "revoke unused keys before creating new ones"
             ) from None
-        if self.cache is not None:
-            self.cache.invalidate(issued.digest)
+        self._evict(issued.digest)
         log.info(
             "key created", extra={"org_id": org_id, "key_id": key.id, "key_prefix": key.prefix, "actor": actor.user_id}
         )
@@ -134,7 +121,7 @@ class KeyService:
         page, limit = validation.page_and_limit(page, limit)
         wanted = validation.state(state)
         await self._require_member(actor, "key.list", org_id)
-        result = await self.store.list_keys(org_id, wanted, self._clock(), (page - 1) * limit, limit)
+        result = await self.store.list_keys(org_id, wanted, self.now(), (page - 1) * limit, limit)
         await self.store.audit(
             "key.list",
             org_id,
@@ -151,15 +138,14 @@ class KeyService:
         key_id = validation.key_id(key_id)
         reason = self._no_key_in("reason", validation.reason(reason))
         await self._require_manager(actor, "key.revoke", org_id, key_id)
-        revoked = await self.store.revoke_key(org_id, key_id, actor, reason, self._clock())
+        revoked = await self.store.revoke_key(org_id, key_id, actor, reason, self.now())
         if revoked is None:
             await self.store.audit("key.revoke", org_id, actor, key_id, "not_found", {})
             raise NotFound(f"no key {key_id} in organization {org_id}")
         key, key_digest = revoked
         # Evict here at once so the very next Authorize in this process
         # denies; other processes evict on the store's notification.
-        if self.cache is not None:
-            self.cache.invalidate(key_digest)
+        self._evict(key_digest)
         log.info(
             "key revoked", extra={"org_id": org_id, "key_id": key.id, "key_prefix": key.prefix, "actor": actor.user_id}
         )
@@ -189,40 +175,3 @@ class KeyService:
         if not actor.role.may_manage:
             await self.store.audit(action, org_id, actor, key_id, "denied", {})
             raise PermissionDenied("only ROLE_ADMIN or ROLE_OWNER may create or revoke keys")
-
-    # -- the hot path -----------------------------------------------------
-
-    async def authorize(self, key: str, required_scope: str) -> Decision:
-        """Decide whether ``key`` may act with ``required_scope``.
-
-        Raises ``InvalidArgument`` for an unknown required scope (a caller
-        bug) and ``Unavailable`` when the key is not cached and the store
-        cannot be reached: never an allow for a key that was not verified.
-        """
-        self.catalog.check_required(required_scope)
-        if not key:
-            return Decision(Reason.MISSING_KEY)
-        if not self.key_format.is_well_formed(key):
-            return Decision(Reason.MALFORMED_KEY)
-        key_digest = digest(key)
-        cache = self.cache
-        grant: KeyGrant | None
-        cached = cache.get(key_digest) if cache is not None else MISS
-        if cached is MISS:
-            epoch = cache.epoch if cache is not None else 0
-            record = await self.store.find_by_digest(key_digest)
-            grant = KeyGrant.of(record, self.catalog) if record is not None else None
-            if cache is not None:
-                cache.put(key_digest, grant, epoch)
-        else:
-            grant = cached  # type: ignore[assignment]  # MISS ruled out above
-        now = time.time()
-        decision = decide(grant, required_scope, now)
-        if grant is None or decision.reason in (Reason.REVOKED, Reason.EXPIRED):
-            return decision
-        if self.usage is not None:
-            self.usage.touch(grant.principal.key_id, now)
-        limiter = self.limiter
-        if decision.allowed and limiter is not None and (grant.rate_limit or limiter.default_limit):
-            return await limiter.apply(decision, grant.rate_limit, now)
-        return decision

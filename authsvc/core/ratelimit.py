@@ -14,52 +14,23 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from typing import Any, Protocol
 
-from authsvc.errors import ConfigError
-from authsvc.keys import Decision, RateLimit, Reason
+from authsvc.core.keys import Decision, RateLimit, Reason
+from authsvc.core.ports import Monotonic, SharedCounter
 
 log = logging.getLogger(__name__)
 
-# INCR and EXPIRE in one round trip, atomically.
-_INCR_SCRIPT = """
-local count = redis.call('INCR', KEYS[1])
-if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return count
-"""
-
-
-class SharedCounter(Protocol):
-    async def incr(self, name: str, ttl_seconds: int) -> int: ...
-
-
-class RedisCounter:
-    """``SharedCounter`` on Redis, bounded by a short timeout."""
-
-    def __init__(self, url: str, timeout: float = 0.05) -> None:
-        import redis.asyncio as redis  # optional at import time; only used when configured
-
-        try:
-            self._client: Any = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        except ValueError as exc:  # redis-py's URL parser: e.g. an unknown query parameter
-            raise ConfigError(f"AUTHSVC_REDIS_URL is not usable: {exc}") from None
-        self._script = self._client.register_script(_INCR_SCRIPT)
-
-    async def incr(self, name: str, ttl_seconds: int) -> int:
-        return int(await self._script(keys=[name], args=[ttl_seconds]))
-
-    async def close(self) -> None:
-        await self._client.aclose()
-
 
 class RateLimiter:
-    def __init__(self, default_limit: int, window_seconds: int, shared: SharedCounter | None = None) -> None:
+    def __init__(
+        self, default_limit: int, window_seconds: int, shared: SharedCounter | None = None, *, monotonic: Monotonic
+    ) -> None:
         self.default_limit = default_limit
         self.window = window_seconds
         self.shared = shared
         self.shared_failures = 0
-        self._last_failure_log = 0.0
+        self._monotonic = monotonic
+        self._last_failure_log = float("-inf")
         self._local: dict[str, int] = {}
         self._local_window = -1
 
@@ -82,7 +53,7 @@ class RateLimiter:
                 return await self.shared.incr(f"authsvc:rl:{key_id}:{window_index}", self.window + 1)
             except Exception as exc:  # any Redis failure: fall back, never fail the request
                 self.shared_failures += 1
-                now = time.monotonic()
+                now = self._monotonic()
                 if now - self._last_failure_log > 10:
                     self._last_failure_log = now
                     log.warning(

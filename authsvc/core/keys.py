@@ -1,7 +1,8 @@
-"""The domain: keys, scopes, actors and authorization decisions.
+"""The domain: keys, scopes, actors, grants and the authorization rules.
 
 Frozen dataclasses and pure functions, no I/O: the gRPC and Envoy adapters
-translate to and from these types, and the store persists them.
+translate to and from these types, and the store persists them. Reading the
+scope catalog's file is the configuration's job (``authsvc.config``).
 """
 
 from __future__ import annotations
@@ -9,20 +10,20 @@ from __future__ import annotations
 import enum
 import re
 import sys
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
-# Reason, Principal and RateLimit are the client package's value types: the
-# same values on both sides of the wire, defined once (the server depends on
-# the client package for the generated code anyway). Re-exported from here.
-from authsvc_client import Principal as Principal
-from authsvc_client import RateLimit as RateLimit
-from authsvc_client import Reason as Reason
+# Decision, Reason, Principal and RateLimit are the client package's value
+# types: the same values on both sides of the wire, defined once (the server
+# depends on the client package for the generated code anyway). Re-exported
+# from here for the rest of the server.
+from authsvc_client._decision import Decision as Decision
+from authsvc_client._decision import Principal as Principal
+from authsvc_client._decision import RateLimit as RateLimit
+from authsvc_client._decision import Reason as Reason
 
-from authsvc.errors import ConfigError, InvalidArgument
+from authsvc.core.errors import ConfigError, InvalidArgument
 
 
 class Role(enum.IntEnum):
@@ -46,31 +47,6 @@ class KeyState(enum.IntEnum):
     ACTIVE = 1
     EXPIRED = 2
     REVOKED = 3
-
-
-# One table for the HTTP meaning of every reason, shared by KeyService.Authorize
-# and the Envoy adapter.
-HTTP_STATUS: Mapping[Reason, int] = {
-    Reason.OK: 200,
-    Reason.MISSING_KEY: 401,
-    Reason.MALFORMED_KEY: 401,
-    Reason.UNKNOWN_KEY: 401,
-    Reason.REVOKED: 401,
-    Reason.EXPIRED: 401,
-    Reason.INSUFFICIENT_SCOPE: 403,
-    Reason.RATE_LIMITED: 429,
-}
-
-MESSAGES: Mapping[Reason, str] = {
-    Reason.OK: "allowed",
-    Reason.MISSING_KEY: "no API key was sent",
-    Reason.MALFORMED_KEY: "the API key is malformed",
-    Reason.UNKNOWN_KEY: "the API key is not valid",
-    Reason.REVOKED: "the API key has been revoked",
-    Reason.EXPIRED: "the API key has expired",
-    Reason.INSUFFICIENT_SCOPE: "the API key lacks the required scope",
-    Reason.RATE_LIMITED: "the API key is over its rate limit",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,27 +81,6 @@ class ApiKey:
         if self.expire_time is not None and self.expire_time <= now:
             return KeyState.EXPIRED
         return KeyState.ACTIVE
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The answer to Authorize. A denial is data, not an exception."""
-
-    reason: Reason
-    principal: Principal | None = None
-    rate_limit: RateLimit | None = None
-
-    @property
-    def allowed(self) -> bool:
-        return self.reason is Reason.OK
-
-    @property
-    def http_status(self) -> int:
-        return HTTP_STATUS[self.reason]
-
-    @property
-    def message(self) -> str:
-        return MESSAGES[self.reason]
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,18 +159,6 @@ class ScopeCatalog:
                 if implied not in scopes:
                     raise ConfigError(f"{source}: scopes.{scope.name} implies unknown scope {implied!r}")
         return cls(scopes)
-
-    @classmethod
-    def load(cls, path: Path) -> ScopeCatalog:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"AUTHSVC_SCOPES_FILE: cannot read {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"AUTHSVC_SCOPES_FILE: {path} is not UTF-8 text") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"AUTHSVC_SCOPES_FILE: {path} is not valid TOML: {exc}") from None
-        return cls.from_mapping(data, f"AUTHSVC_SCOPES_FILE {path}")
 
     def check_required(self, scope: str) -> None:
         """An unknown required scope is a bug in the calling service, not a denial."""

@@ -12,8 +12,8 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from authsvc.errors import InvalidArgument
-from authsvc.keys import KeyState, Role, ScopeCatalog
+from authsvc.core.errors import InvalidArgument
+from authsvc.core.keys import KeyState, Role, ScopeCatalog
 
 MAX_ID_LENGTH = 128
 MAX_NAME_LENGTH = 100

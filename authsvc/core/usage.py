@@ -12,16 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from datetime import UTC, datetime
 
-from authsvc.storage import Store
+from authsvc.core.ports import KeyStore
 
 log = logging.getLogger(__name__)
 
 
 class UsageRecorder:
-    def __init__(self, store: Store, interval: float, max_pending: int = 100_000) -> None:
+    def __init__(self, store: KeyStore, interval: float, max_pending: int = 100_000) -> None:
         self._store = store
         self._interval = interval
         self._max_pending = max_pending
@@ -74,6 +73,4 @@ class UsageRecorder:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()
-            started = time.monotonic()
             await self.flush()
-            log.debug("flushed last_used_time in %.1f ms", (time.monotonic() - started) * 1000)

@@ -1,0 +1,130 @@
+"""The hot path: Authorize, answered from the decision cache whenever it may be.
+
+``check`` is synchronous: a cache hit (the common case) is decided with no
+coroutine and no await, so a transport answers it in one pass of its
+handler. Only what needs I/O comes back as a ``Pending`` for ``complete``:
+a cache miss (one store lookup) or a key under a rate limit (one shared
+counter increment).
+
+Ordering rules that keep a revoked key out:
+
+* the cache's epoch is taken *before* the lookup starts (in ``check``), so a
+  lookup that raced an invalidation is never cached (see ``DecisionCache``);
+* ``decide`` checks revocation and expiry on every hit, against the clock
+  this authorizer was given.
+
+The clock, store, cache, usage recorder and limiter are all injected: this
+module does no I/O of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from authsvc_client._cache import MISS, DecisionCache
+
+from authsvc.core.keyformat import KeyFormat, digest
+from authsvc.core.keys import Decision, KeyGrant, Reason, ScopeCatalog, decide
+from authsvc.core.ports import KeyStore, WallClock
+from authsvc.core.ratelimit import RateLimiter
+from authsvc.core.usage import UsageRecorder
+
+MISSING: Final = Decision(Reason.MISSING_KEY)
+MALFORMED: Final = Decision(Reason.MALFORMED_KEY)
+
+
+@dataclass(slots=True)
+class Pending:
+    """An Authorize that needs I/O: a lookup (``grant`` unknown) or a rate-limit count (``allowed`` set)."""
+
+    digest: bytes
+    required_scope: str
+    #: The cache's epoch when the lookup was decided on; see the module docstring.
+    epoch: int
+    #: The allowed decision a rate limit still has to confirm, with the key's own limit.
+    allowed: Decision | None = None
+    rate_limit: int = 0
+
+    def __repr__(self) -> str:  # the digest is not secret, but nothing needs it in a log
+        return f"Pending(lookup={self.allowed is None})"
+
+
+class Authorizer:
+    """Decides Authorize for ``(key, required_scope)``; see the module docstring."""
+
+    def __init__(
+        self,
+        store: KeyStore,
+        catalog: ScopeCatalog,
+        key_format: KeyFormat,
+        *,
+        clock: WallClock,
+        cache: DecisionCache[KeyGrant] | None = None,
+        usage: UsageRecorder | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.key_format = key_format
+        self.cache = cache
+        self.usage = usage
+        self.limiter = limiter
+        self._clock = clock
+
+    def check(self, key: str, required_scope: str) -> Decision | Pending:
+        """The decision, when no I/O is needed; otherwise what ``complete`` must finish.
+
+        Raises ``InvalidArgument`` for an unknown required scope (a caller bug).
+        """
+        self.catalog.check_required(required_scope)
+        if not key:
+            return MISSING
+        if not self.key_format.is_well_formed(key):
+            return MALFORMED
+        key_digest = digest(key)
+        cache = self.cache
+        if cache is None:
+            return Pending(key_digest, required_scope, 0)
+        cached = cache.get(key_digest)
+        if cached is MISS:
+            return Pending(key_digest, required_scope, cache.epoch)
+        return self._decide(cached, required_scope, key_digest)  # type: ignore[arg-type]  # MISS ruled out
+
+    async def complete(self, pending: Pending) -> Decision:
+        """Finish what ``check`` could not: raises ``Unavailable`` when the store cannot answer (fail closed)."""
+        if pending.allowed is None:
+            record = await self.store.find_by_digest(pending.digest)
+            grant = KeyGrant.of(record, self.catalog) if record is not None else None
+            if self.cache is not None:
+                self.cache.put(pending.digest, grant, pending.epoch)
+            answer = self._decide(grant, pending.required_scope, pending.digest)
+            if not isinstance(answer, Pending):
+                return answer
+            pending = answer
+        assert self.limiter is not None and pending.allowed is not None  # only _decide makes such a Pending
+        return await self.limiter.apply(pending.allowed, pending.rate_limit, self._clock())
+
+    async def authorize(self, key: str, required_scope: str) -> Decision:
+        """``check`` and, when needed, ``complete``: for callers that are async anyway."""
+        answer = self.check(key, required_scope)
+        if isinstance(answer, Pending):
+            return await self.complete(answer)
+        return answer
+
+    def evict(self, key_digest: bytes) -> None:
+        """This process changed the key: forget it at once, before any notification arrives."""
+        if self.cache is not None:
+            self.cache.evict(key_digest)
+
+    def _decide(self, grant: KeyGrant | None, required_scope: str, key_digest: bytes) -> Decision | Pending:
+        now = self._clock()
+        decision = decide(grant, required_scope, now)
+        if grant is None or decision.reason is Reason.REVOKED or decision.reason is Reason.EXPIRED:
+            return decision
+        if self.usage is not None:
+            self.usage.touch(grant.principal.key_id, now)
+        limiter = self.limiter
+        if decision.reason is Reason.OK and limiter is not None and (grant.rate_limit or limiter.default_limit):
+            return Pending(key_digest, required_scope, -1, decision, grant.rate_limit)
+        return decision

@@ -1,0 +1,137 @@
+"""What the core needs from the outside world, as small protocols.
+
+The core (``Authorizer``, ``KeyManager``) is written against these and
+nothing else; ``authsvc.storage`` implements them on PostgreSQL (asyncpg,
+LISTEN/NOTIFY) and in memory, and ``authsvc.storage.redis`` implements the
+shared rate-limit counter. Every implementation passes the same contract
+suite (``tests/storage/test_contract.py``).
+
+Two ports carry the correctness of the cache:
+
+* ``KeyStore.find_by_digest`` is the hot path's only read;
+* ``InvalidationFeed`` tells a ``FeedSubscriber`` (the decision cache) which
+  keys' answers may have changed, proves with heartbeats that nothing was
+  missed, and says when it lost its source, so the cache can stop serving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from authsvc.core.keys import Actor, ApiKey, KeyState
+
+#: Wall-clock time as a POSIX timestamp (key expiry, rate-limit windows, last use).
+WallClock = Callable[[], float]
+#: Wall-clock time as an aware datetime (what management calls store).
+DateClock = Callable[[], datetime]
+#: Monotonic seconds (cache freshness, back-offs): never jumps with the wall clock.
+Monotonic = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A key about to be stored: metadata plus the digest, never the secret."""
+
+    org_id: str
+    name: str
+    prefix: str
+    digest: bytes
+    scopes: tuple[str, ...]
+    created_by: str
+    expire_time: datetime | None
+    rate_limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    keys: list[ApiKey]
+    total: int
+
+
+class TooManyActiveKeys(Exception):
+    """Raised by ``create_key`` when the organization is at its limit; nothing was written."""
+
+
+class KeyStore(Protocol):
+    """Persistence for keys and their audit trail.
+
+    Every method either completes or leaves nothing behind. Connection
+    failures and timeouts surface as ``authsvc.core.errors.Unavailable``.
+    Every write that can change an Authorize answer (create, revoke) is
+    published to the store's ``InvalidationFeed`` as part of the write itself.
+    """
+
+    async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:
+        """Insert the key unless the org already has ``max_active`` active keys, atomically."""
+        ...
+
+    async def get_key(self, org_id: str, key_id: str) -> ApiKey | None: ...
+
+    async def list_keys(self, org_id: str, state: KeyState | None, now: datetime, offset: int, limit: int) -> Page: ...
+
+    async def revoke_key(
+        self, org_id: str, key_id: str, actor: Actor, reason: str, now: datetime
+    ) -> tuple[ApiKey, bytes] | None:
+        """Revoke once; a revoked key is returned unchanged, with its digest for cache eviction.
+
+        ``None``: no such key in the organization.
+        """
+        ...
+
+    async def find_by_digest(self, digest: bytes) -> ApiKey | None:
+        """The hot-path lookup; bounded by the store's lookup timeout."""
+        ...
+
+    async def record_last_used(self, used: Mapping[str, datetime]) -> None:
+        """Move ``last_used_time`` forward (never backwards) for many keys in one statement."""
+        ...
+
+    async def audit(
+        self, action: str, org_id: str, actor: Actor, key_id: str | None, outcome: str, detail: Mapping[str, object]
+    ) -> None:
+        """Record a management call that wrote nothing else (reads, denials)."""
+        ...
+
+    async def ping(self, budget: float = 1.0) -> bool:
+        """Whether the store answers within ``budget`` seconds (health)."""
+        ...
+
+
+class FeedSubscriber(Protocol):
+    """What an invalidation feed tells its subscriber (``authsvc_client._cache.DecisionCache`` is one)."""
+
+    def evict(self, digest: bytes) -> None:
+        """The answer for this key digest may have changed."""
+
+    def clear(self) -> None:
+        """Something changed that cannot be pinned to one key: forget everything."""
+
+    def alive(self, sent_at: float) -> None:
+        """Every change committed before ``sent_at`` (monotonic) has been delivered."""
+
+    def synchronised(self, at: float) -> None:
+        """Subscribed (again) as of ``at``: changes may have been missed before it."""
+
+    def desynchronised(self) -> None:
+        """The feed is lost: nothing it said may be relied on until ``synchronised``."""
+
+
+class InvalidationFeed(Protocol):
+    """The stream of key changes a store publishes, delivered to its subscribers in commit order."""
+
+    def subscribe(self, subscriber: FeedSubscriber) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class SharedCounter(Protocol):
+    """A counter shared by every process (Redis): rate limits hold across replicas."""
+
+    async def incr(self, name: str, ttl_seconds: int) -> int: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,347 @@
+"""Running authsvc: one process (``App``), or a supervisor and N worker processes.
+
+``authsvc serve`` (``authsvc.cli``) calls ``serve``, which runs one ``App``
+in this process, or supervises ``settings.workers`` worker processes that
+each run one. An ``App`` wires the core (``Authorizer``, ``KeyManager``) to
+its edges (the PostgreSQL store and feed, Redis, the gRPC server with the
+KeyService and Envoy Check adapters), and starts and stops them in order.
+
+Workers. Every worker binds the configured port with SO_REUSEPORT, so the
+kernel spreads *connections* across processes. HTTP/2 clients keep few,
+long-lived connections (Envoy: about one per Envoy thread), and a connection
+stays on the process that accepted it; with few connections the load may
+not spread. So with ``AUTHSVC_WORKER_BASE_PORT=P`` each worker i also
+listens on its own port P+i: list those as separate endpoints (Envoy cluster,
+gRPC ``round_robin`` over ``ipv4:host:P,host:P+1,…``) and the client spreads
+requests over every process. The supervisor starts the embedded database (if
+used) and runs migrations once, then only waits. If a worker dies, the
+supervisor stops the others and exits non-zero, so the process manager
+(systemd, Kubernetes) restarts the whole service rather than running
+degraded unnoticed.
+
+Start-up errors from the drivers are named after the setting that fed them
+here, in ``_setting``; the CLI prints them as one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import multiprocessing
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from multiprocessing.process import BaseProcess
+
+from authsvc_client._cache import DecisionCache
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+from authsvc import extauthz, logs
+from authsvc.config import Settings
+from authsvc.core.authorizer import Authorizer
+from authsvc.core.errors import ConfigError, Unavailable
+from authsvc.core.keyformat import KeyFormat
+from authsvc.core.keys import KeyGrant
+from authsvc.core.manager import KeyManager
+from authsvc.core.ratelimit import RateLimiter
+from authsvc.core.usage import UsageRecorder
+from authsvc.grpc.keyservice import KeyServiceAdapter
+from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
+from authsvc.storage import embedded
+from authsvc.storage.notify import PostgresFeed
+from authsvc.storage.postgres import PostgresStore, create_pool, run_migrations
+from authsvc.storage.redis import RedisCounter
+
+log = logging.getLogger("authsvc")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+#: How long a cached decision may be served since the feed last proved itself.
+CACHE_FRESHNESS = 1.0
+
+
+@contextlib.contextmanager
+def _setting(name: str) -> Iterator[None]:
+    """A driver's start-up error, named after the setting that fed it (the one place that does so)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"{name} {exc}") from None
+    except Unavailable as exc:
+        raise Unavailable(f"{exc}; check {name}") from None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def database_dsn(settings: Settings) -> str:
+    """The configured URL, or the embedded server's (started on demand)."""
+    if settings.database_url is not None:
+        return settings.database_url.value
+    return embedded.start(settings.data_dir)
+
+
+def migrate(settings: Settings, dsn: str | None = None) -> list[str]:
+    with _setting("AUTHSVC_DATABASE_URL"):
+        return asyncio.run(run_migrations(dsn or database_dsn(settings)))
+
+
+def install_event_loop() -> None:
+    """uvloop when available: measurably cheaper per RPC than the default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; Windows lacks it
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def ensure_can_listen(address: str) -> None:
+    """Fail before anything starts when a port is taken, in our one line.
+
+    gRPC would find out too, but only after the database is up, and its core
+    prints a line of its own first. (A port taken in between still fails
+    cleanly in ``App.start``.)
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {address} ({exc.strerror or exc}); set AUTHSVC_LISTEN (or AUTHSVC_WORKER_BASE_PORT)"
+        ) from None
+
+
+class App:
+    """One authsvc process: store, feed, cache, batchers and the gRPC server, started and stopped in order."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        *,
+        listen: str | None = None,
+        extra_listen: tuple[str, ...] = (),
+        reuse_port: bool = False,
+        migrate: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.listen = listen or settings.listen
+        self.extra_listen = extra_listen
+        self.reuse_port = reuse_port
+        #: ``authsvc serve`` migrates once before its processes start; an App on its own (tests) migrates itself.
+        self.migrate = migrate
+        self.port = 0
+        self._monitor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        with _setting("AUTHSVC_DATABASE_URL"):
+            if self.migrate:
+                await run_migrations(self.dsn)
+            self._pool = await create_pool(self.dsn)
+        with _setting("AUTHSVC_REDIS_URL"):
+            shared = RedisCounter(s.redis_url.value) if s.redis_url else None
+        self.store = PostgresStore(self._pool, lookup_timeout=s.store_timeout_ms / 1000)
+        cache: DecisionCache[KeyGrant] = DecisionCache(s.cache_size, CACHE_FRESHNESS, time.monotonic)
+        self.feed = PostgresFeed(self.dsn)
+        self.feed.subscribe(cache)
+        await self.feed.start()
+        self.usage = UsageRecorder(self.store, s.last_used_flush_seconds)
+        self.usage.start()
+        self.limiter = RateLimiter(s.rate_limit, s.rate_limit_window_seconds, shared, monotonic=time.monotonic)
+        key_format = KeyFormat(s.key_prefix)
+        self.authorizer = Authorizer(
+            self.store, s.catalog, key_format, clock=time.time, cache=cache, usage=self.usage, limiter=self.limiter
+        )
+        self.manager = KeyManager(
+            self.store,
+            s.catalog,
+            key_format,
+            clock=utcnow,
+            max_active_keys=s.max_active_keys,
+            evict=self.authorizer.evict,
+        )
+        admin = AdminTokens(t.value for t in s.admin_tokens)
+        services = [
+            (
+                KEY_SERVICE,
+                service_handler(
+                    KEY_SERVICE,
+                    KeyServiceAdapter(self.manager, self.authorizer),
+                    admin=admin,
+                    protected=MANAGEMENT_METHODS,
+                ),
+            ),
+            extauthz.service(self.authorizer, s),
+        ]
+        self.health = HealthServicer()
+        self._server = build_server(services, self.health, reuse_port=self.reuse_port)
+        failed = next((a for a in (self.listen, *self.extra_listen) if not self._bind(a)), None)
+        if failed is not None:
+            await self._shutdown_internals()
+            raise ConfigError(
+                f"cannot listen on {failed}: the port is in use or the address is invalid; "
+                "set AUTHSVC_LISTEN (or AUTHSVC_WORKER_BASE_PORT)"
+            )
+        await self._server.start()
+        await self._set_health(True)
+        self._monitor = asyncio.create_task(self._watch_store(), name="authsvc-health")
+
+    def _bind(self, address: str) -> bool:
+        try:
+            port = self._server.add_insecure_port(address)
+        except RuntimeError:
+            return False
+        if address == self.listen:
+            self.port = port
+        return port != 0
+
+    async def _set_health(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", KEY_SERVICE.full_name, extauthz.AUTHORIZATION_SERVICE.full_name):
+            await self.health.set(name, status)
+
+    async def _watch_store(self) -> None:
+        """Health says NOT_SERVING while the database cannot be reached."""
+        serving = True
+        while True:
+            await asyncio.sleep(0.5)
+            ok = await self.store.ping(budget=1.0)
+            if ok != serving:
+                serving = ok
+                await self._set_health(ok)
+                if ok:
+                    log.info("database reachable again; serving")
+                else:
+                    log.warning("database unreachable; health is NOT_SERVING and unknown keys are refused")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        await self._shutdown_internals()
+
+    async def _shutdown_internals(self) -> None:
+        await self.feed.stop()
+        await self.usage.stop()
+        if self.limiter.shared is not None:
+            await self.limiter.shared.close()
+        await self._pool.close()
+
+
+async def serve_process(
+    settings: Settings,
+    dsn: str,
+    *,
+    reuse_port: bool = False,
+    worker: int | None = None,
+) -> int:
+    """Run one ``App`` until SIGTERM or SIGINT, then drain; ``worker`` is this process's index under a supervisor.
+
+    The schema is already at head (``serve`` migrates before any process starts).
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    own = settings.worker_addresses
+    extra_listen = own[worker : worker + 1] if worker is not None else own
+    app = App(
+        settings,
+        dsn,
+        listen=settings.listen,
+        extra_listen=extra_listen,
+        reuse_port=reuse_port,
+        migrate=False,  # serve() has migrated
+    )
+    await app.start()
+    # Everything allocated so far lives as long as the process: keep the
+    # collector from re-scanning it, and collect young objects less often.
+    # Measured with h2load on one worker, cache hits: +13% throughput.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 1000)
+    extra = {"listen": " ".join((settings.listen, *extra_listen))} | ({"worker": worker} if worker is not None else {})
+    log.info("authsvc serving", extra=extra)
+    await stop.wait()
+    log.info("shutting down: draining in-flight calls", extra=extra)
+    await app.stop(grace=5.0)
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    """``authsvc serve``: every port checked first, then one process or a supervisor of ``settings.workers``."""
+    for address in (settings.listen, *settings.worker_addresses):
+        ensure_can_listen(address)
+    install_event_loop()
+    dsn = database_dsn(settings)
+    migrate(settings, dsn)  # once, before any process serves: the schema is at head for all of them
+    log.info("effective configuration: %s", " ".join(f"{k}={v}" for k, v in settings.redacted().items()))
+    if settings.workers == 1:
+        return asyncio.run(serve_process(settings, dsn))
+    return _supervise(settings, dsn)
+
+
+def _worker_main(settings: Settings, dsn: str, index: int) -> None:
+    logs.configure(settings.log_level)
+    # The supervisor handles Ctrl+C for the group; workers drain on SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    install_event_loop()
+    try:
+        asyncio.run(serve_process(settings, dsn, reuse_port=True, worker=index))
+    except (ConfigError, Unavailable) as exc:
+        log.error("worker %d: %s", index, exc)
+        raise SystemExit(2) from None
+
+
+def _supervise(settings: Settings, dsn: str) -> int:
+    """Run ``settings.workers`` processes until asked to stop or one of them dies."""
+    context = multiprocessing.get_context("spawn")  # never fork a process that may hold gRPC threads
+    procs: list[BaseProcess] = []
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    for index in range(settings.workers):
+        proc: BaseProcess = context.Process(
+            target=_worker_main, args=(settings, dsn, index), name=f"authsvc-worker-{index}"
+        )
+        proc.start()
+        procs.append(proc)
+    log.info("supervising %d workers", settings.workers, extra={"listen": settings.listen})
+    status = 0
+    while not stopping:
+        time.sleep(0.2)
+        dead = [p for p in procs if not p.is_alive()]
+        if dead:
+            # Exit code 0 means the worker drained after a SIGTERM sent to
+            # the whole process group: a requested stop, not a crash.
+            if dead[0].exitcode != 0:
+                log.error("%s exited with %s; stopping the other workers", dead[0].name, dead[0].exitcode)
+                status = 1
+            break
+    for proc in procs:
+        if proc.is_alive() and proc.pid is not None:
+            proc.terminate()  # SIGTERM: each worker drains its in-flight calls
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return status
