@@ -1,0 +1,306 @@
+"""The storage contract: every ``KeyStore`` and ``InvalidationFeed`` keeps the same promises.
+
+Each case runs against PostgreSQL (a real server over a real connection,
+asyncpg, LISTEN/NOTIFY) and against the in-memory store that ships in the
+package. The core is written against these promises only, so a store that
+passes here can back it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+from authsvc_client._cache import DecisionCache
+
+from authsvc.config import DEFAULT_CATALOG, load_catalog
+from authsvc.core.authorizer import Authorizer
+from authsvc.core.keyformat import KeyFormat
+from authsvc.core.keys import Actor, ApiKey, KeyGrant, KeyState, Reason, Role
+from authsvc.core.manager import KeyManager
+from authsvc.core.ports import InvalidationFeed, KeyStore, NewKey, Page, TooManyActiveKeys
+from authsvc.storage.memory import InMemoryStore
+from authsvc.storage.notify import PostgresFeed
+from authsvc.storage.postgres import PostgresStore, create_pool, run_migrations
+from tests.support import new_org
+
+FORMAT = KeyFormat("authsvc")
+CATALOG = load_catalog(DEFAULT_CATALOG)
+ADMIN = Actor("alice", Role.ADMIN)
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+@dataclass
+class Backend:
+    """One store with its feed, and how to make its feed lose its connection."""
+
+    store: KeyStore
+    feed: InvalidationFeed
+    lose_feed: Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Recorder:
+    """A feed subscriber that writes down what it is told."""
+
+    evicted: list[bytes] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def _note(self, event: str) -> None:
+        self.events.append(event)
+        self.changed.set()
+
+    def evict(self, digest: bytes) -> None:
+        self.evicted.append(digest)
+        self._note("evict")
+
+    def clear(self) -> None:
+        self._note("clear")
+
+    def alive(self, sent_at: float) -> None:
+        pass
+
+    def synchronised(self, at: float) -> None:
+        self._note("synchronised")
+
+    def desynchronised(self) -> None:
+        self._note("desynchronised")
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
+        async with asyncio.timeout(within):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    await run_migrations(database_url)
+    pool = await create_pool(database_url)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(params=["postgres", "memory"])
+async def backend(request: pytest.FixtureRequest, database_url: str, pool: asyncpg.Pool) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        memory = InMemoryStore()
+
+        async def lose_memory() -> None:
+            memory.feed.lose()
+            memory.feed.restore()
+
+        yield Backend(memory, memory.feed, lose_memory)
+        await memory.feed.stop()
+        return
+    feed = PostgresFeed(database_url)
+
+    async def lose_postgres() -> None:
+        pid = feed.backend_pid
+        async with pool.acquire() as conn:
+            await conn.execute("SELECT pg_terminate_backend($1)", pid)
+
+    yield Backend(PostgresStore(pool, lookup_timeout=2.0), feed, lose_postgres)
+    await feed.stop()
+
+
+def new_key(org: str, *, scopes: tuple[str, ...] = ("read",), expire: datetime | None = None) -> tuple[NewKey, str]:
+    issued = FORMAT.generate()
+    return NewKey(org, "ci", issued.display_prefix, issued.digest, scopes, "alice", expire, 0), issued.secret
+
+
+async def create(store: KeyStore, org: str, **kwargs: object) -> tuple[ApiKey, NewKey, str]:
+    new, secret = new_key(org, **kwargs)  # type: ignore[arg-type]
+    return await store.create_key(new, ADMIN, 10, NOW), new, secret
+
+
+# -- create, get, list, revoke -------------------------------------------------
+
+
+async def test_a_created_key_reads_back_as_it_was_created(backend: Backend) -> None:
+    org = new_org()
+    key, new, _ = await create(backend.store, org, scopes=("read", "write"))
+    assert (key.org_id, key.name, key.prefix, key.created_by) == (org, "ci", new.prefix, "alice")
+    assert set(key.scopes) == {"read", "write"}
+    assert key.create_time == NOW and key.revoke_time is None and key.last_used_time is None
+    assert await backend.store.get_key(org, key.id) == key
+    assert await backend.store.find_by_digest(new.digest) == key
+
+
+async def test_another_organizations_key_is_not_found(backend: Backend) -> None:
+    key, _, _ = await create(backend.store, new_org())
+    assert await backend.store.get_key(new_org(), key.id) is None
+    assert await backend.store.revoke_key(new_org(), key.id, ADMIN, "x", NOW) is None
+
+
+async def test_an_unknown_digest_finds_nothing(backend: Backend) -> None:
+    assert await backend.store.find_by_digest(b"\0" * 32) is None
+
+
+async def test_list_filters_by_state_newest_first_and_pages(backend: Backend) -> None:
+    org = new_org()
+    store = backend.store
+    expired, _, _ = await create(store, org, expire=NOW - timedelta(seconds=1))
+    first, _, _ = await create(store, org)
+    revoked, _, _ = await create(store, org)
+    await store.revoke_key(org, revoked.id, ADMIN, "gone", NOW)
+    everything = await store.list_keys(org, None, NOW, 0, 10)
+    assert everything.total == 3
+    assert {k.id for k in everything.keys} == {expired.id, first.id, revoked.id}
+    times = [(k.create_time, k.id) for k in everything.keys]
+    assert times == sorted(times, reverse=True)
+    for state, expected in ((KeyState.ACTIVE, first), (KeyState.EXPIRED, expired), (KeyState.REVOKED, revoked)):
+        page = await store.list_keys(org, state, NOW, 0, 10)
+        assert (page.total, [k.id for k in page.keys]) == (1, [expected.id])
+    second_page = await store.list_keys(org, None, NOW, 2, 2)
+    assert (second_page.total, len(second_page.keys)) == (3, 1)
+
+
+async def test_the_key_limit_holds_under_concurrent_creates(backend: Backend) -> None:
+    org = new_org()
+
+    async def attempt() -> ApiKey | None:
+        try:
+            return await backend.store.create_key(new_key(org)[0], ADMIN, 3, NOW)
+        except TooManyActiveKeys:
+            return None
+
+    results = await asyncio.gather(*(attempt() for _ in range(12)))
+    assert sum(r is not None for r in results) == 3
+    assert (await backend.store.list_keys(org, KeyState.ACTIVE, NOW, 0, 20)).total == 3
+
+
+async def test_revoked_and_expired_keys_free_their_slot(backend: Backend) -> None:
+    org = new_org()
+    store = backend.store
+    await store.create_key(new_key(org, expire=NOW - timedelta(seconds=1))[0], ADMIN, 2, NOW)
+    key = await store.create_key(new_key(org)[0], ADMIN, 2, NOW)
+    await store.revoke_key(org, key.id, ADMIN, "x", NOW)
+    await store.create_key(new_key(org)[0], ADMIN, 2, NOW)
+    await store.create_key(new_key(org)[0], ADMIN, 2, NOW)
+    with pytest.raises(TooManyActiveKeys):
+        await store.create_key(new_key(org)[0], ADMIN, 2, NOW)
+
+
+async def test_a_revocation_is_final_and_keeps_the_first_reason(backend: Backend) -> None:
+    org = new_org()
+    key, new, _ = await create(backend.store, org)
+    first = await backend.store.revoke_key(org, key.id, ADMIN, "leaked", NOW)
+    assert first is not None and first[1] == new.digest
+    assert (first[0].revoke_time, first[0].revoked_by, first[0].revoke_reason) == (NOW, "alice", "leaked")
+    again = await backend.store.revoke_key(org, key.id, Actor("bob", Role.OWNER), "other", NOW + timedelta(hours=1))
+    assert again is not None and again[0] == first[0]
+    found = await backend.store.find_by_digest(new.digest)
+    assert found is not None and found.revoke_time == NOW
+
+
+async def test_scopes_never_change(backend: Backend) -> None:
+    org = new_org()
+    key, new, _ = await create(backend.store, org, scopes=("read",))
+    await backend.store.record_last_used({key.id: NOW + timedelta(seconds=5)})
+    await backend.store.revoke_key(org, key.id, ADMIN, "x", NOW)
+    for found in (await backend.store.get_key(org, key.id), await backend.store.find_by_digest(new.digest)):
+        assert found is not None and found.scopes == ("read",)
+
+
+async def test_last_used_time_never_moves_backwards(backend: Backend) -> None:
+    org = new_org()
+    key, _, _ = await create(backend.store, org)
+    later, earlier = NOW + timedelta(seconds=10), NOW + timedelta(seconds=5)
+    await backend.store.record_last_used({key.id: later})
+    await backend.store.record_last_used({key.id: earlier})
+    found = await backend.store.get_key(org, key.id)
+    assert found is not None and found.last_used_time == later
+
+
+async def test_the_store_answers_its_health_ping(backend: Backend) -> None:
+    assert await backend.store.ping(budget=2.0)
+
+
+# -- the invalidation feed -------------------------------------------------------
+
+
+async def subscribed(backend: Backend) -> Recorder:
+    recorder = Recorder()
+    backend.feed.subscribe(recorder)
+    await backend.feed.start()
+    await recorder.wait_for(lambda: "synchronised" in recorder.events)
+    return recorder
+
+
+async def test_creates_and_revocations_reach_the_feed(backend: Backend) -> None:
+    recorder = await subscribed(backend)
+    org = new_org()
+    key, new, _ = await create(backend.store, org)
+    await recorder.wait_for(lambda: new.digest in recorder.evicted)
+    recorder.evicted.clear()
+    await backend.store.revoke_key(org, key.id, ADMIN, "x", NOW)
+    await recorder.wait_for(lambda: new.digest in recorder.evicted)
+
+
+async def test_a_lost_feed_desynchronises_then_starts_over(backend: Backend) -> None:
+    recorder = await subscribed(backend)
+    recorder.events.clear()
+    await backend.lose_feed()
+    await recorder.wait_for(lambda: recorder.events[-1:] == ["synchronised"])
+    assert recorder.events.index("desynchronised") < recorder.events.index("synchronised")
+
+
+# -- the race that matters: a lookup that straddles a revocation ------------------
+
+
+class GatedStore:
+    """The real store, with every lookup held after it has read, until released."""
+
+    def __init__(self, inner: KeyStore) -> None:
+        self.inner = inner
+        self.read = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def find_by_digest(self, digest: bytes) -> ApiKey | None:
+        record = await self.inner.find_by_digest(digest)
+        self.read.set()
+        await self.release.wait()
+        return record
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_a_lookup_that_started_before_a_revocation_never_leaves_an_allow_cached(backend: Backend) -> None:
+    cache: DecisionCache[KeyGrant] = DecisionCache(100, 5.0, time.monotonic)
+    backend.feed.subscribe(cache)
+    recorder = await subscribed(backend)
+    gated = GatedStore(backend.store)
+    authorizer = Authorizer(gated, CATALOG, FORMAT, clock=time.time, cache=cache)  # type: ignore[arg-type]
+    org = new_org()
+    key, new, secret = await create(backend.store, org)
+    await recorder.wait_for(lambda: new.digest in recorder.evicted)
+    recorder.evicted.clear()
+
+    lookup = asyncio.create_task(authorizer.authorize(secret, "read"))
+    await asyncio.wait_for(gated.read.wait(), 5)  # it has read the key as active...
+    # ...and another replica revokes it: this process hears of it only through the feed.
+    manager = KeyManager(backend.store, CATALOG, FORMAT, clock=lambda: datetime.now(UTC))
+    await manager.revoke_key(org, ADMIN, key.id, "leaked")
+    await recorder.wait_for(lambda: new.digest in recorder.evicted)
+    gated.release.set()
+    await asyncio.wait_for(lookup, 5)  # answered as of when it read; that is allowed
+
+    decision = await authorizer.authorize(secret, "read")
+    assert decision.reason is Reason.REVOKED
+    assert not isinstance(cache.get(new.digest), KeyGrant) or cache.get(new.digest).revoked  # type: ignore[union-attr]
+
+
+def test_both_stores_are_under_contract() -> None:
+    """A new store joins the ``backend`` fixture's params; these are the ports it must implement."""
+    methods: Mapping[str, object] = {m: getattr(KeyStore, m) for m in dir(KeyStore) if not m.startswith("_")}
+    for store in (InMemoryStore, PostgresStore):
+        assert all(callable(getattr(store, name, None)) for name in methods), store
+    assert isinstance(Page([], 0), Page)
