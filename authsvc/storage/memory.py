@@ -1,7 +1,7 @@
 """``KeyStore`` and ``InvalidationFeed`` in process memory.
 
-For unit tests of the core and for trying authsvc without a database
-(``AUTHSVC_DATABASE_URL=memory:``, one process, nothing kept). It keeps
+For unit tests of the core and for trying the core in a Python process
+without a database (nothing is kept). It keeps
 every promise the PostgreSQL store keeps (the storage contract suite runs
 against both): the key limit holds under concurrent creates, scopes never
 change, a revocation is final, ``last_used_time`` never moves backwards, and
