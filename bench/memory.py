@@ -8,7 +8,7 @@
    PostgreSQL backends far less CPU than the same keys' first lookups did
    (what remains is the batched ``last_used_time`` UPDATE, which every
    Authorize causes, cached or not).
-2. In one process, authsvc's own ``KeyCache`` is filled with ``KeyGrant``s
+2. In one process, authsvc's own ``DecisionCache`` is filled with ``KeyGrant``s
    built from 1M real rows (``bench.memory_inprocess``): the same entries
    without the gRPC round trips, which would take minutes for 1M keys on
    2 cores.
@@ -94,7 +94,7 @@ def _inprocess(cfg: BenchConfig, log: Any) -> dict[str, Any]:
     ).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     result["bytes_per_key"] = (result["rss_after"] - result["rss_before"]) / max(1, result["entries"])
-    log(f"  in-process KeyCache: {result['entries']:,} entries, {result['bytes_per_key']:.0f} B/key")
+    log(f"  in-process DecisionCache: {result['entries']:,} entries, {result['bytes_per_key']:.0f} B/key")
     return result
 
 

@@ -235,7 +235,7 @@ def markdown(r: Results, command: str) -> str:
             "",
             "| measurement | keys | RSS before MiB | RSS after MiB | bytes per key |",
             "| --- | --- | --- | --- | --- |",
-            f"| in one process: authsvc's KeyCache of KeyGrant.of(real rows) | {i['entries']:,} | "
+            f"| in one process: authsvc's DecisionCache of KeyGrant.of(real rows) | {i['entries']:,} | "
             f"{i['rss_before'] / 2**20:.1f} | {i['rss_after'] / 2**20:.1f} | {i['bytes_per_key']:.0f} |",
             f"| real `authsvc serve` filled through Authorize | {p['keys']:,} | {p['rss_before'] / 2**20:.1f} | "
             f"{p['rss_after'] / 2**20:.1f} | {p['bytes_per_key']:.0f} |",
