@@ -1,4 +1,4 @@
-"""``authsvc serve | migrate``: the operator's entry point.
+"""``authsvc serve | migrate | healthcheck | scan``: the operator's entry point.
 
 Start-up problems (bad settings, unreachable database, port in use) print
 one line naming what to change and exit with status 2; no traceback.
@@ -31,6 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply pending database migrations and exit")
     health = commands.add_parser("healthcheck", help="exit 0 if the server at --target reports SERVING")
     health.add_argument("--target", help="host:port (default: AUTHSVC_LISTEN, with 0.0.0.0 read as 127.0.0.1)")
+    scan = commands.add_parser(
+        "scan", help="find authsvc keys (valid prefix and checksum) in files, directories or stdin; exit 1 if any"
+    )
+    scan.add_argument(
+        "paths", nargs="*", metavar="PATH", help="file or directory (recursively, .git skipped); - or none: stdin"
+    )
+    scan.add_argument(
+        "--prefix", action="append", default=[], help="also look for keys with this prefix (repeatable); "
+        "AUTHSVC_KEY_PREFIX is always looked for"
+    )
     args = parser.parse_args(argv)
     if args.command == "healthcheck":
         return _healthcheck(args.target)
@@ -40,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(settings.log_level)
         if args.command == "migrate":
             return _migrate(settings)
+        if args.command == "scan":
+            return _scan(settings, args.paths, args.prefix)
         workers = args.workers if args.workers is not None else settings.workers
         if workers < 0 or workers > 64:
             raise ConfigError("--workers must be between 0 and 64")
@@ -114,6 +126,34 @@ def _migrate(settings: Settings) -> int:
     applied = asyncio.run(run_migrations(database_dsn(settings)))
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'schema already at head'}")
     return 0
+
+
+def _scan(settings: Settings, paths: list[str], extra_prefixes: list[str]) -> int:
+    """Exit 1 when a key was found, 2 when a path could not be read (the scan is incomplete), else 0."""
+    from authsvc.scan import STDIN, Scanner, Unreadable
+
+    try:
+        scanner = Scanner([settings.key_prefix, *extra_prefixes])
+    except ValueError as exc:
+        raise ConfigError(f"--prefix: {exc}") from None
+    paths = paths or [STDIN]
+    for path in paths:
+        if path != STDIN and not os.path.exists(path):
+            raise ConfigError(f"cannot read {path}: no such file or directory")
+    found = incomplete = False
+    try:
+        for item in scanner.scan_paths(paths, sys.stdin.buffer):
+            if isinstance(item, Unreadable):
+                print(f"authsvc: cannot read {item.path}: {item.reason}", file=sys.stderr)
+                incomplete = True
+            else:
+                print(item.line_text())
+                found = True
+        sys.stdout.flush()
+    except BrokenPipeError:  # `authsvc scan . | head`: the reader has seen enough
+        sys.stderr.close()
+        return 1 if found else 0
+    return 2 if incomplete else 1 if found else 0
 
 
 def install_event_loop() -> None:
