@@ -20,7 +20,9 @@ from tests.leaks.corpus import AUTHSVC, plant, write_lookalikes
 TIMEOUT = 60
 
 
-def scan(*args: str, cwd: Path, stdin: bytes = b"", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def scan(
+    *args: str, cwd: Path, stdin: bytes = b"", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHSVC_")} | (env or {})
     return subprocess.run(
         [sys.executable, "-m", "authsvc", "scan", *args],
