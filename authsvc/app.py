@@ -22,6 +22,7 @@ from authsvc.keyformat import KeyFormat
 from authsvc.ratelimit import RateLimiter, RedisCounter
 from authsvc.service import KeyService
 from authsvc.storage import embedded
+from authsvc.storage.audit import AuditPruner
 from authsvc.storage.migrate import migrate
 from authsvc.storage.postgres import PostgresStore, create_pool
 from authsvc.usage import UsageRecorder
@@ -72,6 +73,7 @@ class App:
     _usage: UsageRecorder = field(init=False)
     _limiter: RateLimiter = field(init=False)
     _monitor: asyncio.Task[None] | None = None
+    _pruner: AuditPruner | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -130,6 +132,8 @@ class App:
         await self._server.start()
         await self._set_health(True)
         self._monitor = asyncio.create_task(self._watch_store(), name="authsvc-health")
+        self._pruner = AuditPruner(self._pool, s.audit_retention_days)
+        self._pruner.start()
 
     async def _set_health(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
@@ -153,6 +157,8 @@ class App:
     async def stop(self, grace: float = 5.0) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
+        if self._pruner is not None:
+            await self._pruner.stop()
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await self._shutdown_internals()

@@ -1,4 +1,4 @@
-"""``authsvc serve | migrate | healthcheck | scan``: the operator's entry point.
+"""``authsvc serve | migrate | healthcheck | scan | audit``: the operator's entry point.
 
 Start-up problems (bad settings, unreachable database, port in use) print
 one line naming what to change and exit with status 2; no traceback.
@@ -14,10 +14,14 @@ import os
 import signal
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from authsvc import logs
 from authsvc.config import Settings, check_listen, worker_addresses
 from authsvc.errors import ConfigError, Unavailable
+
+if TYPE_CHECKING:
+    import asyncpg
 
 log = logging.getLogger("authsvc")
 
@@ -41,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         "--prefix", action="append", default=[], help="also look for keys with this prefix (repeatable); "
         "AUTHSVC_KEY_PREFIX is always looked for"
     )
+    audit = commands.add_parser("audit", help="check or prune the tamper-evident audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="walk the hash chains; print 'ok <count>' or the first broken event"
+    )
+    verify.add_argument("--org", help="only this organization's chain")
+    audit_commands.add_parser("prune", help="delete events older than AUTHSVC_AUDIT_RETENTION_DAYS, in small batches")
     args = parser.parse_args(argv)
     if args.command == "healthcheck":
         return _healthcheck(args.target)
@@ -52,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             return _migrate(settings)
         if args.command == "scan":
             return _scan(settings, args.paths, args.prefix)
+        if args.command == "audit":
+            return _audit(settings, args.audit_command, args.org if args.audit_command == "verify" else None)
         workers = args.workers if args.workers is not None else settings.workers
         if workers < 0 or workers > 64:
             raise ConfigError("--workers must be between 0 and 64")
@@ -154,6 +167,50 @@ def _scan(settings: Settings, paths: list[str], extra_prefixes: list[str]) -> in
         sys.stderr.close()
         return 1 if found else 0
     return 2 if incomplete else 1 if found else 0
+
+
+def _audit(settings: Settings, command: str, org_id: str | None) -> int:
+    from authsvc.app import database_dsn
+    from authsvc.storage import audit
+
+    async def run() -> int:
+        import asyncpg
+
+        from authsvc.storage.postgres import CONNECTION_ERRORS
+
+        conn = await _connect(database_dsn(settings))
+        try:
+            if command == "prune":
+                pruned = await audit.prune(conn, settings.audit_retention_days)
+                print(f"pruned {pruned} event(s) older than {settings.audit_retention_days} days")
+                return 0
+            result = await audit.verify(conn, org_id)
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError, asyncpg.UndefinedColumnError):
+            raise ConfigError("the database schema has no audit chain yet; run `authsvc migrate` first") from None
+        except CONNECTION_ERRORS as exc:
+            raise Unavailable(f"lost the connection to PostgreSQL ({type(exc).__name__}); retry") from None
+        finally:
+            await conn.close()
+        if result.broken is not None:
+            print(f"broken: {result.broken.describe()}")
+            return 1
+        print(f"ok {result.events}")
+        return 0
+
+    return asyncio.run(run())
+
+
+async def _connect(dsn: str) -> asyncpg.Connection:
+    import asyncpg
+
+    from authsvc.storage.postgres import CONNECTION_ERRORS
+
+    try:
+        return await asyncpg.connect(dsn, timeout=5.0)
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        raise Unavailable(f"cannot connect to PostgreSQL ({type(exc).__name__}); check AUTHSVC_DATABASE_URL") from None
+    except ValueError as exc:
+        raise ConfigError(f"AUTHSVC_DATABASE_URL is not usable: {exc}") from None
 
 
 def install_event_loop() -> None:
