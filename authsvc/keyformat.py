@@ -53,8 +53,8 @@ def scan_pattern(prefixes: Iterable[str]) -> str:
     For secret scanners (``authsvc scan``, the gitleaks rule), which then
     check the checksum with :meth:`KeyFormat.is_well_formed`. Nothing is
     required on the left, so a key right after ``\\n`` or ``%3D`` in escaped
-    text is still found; a candidate that starts mid-word carries a checksum
-    over the wrong text and fails it. On the right, a word character must not
+    text is still found, while a key of a longer prefix ending in this one
+    (``xauthsvc_...``) fails: its checksum covers the longer text. On the right, a word character must not
     follow (the same as ``\\b``, also in Go's RE2): a key with one more
     character is not that key.
     """
