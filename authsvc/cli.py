@@ -1,4 +1,4 @@
-"""``authsvc serve | migrate``: the operator's entry point.
+"""``authsvc serve | migrate | healthcheck | scan | audit``: the operator's entry point.
 
 Start-up problems (bad settings, unreachable database, port in use) print
 one line naming what to change and exit with status 2; no traceback.
@@ -7,6 +7,8 @@ one line naming what to change and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 
 from authsvc import logs
@@ -23,15 +25,38 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply pending database migrations and exit")
     health = commands.add_parser("healthcheck", help="exit 0 if the server at --target reports SERVING")
     health.add_argument("--target", help="host:port (default: AUTHSVC_LISTEN, with 0.0.0.0 read as 127.0.0.1)")
+    scan = commands.add_parser(
+        "scan", help="find authsvc keys (valid prefix and checksum) in files, directories or stdin; exit 1 if any"
+    )
+    scan.add_argument(
+        "paths", nargs="*", metavar="PATH", help="file or directory (recursively, .git skipped); - or none: stdin"
+    )
+    scan.add_argument(
+        "--prefix",
+        action="append",
+        default=[],
+        help="also look for keys with this prefix (repeatable); AUTHSVC_KEY_PREFIX is always looked for",
+    )
+    audit = commands.add_parser("audit", help="check or prune the tamper-evident audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="walk the hash chains; print 'ok <count>' or the first broken event"
+    )
+    verify.add_argument("--org", help="only this organization's chain")
+    audit_commands.add_parser("prune", help="delete events older than AUTHSVC_AUDIT_RETENTION_DAYS, in small batches")
     args = parser.parse_args(argv)
     if args.command == "healthcheck":
         return _healthcheck(args.target)
 
     # The one place start-up errors become what the operator reads: one line, exit 2.
     try:
-        if args.command == "migrate":
+        if args.command in ("migrate", "scan", "audit"):
             settings = Settings.from_env()
             logs.configure(settings.log_level)
+            if args.command == "scan":
+                return _scan(settings, args.paths, args.prefix)
+            if args.command == "audit":
+                return _audit(settings, args.audit_command, args.org if args.audit_command == "verify" else None)
             return _migrate(settings)
         settings = Settings.from_env(listen=args.listen, workers=args.workers)
         logs.configure(settings.log_level)
@@ -74,4 +99,47 @@ def _migrate(settings: Settings) -> int:
 
     applied = runtime.migrate(settings)
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'schema already at head'}")
+    return 0
+
+
+def _scan(settings: Settings, paths: list[str], extra_prefixes: list[str]) -> int:
+    """Exit 1 when a key was found, 2 when a path could not be read (the scan is incomplete), else 0."""
+    from authsvc.scan import STDIN, Scanner, Unreadable
+
+    try:
+        scanner = Scanner([settings.key_prefix, *extra_prefixes])
+    except ValueError as exc:
+        raise ConfigError(f"--prefix: {exc}") from None
+    paths = paths or [STDIN]
+    for path in paths:
+        if path != STDIN and not os.path.exists(path):
+            raise ConfigError(f"cannot read {path}: no such file or directory")
+    found = incomplete = False
+    try:
+        for item in scanner.scan_paths(paths, sys.stdin.buffer):
+            if isinstance(item, Unreadable):
+                print(f"authsvc: cannot read {item.path}: {item.reason}", file=sys.stderr)
+                incomplete = True
+            else:
+                print(item.line_text())
+                found = True
+        sys.stdout.flush()
+    except BrokenPipeError:  # `authsvc scan . | head`: the reader has seen enough
+        sys.stderr.close()
+        return 1 if found else 0
+    return 2 if incomplete else 1 if found else 0
+
+
+def _audit(settings: Settings, command: str, org_id: str | None) -> int:
+    from authsvc import runtime
+
+    if command == "prune":
+        pruned = asyncio.run(runtime.prune_audit(settings))
+        print(f"pruned {pruned} event(s) older than {settings.audit_retention_days} days")
+        return 0
+    result = asyncio.run(runtime.verify_audit(settings, org_id))
+    if result.broken is not None:
+        print(f"broken: {result.broken.describe()}")
+        return 1
+    print(f"ok {result.events}")
     return 0

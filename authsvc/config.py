@@ -84,6 +84,8 @@ class Settings:
     )
     """Envoy Check: required scope by HTTP method when the route names none."""
     log_level: str = "INFO"
+    audit_retention_days: int = 400
+    """Audit events older than this are pruned (hourly, in small batches); 0 keeps them forever."""
 
     @functools.cached_property
     def catalog(self) -> ScopeCatalog:
@@ -206,6 +208,7 @@ class Settings:
             identity_header_prefix=(get("IDENTITY_HEADER_PREFIX") or cls.identity_header_prefix).lower(),
             method_scopes=tuple(method_scopes) or cls.method_scopes,
             log_level=log_level,
+            audit_retention_days=integer("AUDIT_RETENTION_DAYS", cls.audit_retention_days, 0, 36_500),
         )
         catalog = settings.catalog  # fail at start-up, not on the first request
         settings.worker_addresses  # noqa: B018  # checked (and derived) here, once

@@ -33,10 +33,12 @@ import multiprocessing
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
+from typing import TypeVar
 
+import asyncpg
 from authsvc_client._cache import DecisionCache
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
@@ -52,12 +54,13 @@ from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import UsageRecorder
 from authsvc.grpc.keyservice import KeyServiceAdapter
 from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
-from authsvc.storage import embedded
+from authsvc.storage import audit, embedded
 from authsvc.storage.notify import PostgresFeed
-from authsvc.storage.postgres import PostgresStore, create_pool, run_migrations
+from authsvc.storage.postgres import CONNECTION_ERRORS, PostgresStore, connect, create_pool, run_migrations
 from authsvc.storage.redis import RedisCounter
 
 log = logging.getLogger("authsvc")
+T = TypeVar("T")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 #: How long a cached decision may be served since the feed last proved itself.
@@ -89,6 +92,29 @@ def database_dsn(settings: Settings) -> str:
 def migrate(settings: Settings, dsn: str | None = None) -> list[str]:
     with _setting("AUTHSVC_DATABASE_URL"):
         return asyncio.run(run_migrations(dsn or database_dsn(settings)))
+
+
+async def verify_audit(settings: Settings, org_id: str | None) -> audit.Verification:
+    """``authsvc audit verify``: walk the hash chains in PostgreSQL."""
+    return await _on_audit_chain(settings, lambda conn: audit.verify(conn, org_id))
+
+
+async def prune_audit(settings: Settings) -> int:
+    """``authsvc audit prune``: events older than the retention, oldest first, in small batches."""
+    return await _on_audit_chain(settings, lambda conn: audit.prune(conn, settings.audit_retention_days))
+
+
+async def _on_audit_chain(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    with _setting("AUTHSVC_DATABASE_URL"):
+        conn = await connect(database_dsn(settings))
+    try:
+        return await work(conn)
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError, asyncpg.UndefinedColumnError):
+        raise ConfigError("the database schema has no audit chain yet; run `authsvc migrate` first") from None
+    except CONNECTION_ERRORS as exc:
+        raise Unavailable(f"lost the connection to PostgreSQL ({type(exc).__name__}); retry") from None
+    finally:
+        await conn.close()
 
 
 def install_event_loop() -> None:
@@ -143,6 +169,7 @@ class App:
         self.migrate = migrate
         self.port = 0
         self._monitor: asyncio.Task[None] | None = None
+        self._pruner: audit.AuditPruner | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -197,6 +224,8 @@ class App:
         await self._server.start()
         await self._set_health(True)
         self._monitor = asyncio.create_task(self._watch_store(), name="authsvc-health")
+        self._pruner = audit.AuditPruner(self._pool, s.audit_retention_days)
+        self._pruner.start()
 
     def _bind(self, address: str) -> bool:
         try:
@@ -229,6 +258,8 @@ class App:
     async def stop(self, grace: float = 5.0) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
+        if self._pruner is not None:
+            await self._pruner.stop()
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await self._shutdown_internals()

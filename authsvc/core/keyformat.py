@@ -19,6 +19,7 @@ import hashlib
 import re
 import secrets
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -44,6 +45,21 @@ def _base62(number: int, width: int) -> str:
 def checksum(body: str) -> str:
     """The 6-character base62 CRC32 of ``body`` (``<prefix>_<random>``)."""
     return _base62(zlib.crc32(body.encode("ascii")), CHECKSUM_LENGTH)
+
+
+def scan_pattern(prefixes: Iterable[str]) -> str:
+    """Regex source that finds keys with any of ``prefixes`` inside arbitrary text.
+
+    For secret scanners (``authsvc scan``, the gitleaks rule), which then
+    check the checksum with :meth:`KeyFormat.is_well_formed`. Nothing is
+    required on the left, so a key right after ``\\n`` or ``%3D`` in escaped
+    text is still found, while a key of a longer prefix ending in this one
+    (``xauthsvc_...``) fails: its checksum covers the longer text. On the right, a word character must not
+    follow (the same as ``\\b``, also in Go's RE2): a key with one more
+    character is not that key.
+    """
+    alternatives = "|".join(sorted({re.escape(p) for p in prefixes}, key=len, reverse=True))
+    return rf"(?:{alternatives})_[0-9A-Za-z]{{{RANDOM_LENGTH + CHECKSUM_LENGTH}}}(?![0-9A-Za-z_])"
 
 
 def digest(key: str) -> bytes:

@@ -91,12 +91,17 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, connec
     return pool
 
 
-async def run_migrations(dsn: str) -> list[str]:
-    """Bring the schema to head (see ``authsvc.storage.migrate``); returns the steps applied now."""
+async def connect(dsn: str) -> asyncpg.Connection:
+    """One connection for a command (migrate, audit), its failures translated like the pool's."""
     try:
-        connection = await asyncpg.connect(dsn, timeout=5.0)
+        return await asyncpg.connect(dsn, timeout=5.0)
     except (ValueError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
         raise _connect_error(exc) from None
+
+
+async def run_migrations(dsn: str) -> list[str]:
+    """Bring the schema to head (see ``authsvc.storage.migrate``); returns the steps applied now."""
+    connection = await connect(dsn)
     try:
         return await migrate(connection)
     finally:

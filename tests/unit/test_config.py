@@ -26,6 +26,8 @@ from authsvc.core.errors import ConfigError
         ({"AUTHSVC_REDIS_URL": "redis://[::1"}, "AUTHSVC_REDIS_URL"),
         ({"AUTHSVC_LAST_USED_FLUSH_SECONDS": "60"}, "AUTHSVC_LAST_USED_FLUSH_SECONDS"),
         ({"AUTHSVC_REDIS_URL": "localhost:6379"}, "AUTHSVC_REDIS_URL"),
+        ({"AUTHSVC_AUDIT_RETENTION_DAYS": "a year"}, "AUTHSVC_AUDIT_RETENTION_DAYS"),
+        ({"AUTHSVC_AUDIT_RETENTION_DAYS": "-1"}, "AUTHSVC_AUDIT_RETENTION_DAYS"),
     ],
 )
 def test_invalid_setting_names_the_variable(env: dict[str, str], variable: str) -> None:
