@@ -24,6 +24,7 @@ from authsvc.service import KeyService
 from authsvc.storage import embedded
 from authsvc.storage.migrate import migrate
 from authsvc.storage.postgres import PostgresStore, create_pool
+from authsvc.storage.topology import connect_options
 from authsvc.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,11 @@ def database_dsn(settings: Settings) -> str:
 
 async def run_migrations(dsn: str) -> list[str]:
     try:
-        connection = await asyncpg.connect(dsn, timeout=5.0)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        connection = await asyncpg.connect(dsn, timeout=5.0, **connect_options(dsn))
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.TargetServerAttributeNotMatched) as exc:
         raise Unavailable(
-            f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc}); check AUTHSVC_DATABASE_URL"
+            f"cannot connect to a writable PostgreSQL primary ({type(exc).__name__}: {exc}); "
+            "check AUTHSVC_DATABASE_URL"
         ) from None
     except ValueError as exc:  # asyncpg's DSN parser: a bad parameter such as ?sslmode=
         raise ConfigError(f"AUTHSVC_DATABASE_URL is not usable: {exc}") from None
@@ -137,7 +139,7 @@ class App:
             await self.health.set(name, status)
 
     async def _watch_store(self) -> None:
-        """Health says NOT_SERVING while the database cannot be reached."""
+        """Health says NOT_SERVING while no writable primary can be reached (a standby alone is not enough)."""
         serving = True
         while True:
             await asyncio.sleep(0.5)
@@ -148,7 +150,7 @@ class App:
                 if ok:
                     log.info("database reachable again; serving")
                 else:
-                    log.warning("database unreachable; health is NOT_SERVING and unknown keys are refused")
+                    log.warning("no writable primary reachable; health is NOT_SERVING and unknown keys are refused")
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._monitor is not None:

@@ -10,6 +10,13 @@ Correctness rules (a missed notification must never let a revoked key in):
 * A read-through result is stored only if no invalidation happened while it
   was being read (the ``epoch`` check). Otherwise a lookup that raced a
   revocation could put the pre-revocation record back after the eviction.
+* A read-through result is stored only if it was read from the server whose
+  notifications the cache follows (its *feed*, given by the listener at
+  ``synchronised``). A row from any other server (a lagging standby, a
+  former primary) may predate a revocation the feed has already announced.
+* Freshness counts from when a heartbeat was *sent*: its reply proves that
+  every notification committed before then has been delivered, nothing
+  later. ``FRESHNESS`` bounds how long a missed revocation can be served.
 
 Negative entries (``None``: no such key) are cached too, so a flood of
 well-formed unknown keys does not reach the database; a create notification
@@ -26,10 +33,13 @@ from typing import Final
 from authsvc.keys import KeyGrant
 
 MISS: Final = object()
+# Cached decisions are served at most this long after the last proof that
+# the feed is alive (the listener heartbeats well within it).
+FRESHNESS: Final = 0.1
 
 
 class KeyCache:
-    def __init__(self, max_entries: int, freshness: float = 1.0) -> None:
+    def __init__(self, max_entries: int, freshness: float = FRESHNESS) -> None:
         self._entries: OrderedDict[bytes, KeyGrant] = OrderedDict()
         self._unknown: OrderedDict[bytes, None] = OrderedDict()
         self._max_entries = max_entries
@@ -37,6 +47,7 @@ class KeyCache:
         self._freshness = freshness
         self._fresh_until = 0.0
         self._synced = False
+        self._feed: object = None
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -58,9 +69,9 @@ class KeyCache:
             return None
         return MISS
 
-    def put(self, digest: bytes, grant: KeyGrant | None, epoch: int) -> None:
-        """Store a read-through result that was read while ``self.epoch == epoch``."""
-        if not self._synced or epoch != self.epoch:
+    def put(self, digest: bytes, grant: KeyGrant | None, epoch: int, source: object = None) -> None:
+        """Store a read-through result read while ``self.epoch == epoch``, from server ``source``."""
+        if not self._synced or epoch != self.epoch or source is not self._feed:
             return
         if grant is None:
             self._unknown[digest] = None
@@ -82,16 +93,25 @@ class KeyCache:
         self._entries.clear()
         self._unknown.clear()
 
-    def heard_from_store(self) -> None:
-        """The listener proved its connection alive; notifications up to now were delivered."""
-        self._fresh_until = time.monotonic() + self._freshness
+    def heard_from_store(self, sent_at: float | None = None) -> None:
+        """A heartbeat sent at ``sent_at`` (monotonic; default now) was answered.
 
-    def synchronised(self) -> None:
-        """The listener is (again) subscribed: start from empty, missed notifications or not."""
+        Every notification committed before ``sent_at`` has been delivered.
+        """
+        self._fresh_until = (time.monotonic() if sent_at is None else sent_at) + self._freshness
+
+    def synchronised(self, feed: object = None, sent_at: float | None = None) -> None:
+        """The listener is (again) subscribed, to server ``feed`` since ``sent_at``.
+
+        Start from empty, missed notifications or not; only rows read from
+        ``feed`` will be stored.
+        """
         self.clear()
+        self._feed = feed
         self._synced = True
-        self.heard_from_store()
+        self.heard_from_store(sent_at)
 
     def desynchronised(self) -> None:
         self.clear()
         self._synced = False
+        self._feed = None

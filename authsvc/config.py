@@ -133,6 +133,7 @@ class Settings:
             if not database_url.startswith(("postgres://", "postgresql://")):
                 raise ConfigError("AUTHSVC_DATABASE_URL must start with postgresql:// (or postgres://)")
             check_url(database_url, "AUTHSVC_DATABASE_URL", "postgresql://user@127.0.0.1:5432/authsvc")
+            database_session_attrs(database_url)
         redis_url = get("REDIS_URL")
         if redis_url is not None:
             if not redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -206,6 +207,27 @@ def check_url(value: str, name: str, example: str) -> None:
             urllib.parse.urlsplit(f"//{host}").port  # noqa: B018  # parsing the port is the check
     except ValueError as exc:
         raise ConfigError(f"{name} is not a valid URL ({exc}), e.g. {example}") from None
+
+
+# What a connection may settle for. authsvc writes, and its cache follows the
+# notifications of the server it listens on, so only the writable primary
+# will do; read-write (the strictest libpq offers) unless the URL asks for
+# ``primary``. Anything that admits a standby is refused at start-up.
+_SESSION_ATTRS = ("read-write", "primary")
+
+
+def database_session_attrs(url: str) -> str:
+    """The URL's ``target_session_attrs``, ``read-write`` when absent; a standby-admitting value is an error."""
+    query = urllib.parse.urlsplit(url).query
+    given = urllib.parse.parse_qs(query).get("target_session_attrs")
+    if not given:
+        return "read-write"
+    if given[-1] not in _SESSION_ATTRS:
+        raise ConfigError(
+            f"AUTHSVC_DATABASE_URL: target_session_attrs={given[-1]} could reach a standby; "
+            "authsvc needs the writable primary: use read-write (the default, when omitted) or primary"
+        )
+    return given[-1]
 
 
 def worker_addresses(listen: str, base_port: int, workers: int) -> tuple[str, ...]:

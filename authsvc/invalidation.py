@@ -5,6 +5,11 @@ transaction. This listener evicts on every notification, proves its
 connection alive with a heartbeat (which also proves every earlier
 notification was delivered), and on any loss desynchronises the cache, so no
 cached decision is served until it is subscribed again (see authsvc.cache).
+
+It follows the writable primary only (authsvc.storage.topology): a standby
+never publishes the primary's notifications. The heartbeat re-checks that
+the server is not in recovery, and each (re)subscription tells the cache
+which server it now follows, so rows read elsewhere are never cached.
 """
 
 from __future__ import annotations
@@ -12,17 +17,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import asyncpg
 
-from authsvc.cache import KeyCache
+from authsvc.cache import FRESHNESS, KeyCache
 from authsvc.storage.postgres import CONNECTION_ERRORS, NOTIFY_CHANNEL
+from authsvc.storage.topology import NotPrimary, connect_options, identify
 
 log = logging.getLogger(__name__)
+# A heartbeat every 25 ms keeps a live feed within FRESHNESS (100 ms) even
+# when a reply takes tens of milliseconds; a reply slower than _DEAD_AFTER
+# means the connection is replaced. In between, the cache is simply not served.
+HEARTBEAT = 0.025
+_DEAD_AFTER = 0.5
+assert HEARTBEAT * 3 < FRESHNESS
 
 
 class InvalidationListener:
-    def __init__(self, dsn: str, cache: KeyCache, *, heartbeat: float = 0.2) -> None:
+    def __init__(self, dsn: str, cache: KeyCache, *, heartbeat: float = HEARTBEAT) -> None:
         self._dsn = dsn
         self._cache = cache
         self._heartbeat = heartbeat
@@ -64,26 +77,31 @@ class InvalidationListener:
         while True:
             connection: asyncpg.Connection | None = None
             try:
-                connection = await asyncpg.connect(self._dsn, timeout=2.0)
+                connection = await asyncpg.connect(self._dsn, timeout=2.0, **connect_options(self._dsn))
                 connection.add_termination_listener(self._on_lost)
+                server = await identify(connection)
+                subscribed_at = time.monotonic()
                 await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self._connection = connection
-                self._cache.synchronised()
+                self._cache.synchronised(server, subscribed_at)
                 self.connected.set()
                 if backoff > 0.05:
                     log.info("cache invalidation listener reconnected; cache dropped and resynchronised")
                 backoff = 0.05
                 while not connection.is_closed():
                     await asyncio.sleep(self._heartbeat)
-                    async with asyncio.timeout(self._heartbeat * 2):
-                        await connection.fetchval("SELECT 1")
-                    self._cache.heard_from_store()
+                    sent_at = time.monotonic()
+                    async with asyncio.timeout(_DEAD_AFTER):
+                        in_recovery = await connection.fetchval("SELECT pg_is_in_recovery()")
+                    if in_recovery:
+                        raise NotPrimary("the listener's server is in recovery")
+                    self._cache.heard_from_store(sent_at)
             except asyncio.CancelledError:
                 self._cache.desynchronised()
                 if connection is not None:
                     connection.terminate()
                 raise
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError, NotPrimary) as exc:
                 if self.connected.is_set() or backoff == 0.05:
                     log.warning(
                         "cache invalidation listener lost (%s); serving from the database until it is back",

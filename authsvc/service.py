@@ -210,10 +210,10 @@ class KeyService:
         cached = cache.get(key_digest) if cache is not None else MISS
         if cached is MISS:
             epoch = cache.epoch if cache is not None else 0
-            record = await self.store.find_by_digest(key_digest)
+            record, source = await self.store.find_by_digest(key_digest)
             grant = KeyGrant.of(record, self.catalog) if record is not None else None
             if cache is not None:
-                cache.put(key_digest, grant, epoch)
+                cache.put(key_digest, grant, epoch, source)
         else:
             grant = cached  # type: ignore[assignment]  # MISS ruled out above
         now = time.time()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from authsvc.keys import Actor, ApiKey, KeyState
 
@@ -28,6 +28,17 @@ class NewKey:
 class Page:
     keys: list[ApiKey]
     total: int
+
+
+class Found(NamedTuple):
+    """A hot-path lookup's answer: the key (``None``: no such key) and the server it was read from.
+
+    ``source`` is opaque to the core; the cache stores the answer only when
+    it is the server whose notifications the cache follows.
+    """
+
+    key: ApiKey | None
+    source: object = None
 
 
 class TooManyActiveKeys(Exception):
@@ -56,7 +67,7 @@ class Store(Protocol):
         ``None``: no such key in the organization.
         """
 
-    async def find_by_digest(self, digest: bytes) -> ApiKey | None:
+    async def find_by_digest(self, digest: bytes) -> Found:
         """The hot-path lookup; bounded by the store's lookup timeout."""
 
     async def record_last_used(self, used: Mapping[str, datetime]) -> None:

@@ -23,7 +23,7 @@ from authsvc.extauthz import AuthorizationAdapter, Credentials, HttpPolicy
 from authsvc.keyformat import KeyFormat
 from authsvc.keys import MESSAGES, Actor, ApiKey, Decision, KeyState, Principal, RateLimit, Reason, ScopeCatalog
 from authsvc.service import KeyService
-from authsvc.storage import NewKey, Page
+from authsvc.storage import Found, NewKey, Page
 
 FORMAT = KeyFormat("authsvc")
 POLICY = HttpPolicy.from_settings(Settings())
@@ -53,11 +53,11 @@ class LookupOnlyStore:
         )
         return issued.secret
 
-    async def find_by_digest(self, digest: bytes) -> ApiKey | None:
+    async def find_by_digest(self, digest: bytes) -> Found:
         self.lookups += 1
         if self.down:
             raise Unavailable("the key store did not answer in time")
-        return self.keys.get(digest)
+        return Found(self.keys.get(digest))
 
     async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:
         raise NotImplementedError

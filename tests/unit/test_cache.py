@@ -25,7 +25,7 @@ D1, D2 = b"1" * 32, b"2" * 32
 
 
 def synced(size: int = 10) -> KeyCache:
-    cache = KeyCache(size)
+    cache = KeyCache(size, freshness=60.0)  # timing is not what these tests are about
     cache.synchronised()
     return cache
 
@@ -123,3 +123,47 @@ def test_a_flood_of_unknown_keys_cannot_push_real_keys_out() -> None:
         cache.put(i.to_bytes(32, "big"), None, cache.epoch)
     assert cache.get(D1) is GRANT
     assert len(cache) <= 10 + 1
+
+
+def test_rows_read_from_a_server_other_than_the_feeds_are_not_stored() -> None:
+    """A lagging standby or a former primary may still hold a row the feed has announced as revoked."""
+    feed, other = object(), object()
+    cache = KeyCache(10, freshness=60.0)
+    cache.synchronised(feed)
+    cache.put(D1, GRANT, cache.epoch, other)
+    cache.put(D2, None, cache.epoch, other)
+    assert cache.get(D1) is MISS
+    assert cache.get(D2) is MISS
+    cache.put(D1, GRANT, cache.epoch, feed)
+    assert cache.get(D1) is GRANT
+
+
+def test_a_new_feed_starts_from_empty_and_refuses_the_old_feeds_rows() -> None:
+    """A failover: the listener follows another server; nothing from before is served or stored."""
+    old, new = object(), object()
+    cache = KeyCache(10, freshness=60.0)
+    cache.synchronised(old)
+    cache.put(D1, GRANT, cache.epoch, old)
+    cache.synchronised(new)
+    assert cache.get(D1) is MISS
+    cache.put(D1, GRANT, cache.epoch, old)
+    assert cache.get(D1) is MISS
+
+
+def test_freshness_counts_from_when_the_heartbeat_was_sent() -> None:
+    """A reply only proves what was committed before its query left; a slow reply earns no extra time."""
+    cache = KeyCache(10)
+    cache.synchronised()
+    cache.put(D1, GRANT, cache.epoch)
+    cache.heard_from_store(sent_at=time.monotonic() - 0.1)  # sent 100 ms ago, answered just now
+    assert cache.get(D1) is MISS
+    cache.heard_from_store(sent_at=time.monotonic())
+    assert cache.get(D1) is GRANT
+
+
+def test_the_default_freshness_bound_is_at_most_100_ms() -> None:
+    cache = KeyCache(10)
+    cache.synchronised()
+    cache.put(D1, GRANT, cache.epoch)
+    time.sleep(0.11)
+    assert cache.get(D1) is MISS
