@@ -209,25 +209,21 @@ def check_url(value: str, name: str, example: str) -> None:
         raise ConfigError(f"{name} is not a valid URL ({exc}), e.g. {example}") from None
 
 
-# What a connection may settle for. authsvc writes, and its cache follows the
-# notifications of the server it listens on, so only the writable primary
-# will do; read-write (the strictest libpq offers) unless the URL asks for
-# ``primary``. Anything that admits a standby is refused at start-up.
-_SESSION_ATTRS = ("read-write", "primary")
-
-
 def database_session_attrs(url: str) -> str:
-    """The URL's ``target_session_attrs``, ``read-write`` when absent; a standby-admitting value is an error."""
-    query = urllib.parse.urlsplit(url).query
-    given = urllib.parse.parse_qs(query).get("target_session_attrs")
-    if not given:
-        return "read-write"
-    if given[-1] not in _SESSION_ATTRS:
+    """Always ``read-write``, the strictest ``target_session_attrs`` there is.
+
+    authsvc writes, and its cache trusts only the notifications of the server
+    it listens on, so the writable primary is the one server that will do. A
+    URL asking for anything else (``any``, ``standby``, even ``primary``,
+    which admits a read-only server) is refused at start-up.
+    """
+    given = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).get("target_session_attrs")
+    if given and given[-1] != "read-write":
         raise ConfigError(
-            f"AUTHSVC_DATABASE_URL: target_session_attrs={given[-1]} could reach a standby; "
-            "authsvc needs the writable primary: use read-write (the default, when omitted) or primary"
+            f"AUTHSVC_DATABASE_URL: target_session_attrs={given[-1]} could reach a server that cannot take writes; "
+            "authsvc needs the writable primary: remove the parameter or set it to read-write"
         )
-    return given[-1]
+    return "read-write"
 
 
 def worker_addresses(listen: str, base_port: int, workers: int) -> tuple[str, ...]:

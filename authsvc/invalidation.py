@@ -8,7 +8,7 @@ cached decision is served until it is subscribed again (see authsvc.cache).
 
 It follows the writable primary only (authsvc.storage.topology): a standby
 never publishes the primary's notifications. The heartbeat re-checks that
-the server is not in recovery, and each (re)subscription tells the cache
+the server still takes writes, and each (re)subscription tells the cache
 which server it now follows, so rows read elsewhere are never cached.
 """
 
@@ -23,7 +23,7 @@ import asyncpg
 
 from authsvc.cache import FRESHNESS, KeyCache
 from authsvc.storage.postgres import CONNECTION_ERRORS, NOTIFY_CHANNEL
-from authsvc.storage.topology import NotPrimary, connect_options, identify
+from authsvc.storage.topology import NOT_WRITABLE, NotPrimary, connect_options, identify
 
 log = logging.getLogger(__name__)
 # A heartbeat every 25 ms keeps a live feed within FRESHNESS (100 ms) even
@@ -92,9 +92,9 @@ class InvalidationListener:
                     await asyncio.sleep(self._heartbeat)
                     sent_at = time.monotonic()
                     async with asyncio.timeout(_DEAD_AFTER):
-                        in_recovery = await connection.fetchval("SELECT pg_is_in_recovery()")
-                    if in_recovery:
-                        raise NotPrimary("the listener's server is in recovery")
+                        not_writable = await connection.fetchval(NOT_WRITABLE)
+                    if not_writable:
+                        raise NotPrimary("the listener's server no longer takes writes")
                     self._cache.heard_from_store(sent_at)
             except asyncio.CancelledError:
                 self._cache.desynchronised()

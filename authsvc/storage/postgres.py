@@ -21,7 +21,7 @@ import asyncpg
 from authsvc.errors import ConfigError, Unavailable
 from authsvc.keys import Actor, ApiKey, KeyState
 from authsvc.storage import Found, NewKey, Page, TooManyActiveKeys
-from authsvc.storage.topology import IdentifiedConnection, NotPrimary, connect_options, init_pooled
+from authsvc.storage.topology import NOT_WRITABLE, IdentifiedConnection, NotPrimary, connect_options, init_pooled
 
 # Create and revoke publish the key's digest here, in the same transaction,
 # so every process can evict its cached copy (see authsvc.cache).
@@ -155,15 +155,15 @@ class PostgresStore:
             pass  # asyncpg has terminated the connection; the pool opens a new one when needed
 
     async def ping(self, budget: float = 1.0) -> bool:
-        """Whether the writable primary answers (a server in recovery is not it)."""
+        """Whether the writable primary answers (a standby or a read-only server is not it)."""
         try:
             async with self._connection(budget) as conn:
-                in_recovery = await conn.fetchval("SELECT pg_is_in_recovery()")
+                not_writable = await conn.fetchval(NOT_WRITABLE)
         except Unavailable:
             return False
-        if in_recovery:
-            await self._pool.expire_connections()
-        return not in_recovery
+        if not_writable:
+            await self._pool.expire_connections()  # reconnect, to a writable server or not at all
+        return not not_writable
 
     async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:
         async with self._connection(self._write_timeout) as conn, conn.transaction():

@@ -5,8 +5,9 @@ may land on any listed server. authsvc writes keys and trusts its cache only
 because it hears every change of the server its listener follows, so:
 
 * every connection (pool and listener) asks for a writable primary
-  (``target_session_attrs=read-write`` unless the URL says ``primary``), and
-  ``identify`` refuses a server in recovery, whatever the driver decided;
+  (``target_session_attrs=read-write``), ``identify`` refuses a server in
+  recovery whatever the driver decided, and the heartbeat and the health
+  ping ask ``NOT_WRITABLE`` again (a server may turn read-only under us);
 * every connection learns its server's identity once, at set-up, so the
   cache can refuse rows read from a server other than its feed's with one
   identity compare (``is``: identities are interned) and no query per lookup.
@@ -53,6 +54,9 @@ SELECT pg_is_in_recovery() AS recovery,
        coalesce(inet_server_port(), 0) AS port
 """
 _known: dict[ServerIdentity, ServerIdentity] = {}
+# True on a standby (in recovery, transactions are read-only) and on a primary
+# switched to default_transaction_read_only: either way, not the primary we need.
+NOT_WRITABLE = "SELECT current_setting('transaction_read_only') = 'on' OR pg_is_in_recovery()"
 
 
 async def identify(connection: asyncpg.Connection) -> ServerIdentity:
