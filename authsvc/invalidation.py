@@ -88,8 +88,11 @@ class InvalidationListener:
                 if backoff > 0.05:
                     log.info("cache invalidation listener reconnected; cache dropped and resynchronised")
                 backoff = 0.05
+                sent_at = subscribed_at
                 while not connection.is_closed():
-                    await asyncio.sleep(self._heartbeat)
+                    # Paced from the previous send, not from its reply: a slow
+                    # reply must not also delay the next proof of freshness.
+                    await asyncio.sleep(max(0.0, sent_at + self._heartbeat - time.monotonic()))
                     sent_at = time.monotonic()
                     async with asyncio.timeout(_DEAD_AFTER):
                         not_writable = await connection.fetchval(NOT_WRITABLE)
@@ -101,7 +104,9 @@ class InvalidationListener:
                 if connection is not None:
                     connection.terminate()
                 raise
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError, NotPrimary) as exc:
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError, asyncpg.InternalClientError, NotPrimary) as exc:
+                # InternalClientError: a heartbeat sent as the backend was killed
+                # finds the driver still consuming the error; the connection is gone either way.
                 if self.connected.is_set() or backoff == 0.05:
                     log.warning(
                         "cache invalidation listener lost (%s); serving from the database until it is back",
