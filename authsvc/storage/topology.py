@@ -13,9 +13,11 @@ because it hears every change of the server its listener follows, so:
   identity compare (``is``: identities are interned) and no query per lookup.
 
 The identity is the system identifier (shared by a primary and the standbys
-cloned from it), the timeline (a promoted standby starts a new one), the
+cloned from it), the timeline (a promoted standby starts a new one) and the
 postmaster's start time (a restart is another lifetime, with notifications
-lost in between) and the address the server sees itself on.
+lost in between; two clones never share it to the microsecond). Not the
+address: one server reached by two names or paths is still one server, and
+a mismatch there would only make the cache store nothing.
 """
 
 from __future__ import annotations
@@ -35,11 +37,6 @@ class ServerIdentity(NamedTuple):
     system_identifier: int
     timeline: int
     started: str
-    address: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.address or 'local'}:{self.port} (system {self.system_identifier}, timeline {self.timeline})"
 
 
 # pg_walfile_name and pg_current_wal_lsn fail during recovery, hence the CASE
@@ -49,9 +46,7 @@ SELECT pg_is_in_recovery() AS recovery,
        (SELECT system_identifier FROM pg_control_system()) AS system_identifier,
        CASE WHEN pg_is_in_recovery() THEN NULL
             ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END AS timeline,
-       pg_postmaster_start_time()::text AS started,
-       coalesce(host(inet_server_addr()), '') AS address,
-       coalesce(inet_server_port(), 0) AS port
+       pg_postmaster_start_time()::text AS started
 """
 _known: dict[ServerIdentity, ServerIdentity] = {}
 # True on a standby (in recovery, transactions are read-only) and on a primary
@@ -64,9 +59,7 @@ async def identify(connection: asyncpg.Connection) -> ServerIdentity:
     row = await connection.fetchrow(_IDENTIFY)
     if row["recovery"]:
         raise NotPrimary("the server is in recovery (a standby), not the writable primary")
-    identity = ServerIdentity(
-        int(row["system_identifier"]), int(row["timeline"], 16), row["started"], row["address"], row["port"]
-    )
+    identity = ServerIdentity(int(row["system_identifier"]), int(row["timeline"], 16), row["started"])
     return _known.setdefault(identity, identity)
 
 
