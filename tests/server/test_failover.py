@@ -279,3 +279,17 @@ def test_a_primary_turned_read_only_fails_closed_with_unavailable_never_internal
         until(lambda: a.status() == SERVING, 10, "SERVING once the server takes writes again")
         assert a.write_code(org) == "OK"
         assert a.outcome(key.secret) == ALLOW
+
+
+def test_starting_without_a_writable_primary_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Only a read-only server answers: authsvc does not start on it, and says what to check."""
+    from tests.server.test_process import run_serve
+
+    with primary_only() as primary:
+        primary.psql("ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf()")
+        result = run_serve({"AUTHSVC_DATABASE_URL": multi_host_url(primary), "AUTHSVC_WORKERS": "1"}, tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "writable" in lines[0] and "AUTHSVC_DATABASE_URL" in lines[0]
+    assert "Traceback" not in result.stderr
