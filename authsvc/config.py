@@ -162,6 +162,7 @@ class Settings:
             if not database_url.startswith(("postgres://", "postgresql://")):
                 raise ConfigError("AUTHSVC_DATABASE_URL must start with postgresql:// (or postgres://)")
             check_url(database_url, "AUTHSVC_DATABASE_URL", "postgresql://user@127.0.0.1:5432/authsvc")
+            database_session_attrs(database_url)
         redis_url = get("REDIS_URL")
         if redis_url is not None:
             if not redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -249,6 +250,23 @@ def check_url(value: str, name: str, example: str) -> None:
             urllib.parse.urlsplit(f"//{host}").port  # noqa: B018  # parsing the port is the check
     except ValueError as exc:
         raise ConfigError(f"{name} is not a valid URL ({exc}), e.g. {example}") from None
+
+
+def database_session_attrs(url: str) -> str:
+    """Always ``read-write``, the strictest ``target_session_attrs`` there is.
+
+    authsvc writes, and its cache trusts only the notifications of the server
+    it listens on, so the writable primary is the one server that will do. A
+    URL asking for anything else (``any``, ``standby``, even ``primary``,
+    which admits a read-only server) is refused at start-up.
+    """
+    given = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).get("target_session_attrs")
+    if given and given[-1] != "read-write":
+        raise ConfigError(
+            f"AUTHSVC_DATABASE_URL: target_session_attrs={given[-1]} could reach a server that cannot take writes; "
+            "authsvc needs the writable primary: remove the parameter or set it to read-write"
+        )
+    return "read-write"
 
 
 def worker_addresses(listen: str, base_port: int, workers: int) -> tuple[str, ...]:

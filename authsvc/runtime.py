@@ -55,7 +55,7 @@ from authsvc.core.usage import UsageRecorder
 from authsvc.grpc.keyservice import KeyServiceAdapter
 from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
 from authsvc.storage import audit, embedded
-from authsvc.storage.notify import PostgresFeed
+from authsvc.storage.notify import FRESHNESS, PostgresFeed
 from authsvc.storage.postgres import CONNECTION_ERRORS, PostgresStore, connect, create_pool, run_migrations
 from authsvc.storage.redis import RedisCounter
 
@@ -63,8 +63,6 @@ log = logging.getLogger("authsvc")
 T = TypeVar("T")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-#: How long a cached decision may be served since the feed last proved itself.
-CACHE_FRESHNESS = 1.0
 
 
 @contextlib.contextmanager
@@ -180,7 +178,7 @@ class App:
         with _setting("AUTHSVC_REDIS_URL"):
             shared = RedisCounter(s.redis_url.value) if s.redis_url else None
         self.store = PostgresStore(self._pool, lookup_timeout=s.store_timeout_ms / 1000)
-        cache: DecisionCache[KeyGrant] = DecisionCache(s.cache_size, CACHE_FRESHNESS, time.monotonic)
+        cache: DecisionCache[KeyGrant] = DecisionCache(s.cache_size, FRESHNESS, time.monotonic)
         self.feed = PostgresFeed(self.dsn)
         self.feed.subscribe(cache)
         await self.feed.start()
@@ -242,7 +240,7 @@ class App:
             await self.health.set(name, status)
 
     async def _watch_store(self) -> None:
-        """Health says NOT_SERVING while the database cannot be reached."""
+        """Health says NOT_SERVING while no writable primary can be reached (a standby alone is not enough)."""
         serving = True
         while True:
             await asyncio.sleep(0.5)
@@ -253,7 +251,7 @@ class App:
                 if ok:
                     log.info("database reachable again; serving")
                 else:
-                    log.warning("database unreachable; health is NOT_SERVING and unknown keys are refused")
+                    log.warning("no writable primary reachable; health is NOT_SERVING and unknown keys are refused")
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._monitor is not None:

@@ -9,7 +9,8 @@ counter increment).
 Ordering rules that keep a revoked key out:
 
 * the cache's epoch is taken *before* the lookup starts (in ``check``), so a
-  lookup that raced an invalidation is never cached (see ``DecisionCache``);
+  lookup that raced an invalidation is never cached (see ``DecisionCache``),
+  nor is one read from a server other than the one the feed follows;
 * ``decide`` checks revocation and expiry on every hit, against the clock
   this authorizer was given.
 
@@ -94,10 +95,10 @@ class Authorizer:
     async def complete(self, pending: Pending) -> Decision:
         """Finish what ``check`` could not: raises ``Unavailable`` when the store cannot answer (fail closed)."""
         if pending.allowed is None:
-            record = await self.store.find_by_digest(pending.digest)
+            record, source = await self.store.find_by_digest(pending.digest)
             grant = KeyGrant.of(record, self.catalog) if record is not None else None
             if self.cache is not None:
-                self.cache.put(pending.digest, grant, pending.epoch)
+                self.cache.put(pending.digest, grant, pending.epoch, source)
             answer = self._decide(grant, pending.required_scope, pending.digest)
             if not isinstance(answer, Pending):
                 return answer

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from authsvc.core.keys import Actor, ApiKey, KeyState
 
@@ -49,6 +49,18 @@ class NewKey:
 class Page:
     keys: list[ApiKey]
     total: int
+
+
+class Found(NamedTuple):
+    """A hot-path lookup's answer: the key (``None``: no such key) and the server it was read from.
+
+    ``source`` is opaque to the core; the cache stores the answer only when
+    it is the server whose invalidations the cache follows (see
+    ``FeedSubscriber.synchronised``). A store with one server passes ``None``.
+    """
+
+    key: ApiKey | None
+    source: object = None
 
 
 class TooManyActiveKeys(Exception):
@@ -81,8 +93,8 @@ class KeyStore(Protocol):
         """
         ...
 
-    async def find_by_digest(self, digest: bytes) -> ApiKey | None:
-        """The hot-path lookup; bounded by the store's lookup timeout."""
+    async def find_by_digest(self, digest: bytes) -> Found:
+        """The hot-path lookup, with the server it read from; bounded by the store's lookup timeout."""
         ...
 
     async def record_last_used(self, used: Mapping[str, datetime]) -> None:
@@ -112,8 +124,8 @@ class FeedSubscriber(Protocol):
     def alive(self, sent_at: float) -> None:
         """Every change committed before ``sent_at`` (monotonic) has been delivered."""
 
-    def synchronised(self, at: float) -> None:
-        """Subscribed (again) as of ``at``: changes may have been missed before it."""
+    def synchronised(self, at: float, source: object = None) -> None:
+        """Subscribed (again) to server ``source`` as of ``at``: changes may have been missed before it."""
 
     def desynchronised(self) -> None:
         """The feed is lost: nothing it said may be relied on until ``synchronised``."""

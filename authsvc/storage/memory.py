@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from authsvc.core.keys import Actor, ApiKey, KeyState
-from authsvc.core.ports import FeedSubscriber, NewKey, Page, TooManyActiveKeys
+from authsvc.core.ports import FeedSubscriber, Found, NewKey, Page, TooManyActiveKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +151,9 @@ class InMemoryStore:
             self.feed.publish(key_digest)
             return key, key_digest
 
-    async def find_by_digest(self, digest: bytes) -> ApiKey | None:
+    async def find_by_digest(self, digest: bytes) -> Found:
         key_id = self._by_digest.get(digest)
-        return self._keys[key_id] if key_id is not None else None
+        return Found(self._keys[key_id] if key_id is not None else None)
 
     async def record_last_used(self, used: Mapping[str, datetime]) -> None:
         for key_id, at in used.items():

@@ -10,6 +10,12 @@ subscribed again (the rules are ``authsvc_client._cache``'s).
 A heartbeat's answer proves that every notification committed before the
 heartbeat was *sent* has been delivered (one connection, in order), so
 freshness counts from the send time, not from when the answer came back.
+
+It follows the writable primary only (``authsvc.storage.topology``): a
+standby never publishes the primary's notifications. The heartbeat
+re-checks that the server still takes writes, and each (re)subscription
+tells the subscribers which server it now follows, so rows read elsewhere
+are never cached.
 """
 
 from __future__ import annotations
@@ -23,12 +29,21 @@ import asyncpg
 
 from authsvc.core.ports import FeedSubscriber
 from authsvc.storage.postgres import CONNECTION_ERRORS, NOTIFY_CHANNEL
+from authsvc.storage.topology import NOT_WRITABLE, NotPrimary, connect_options, identify
 
 log = logging.getLogger(__name__)
+#: Cached decisions are served at most this long after the last proof that the feed is alive.
+FRESHNESS = 0.1
+# A heartbeat every 25 ms keeps a live feed within FRESHNESS (100 ms) even
+# when a reply takes tens of milliseconds; a reply slower than _DEAD_AFTER
+# means the connection is replaced. In between, the cache is simply not served.
+HEARTBEAT = 0.025
+_DEAD_AFTER = 0.5
+assert HEARTBEAT * 3 < FRESHNESS
 
 
 class PostgresFeed:
-    def __init__(self, dsn: str, *, heartbeat: float = 0.2) -> None:
+    def __init__(self, dsn: str, *, heartbeat: float = HEARTBEAT) -> None:
         self._dsn = dsn
         self._subscribers: list[FeedSubscriber] = []
         self._heartbeat = heartbeat
@@ -81,22 +96,28 @@ class PostgresFeed:
         while True:
             connection: asyncpg.Connection | None = None
             try:
-                connection = await asyncpg.connect(self._dsn, timeout=2.0)
+                connection = await asyncpg.connect(self._dsn, timeout=2.0, **connect_options(self._dsn))
                 connection.add_termination_listener(self._on_lost)
+                server = await identify(connection)
+                subscribed_at = time.monotonic()
                 await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self._connection = connection
-                subscribed_at = time.monotonic()
                 for subscriber in self._subscribers:
-                    subscriber.synchronised(subscribed_at)
+                    subscriber.synchronised(subscribed_at, server)
                 self.connected.set()
                 if backoff > 0.05:
                     log.info("cache invalidation listener reconnected; cache dropped and resynchronised")
                 backoff = 0.05
+                sent_at = subscribed_at
                 while not connection.is_closed():
-                    await asyncio.sleep(self._heartbeat)
+                    # Paced from the previous send, not from its reply: a slow
+                    # reply must not also delay the next proof of freshness.
+                    await asyncio.sleep(max(0.0, sent_at + self._heartbeat - time.monotonic()))
                     sent_at = time.monotonic()
-                    async with asyncio.timeout(self._heartbeat * 2):
-                        await connection.fetchval("SELECT 1")
+                    async with asyncio.timeout(_DEAD_AFTER):
+                        not_writable = await connection.fetchval(NOT_WRITABLE)
+                    if not_writable:
+                        raise NotPrimary("the listener's server no longer takes writes")
                     for subscriber in self._subscribers:
                         subscriber.alive(sent_at)
             except asyncio.CancelledError:
@@ -104,7 +125,9 @@ class PostgresFeed:
                 if connection is not None:
                     connection.terminate()
                 raise
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError, asyncpg.InternalClientError, NotPrimary) as exc:
+                # InternalClientError: a heartbeat sent as the backend was killed
+                # finds the driver still consuming the error; the connection is gone either way.
                 if self.connected.is_set() or backoff == 0.05:
                     log.warning(
                         "cache invalidation listener lost (%s); serving from the database until it is back",

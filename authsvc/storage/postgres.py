@@ -24,8 +24,9 @@ import asyncpg
 
 from authsvc.core.errors import ConfigError, Unavailable
 from authsvc.core.keys import Actor, ApiKey, KeyState
-from authsvc.core.ports import NewKey, Page, TooManyActiveKeys
+from authsvc.core.ports import Found, NewKey, Page, TooManyActiveKeys
 from authsvc.storage.migrate import migrate
+from authsvc.storage.topology import NOT_WRITABLE, IdentifiedConnection, NotPrimary, connect_options, init_pooled
 
 # Create and revoke publish the key's digest here, in the same transaction,
 # so every process can evict its cached copy (see authsvc.storage.notify).
@@ -49,8 +50,11 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    asyncpg.TargetServerAttributeNotMatched,  # every listed host is down or a standby
+    NotPrimary,
 )
 _UNAVAILABLE = "the key store is unavailable; retry shortly"
+_READ_ONLY = "the database is read-only (no writable primary reached); retry shortly"
 # Lookup queries one process keeps in flight; lookups arriving meanwhile wait
 # and go together in the next batch. Measured with h2load on one worker and
 # the cache off: 1 in flight gave 3500 req/s, 2 gave 2670 (bigger batches,
@@ -77,13 +81,20 @@ def _connect_error(exc: BaseException) -> Exception:
     """
     if isinstance(exc, ValueError):  # asyncpg's DSN parser, and ClientConfigurationError (?sslmode=bogus)
         return ConfigError(f"is not usable: {exc}")
-    return Unavailable(f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc})")
+    return Unavailable(f"cannot connect to a writable PostgreSQL primary ({type(exc).__name__}: {exc})")
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 5.0) -> asyncpg.Pool:
     try:
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, timeout=connect_timeout, reset=_no_reset
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=connect_timeout,
+            reset=_no_reset,
+            connection_class=IdentifiedConnection,
+            init=init_pooled,
+            **connect_options(dsn),
         )
     except (ValueError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:  # ValueError first: see _connect_error
         raise _connect_error(exc) from None
@@ -94,7 +105,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, connec
 async def connect(dsn: str) -> asyncpg.Connection:
     """One connection for a command (migrate, audit), its failures translated like the pool's."""
     try:
-        return await asyncpg.connect(dsn, timeout=5.0)
+        return await asyncpg.connect(dsn, timeout=5.0, **connect_options(dsn))
     except (ValueError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
         raise _connect_error(exc) from None
 
@@ -134,7 +145,7 @@ class PostgresStore:
         self._lookup_timeout = lookup_timeout
         self._write_timeout = write_timeout
         # Lookups waiting for the next batch, by digest; see find_by_digest.
-        self._waiting: dict[bytes, asyncio.Future[ApiKey | None]] = {}
+        self._waiting: dict[bytes, asyncio.Future[Found]] = {}
         self._lookups: set[asyncio.Task[None]] = set()  # strong references to running batches
 
     @asynccontextmanager
@@ -158,6 +169,11 @@ class PostgresStore:
                 yield connection
         except CONNECTION_ERRORS:
             raise Unavailable(_UNAVAILABLE) from None
+        except asyncpg.ReadOnlySQLTransactionError:
+            # A server that turned read-only under us: have every pooled
+            # connection find the writable primary again.
+            await self._pool.expire_connections()
+            raise Unavailable(_READ_ONLY) from None
         finally:
             if connection is not None:
                 await self._release(connection)
@@ -169,12 +185,15 @@ class PostgresStore:
             pass  # asyncpg has terminated the connection; the pool opens a new one when needed
 
     async def ping(self, budget: float = 1.0) -> bool:
+        """Whether the writable primary answers (a standby or a read-only server is not it)."""
         try:
             async with self._connection(budget) as conn:
-                await conn.fetchval("SELECT 1")
+                not_writable = await conn.fetchval(NOT_WRITABLE)
         except Unavailable:
             return False
-        return True
+        if not_writable:
+            await self._pool.expire_connections()  # reconnect, to a writable server or not at all
+        return not not_writable
 
     async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:
         async with self._connection(self._write_timeout) as conn, conn.transaction():
@@ -271,7 +290,7 @@ class PostgresStore:
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, bytes(row["key_hash"]).hex())
             return _to_key(row), bytes(row["key_hash"])
 
-    async def find_by_digest(self, digest: bytes) -> ApiKey | None:
+    async def find_by_digest(self, digest: bytes) -> Found:
         """Look a key up by digest, batched with the other lookups waiting at the same time.
 
         Under load most of a cache miss's cost is per query (driver, pool,
@@ -309,12 +328,13 @@ class PostgresStore:
         self._lookups.discard(task)
         self._dispatch()  # whatever queued up while this query ran
 
-    async def _lookup(self, batch: dict[bytes, asyncio.Future[ApiKey | None]]) -> None:
+    async def _lookup(self, batch: dict[bytes, asyncio.Future[Found]]) -> None:
         try:
             async with self._connection(self._lookup_timeout, hot=True) as conn:
                 rows = await conn.fetch(
                     f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ANY($1::bytea[])", list(batch)
                 )
+                source = conn.server  # identified once, when the pool opened the connection
         except BaseException as exc:  # every waiter learns of the failure; nothing is left hanging
             error = exc if isinstance(exc, Exception) else Unavailable(_UNAVAILABLE)
             for future in batch.values():
@@ -327,7 +347,7 @@ class PostgresStore:
         for digest, future in batch.items():
             if not future.done():
                 row = found.get(digest)
-                future.set_result(_to_key(row) if row is not None else None)
+                future.set_result(Found(_to_key(row) if row is not None else None, source))
 
     async def record_last_used(self, used: Mapping[str, datetime]) -> None:
         if not used:

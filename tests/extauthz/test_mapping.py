@@ -24,8 +24,8 @@ from authsvc.config import DEFAULT_CATALOG, Settings, load_catalog
 from authsvc.core.authorizer import Authorizer
 from authsvc.core.errors import Unavailable
 from authsvc.core.keyformat import KeyFormat
-from authsvc.core.keys import ApiKey, Decision, Principal, RateLimit, Reason
-from authsvc.core.ports import NewKey
+from authsvc.core.keys import Decision, Principal, RateLimit, Reason
+from authsvc.core.ports import Found, NewKey
 from authsvc.extauthz import AuthorizationAdapter, RoutePolicy
 from authsvc.storage.memory import InMemoryStore
 
@@ -52,7 +52,7 @@ class LookupStore(InMemoryStore):
         )
         return issued.secret
 
-    async def find_by_digest(self, digest: bytes) -> ApiKey | None:
+    async def find_by_digest(self, digest: bytes) -> Found:
         self.lookups += 1
         if self.down:
             raise Unavailable("the key store did not answer in time")

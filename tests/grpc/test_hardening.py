@@ -276,7 +276,7 @@ async def test_14_hung_database_every_call_answers_unavailable_in_bounded_time(
                 code_of(stub.ListKeys(pb.ListKeysRequest(org_id=org, actor=ADMIN), timeout=15)),
                 code_of(stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=key_id, actor=ADMIN), timeout=15)),
             )
-            # An unknown key at once; the cached one once the listener's 1 s freshness bound has passed
+            # An unknown key at once; the cached one once the listener's freshness bound (100 ms) has passed
             # (silence is not a closed connection: that bound is what limits it, see README).
             for key, after in ((KeyFormat("authsvc").generate().secret, 0.0), (known.secret, 1.2)):
                 await asyncio.sleep(after)

@@ -17,6 +17,7 @@ from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 
 from authsvc.config import Secret, Settings
+from authsvc.core.keys import KeyGrant
 from authsvc.runtime import App
 from tests.grpc.test_lifecycle import authorize, create
 from tests.support import ADMIN, Stub, free_port, new_org
@@ -262,3 +263,19 @@ async def test_redis_down_keeps_keys_working_on_local_limits(settings: Settings,
 async def test_rate_limit_field_is_echoed_on_the_key(stub: Stub, limit: int) -> None:
     created = await create(stub, new_org(), rate_limit=limit)
     assert created.key.rate_limit == limit
+
+
+async def test_rows_read_from_the_listeners_own_server_are_cached(app: App, stub: Stub) -> None:
+    """The pool and the listener identify the same server, so lookups do get cached (the feed check is no veto)."""
+    from authsvc.core.keyformat import digest
+
+    cache = app.authorizer.cache
+    assert cache is not None
+    created = await create(stub, new_org())
+    for _ in range(20):  # a notification landing mid-lookup legitimately refuses one put; try again
+        assert (await authorize(stub, created.secret)).allowed
+        if isinstance(cache.get(digest(created.secret)), KeyGrant):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("a key read from the primary was never cached")

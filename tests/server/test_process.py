@@ -38,6 +38,10 @@ def run_serve(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess[str
         ({"AUTHSVC_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}, "AUTHSVC_DATABASE_URL"),
         ({"AUTHSVC_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none?sslmode=bogus"}, "AUTHSVC_DATABASE_URL"),
         ({"AUTHSVC_LISTEN": "127.0.0.1:{port}", "AUTHSVC_WORKER_BASE_PORT": "{port}"}, "AUTHSVC_WORKER_BASE_PORT"),
+        (
+            {"AUTHSVC_DATABASE_URL": "postgresql://postgres@127.0.0.1:1,127.0.0.1:2/db?target_session_attrs=any"},
+            "AUTHSVC_DATABASE_URL",
+        ),
     ],
     ids=[
         "bad prefix",
@@ -46,6 +50,7 @@ def run_serve(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess[str
         "unreachable database",
         "bad DSN parameter",
         "worker ports overlap the listen port",
+        "a session attribute that admits a standby",
     ],
 )
 def test_startup_errors_are_one_line_naming_what_to_change(env: dict[str, str], expected: str, tmp_path: Path) -> None:

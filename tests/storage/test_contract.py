@@ -23,7 +23,7 @@ from authsvc.core.authorizer import Authorizer
 from authsvc.core.keyformat import KeyFormat
 from authsvc.core.keys import Actor, ApiKey, KeyGrant, KeyState, Reason, Role
 from authsvc.core.manager import KeyManager
-from authsvc.core.ports import InvalidationFeed, KeyStore, NewKey, Page, TooManyActiveKeys
+from authsvc.core.ports import Found, InvalidationFeed, KeyStore, NewKey, Page, TooManyActiveKeys
 from authsvc.storage.memory import InMemoryStore
 from authsvc.storage.notify import PostgresFeed
 from authsvc.storage.postgres import PostgresStore, create_pool, run_migrations
@@ -66,7 +66,7 @@ class Recorder:
     def alive(self, sent_at: float) -> None:
         pass
 
-    def synchronised(self, at: float) -> None:
+    def synchronised(self, at: float, source: object = None) -> None:
         self._note("synchronised")
 
     def desynchronised(self) -> None:
@@ -130,7 +130,7 @@ async def test_a_created_key_reads_back_as_it_was_created(backend: Backend) -> N
     assert set(key.scopes) == {"read", "write"}
     assert key.create_time == NOW and key.revoke_time is None and key.last_used_time is None
     assert await backend.store.get_key(org, key.id) == key
-    assert await backend.store.find_by_digest(new.digest) == key
+    assert (await backend.store.find_by_digest(new.digest)).key == key
 
 
 async def test_another_organizations_key_is_not_found(backend: Backend) -> None:
@@ -140,7 +140,7 @@ async def test_another_organizations_key_is_not_found(backend: Backend) -> None:
 
 
 async def test_an_unknown_digest_finds_nothing(backend: Backend) -> None:
-    assert await backend.store.find_by_digest(b"\0" * 32) is None
+    assert (await backend.store.find_by_digest(b"\0" * 32)).key is None
 
 
 async def test_list_filters_by_state_newest_first_and_pages(backend: Backend) -> None:
@@ -196,7 +196,7 @@ async def test_a_revocation_is_final_and_keeps_the_first_reason(backend: Backend
     assert (first[0].revoke_time, first[0].revoked_by, first[0].revoke_reason) == (NOW, "alice", "leaked")
     again = await backend.store.revoke_key(org, key.id, Actor("bob", Role.OWNER), "other", NOW + timedelta(hours=1))
     assert again is not None and again[0] == first[0]
-    found = await backend.store.find_by_digest(new.digest)
+    found = (await backend.store.find_by_digest(new.digest)).key
     assert found is not None and found.revoke_time == NOW
 
 
@@ -205,7 +205,7 @@ async def test_scopes_never_change(backend: Backend) -> None:
     key, new, _ = await create(backend.store, org, scopes=("read",))
     await backend.store.record_last_used({key.id: NOW + timedelta(seconds=5)})
     await backend.store.revoke_key(org, key.id, ADMIN, "x", NOW)
-    for found in (await backend.store.get_key(org, key.id), await backend.store.find_by_digest(new.digest)):
+    for found in (await backend.store.get_key(org, key.id), (await backend.store.find_by_digest(new.digest)).key):
         assert found is not None and found.scopes == ("read",)
 
 
@@ -263,7 +263,7 @@ class GatedStore:
         self.read = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def find_by_digest(self, digest: bytes) -> ApiKey | None:
+    async def find_by_digest(self, digest: bytes) -> Found:
         record = await self.inner.find_by_digest(digest)
         self.read.set()
         await self.release.wait()

@@ -28,6 +28,10 @@ from authsvc.core.errors import ConfigError
         ({"AUTHSVC_REDIS_URL": "localhost:6379"}, "AUTHSVC_REDIS_URL"),
         ({"AUTHSVC_AUDIT_RETENTION_DAYS": "a year"}, "AUTHSVC_AUDIT_RETENTION_DAYS"),
         ({"AUTHSVC_AUDIT_RETENTION_DAYS": "-1"}, "AUTHSVC_AUDIT_RETENTION_DAYS"),
+        # Only the writable primary will do: a standby misses nothing less than every write.
+        ({"AUTHSVC_DATABASE_URL": "postgresql://u@h1,h2/db?target_session_attrs=any"}, "AUTHSVC_DATABASE_URL"),
+        ({"AUTHSVC_DATABASE_URL": "postgresql://u@h1,h2/db?target_session_attrs=standby"}, "AUTHSVC_DATABASE_URL"),
+        ({"AUTHSVC_DATABASE_URL": "postgresql://u@h1,h2/db?target_session_attrs=primary"}, "AUTHSVC_DATABASE_URL"),
     ],
 )
 def test_invalid_setting_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -44,6 +48,7 @@ def test_invalid_setting_names_the_variable(env: dict[str, str], variable: str) 
         "postgresql://u@h1:5432,h2/db",
         "postgresql://u@[::1]:5432,[::2]:5433/db",
         "postgresql:///db?host=/var/run/postgresql",
+        "postgresql://u@h1:5432,h2:5433/db?target_session_attrs=read-write",
     ],
 )
 def test_valid_database_urls_are_accepted(url: str) -> None:
@@ -74,3 +79,13 @@ def test_effective_config_redacts_passwords_and_tokens() -> None:
     for secret in ("hunter2", "tok-very-secret", "tok-other", "redispass"):
         assert secret not in shown
     assert "db:5432" in shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://u@h1,h2/db", "postgresql://u@h1,h2/db?target_session_attrs=read-write", "postgresql:///db"],
+)
+def test_connections_always_ask_for_the_writable_primary(url: str) -> None:
+    from authsvc.storage.topology import connect_options
+
+    assert connect_options(url) == {"target_session_attrs": "read-write"}

@@ -167,3 +167,35 @@ def test_hits_and_misses_are_counted() -> None:
     cache.get(D1)
     cache.get(D2)
     assert (cache.hits, cache.misses) == (1, 1)
+
+
+def test_rows_read_from_a_server_other_than_the_feeds_are_not_stored() -> None:
+    """A lagging standby or a former primary may still hold a row the feed has announced as revoked."""
+    feed, other = object(), object()
+    cache: DecisionCache[KeyGrant] = DecisionCache(10, 1.0, Clock())
+    cache.synchronised(100.0, feed)
+    cache.put(D1, GRANT, cache.epoch, other)
+    cache.put(D2, None, cache.epoch, other)
+    assert cache.get(D1) is MISS
+    assert cache.get(D2) is MISS
+    cache.put(D1, GRANT, cache.epoch, feed)
+    assert cache.get(D1) is GRANT
+
+
+def test_a_new_feed_starts_from_empty_and_refuses_the_old_feeds_rows() -> None:
+    """A failover: the listener follows another server; nothing from before is served or stored."""
+    old, new = object(), object()
+    cache: DecisionCache[KeyGrant] = DecisionCache(10, 1.0, Clock())
+    cache.synchronised(100.0, old)
+    cache.put(D1, GRANT, cache.epoch, old)
+    cache.synchronised(100.0, new)
+    assert cache.get(D1) is MISS
+    cache.put(D1, GRANT, cache.epoch, old)
+    assert cache.get(D1) is MISS
+
+
+def test_the_servers_freshness_bound_is_at_most_100_ms_with_heartbeats_well_inside_it() -> None:
+    from authsvc.storage.notify import FRESHNESS, HEARTBEAT
+
+    assert FRESHNESS <= 0.1
+    assert HEARTBEAT * 3 < FRESHNESS

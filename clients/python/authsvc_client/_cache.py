@@ -14,6 +14,10 @@ here once, so neither side can get them wrong on its own:
 * **Resets.** Losing the feed drops every entry and stops serving;
   subscribing (again) drops them once more, because invalidations may have
   been missed in between.
+* **One source.** A looked-up value is stored only if it was read from the
+  source whose invalidations the cache follows (the ``source`` given to
+  ``synchronised``, compared by identity). A value read elsewhere (a lagging
+  standby, a former primary) may predate an invalidation already delivered.
 * **Epochs.** A looked-up value is stored only if no invalidation arrived
   while it was being looked up (``epoch`` at the start of the lookup equals
   ``epoch`` now). Otherwise a lookup that raced a revocation could put the
@@ -67,6 +71,7 @@ class DecisionCache(Generic[V]):
         self._clock = clock
         self._fresh_until = 0.0
         self._synced = False
+        self._source: object = None
         #: Bumped by every invalidation; see ``put``.
         self.epoch = 0
         self.hits = 0
@@ -94,9 +99,9 @@ class DecisionCache(Generic[V]):
         self.misses += 1
         return MISS
 
-    def put(self, digest: bytes, value: V | None, epoch: int) -> None:
-        """Store a looked-up value (``None``: no such key) that was read while ``self.epoch == epoch``."""
-        if not self._synced or epoch != self.epoch:
+    def put(self, digest: bytes, value: V | None, epoch: int, source: object = None) -> None:
+        """Store a looked-up value (``None``: no such key) read from ``source`` while ``self.epoch == epoch``."""
+        if not self._synced or epoch != self.epoch or source is not self._source:
             return
         if value is None:
             self._unknown[digest] = None
@@ -127,9 +132,13 @@ class DecisionCache(Generic[V]):
         if until > self._fresh_until:
             self._fresh_until = until
 
-    def synchronised(self, at: float) -> None:
-        """The feed is (again) subscribed as of ``at``: start from empty, missed invalidations or not."""
+    def synchronised(self, at: float, source: object = None) -> None:
+        """The feed is (again) subscribed to ``source`` as of ``at``: start from empty, missed invalidations or not.
+
+        From now on only values read from ``source`` are stored.
+        """
         self.clear()
+        self._source = source
         self._synced = True
         self._fresh_until = at + self._freshness
 
@@ -137,4 +146,5 @@ class DecisionCache(Generic[V]):
         """The feed is lost: drop everything and serve nothing until it is back."""
         self.clear()
         self._synced = False
+        self._source = None
         self._fresh_until = 0.0
