@@ -13,7 +13,7 @@ from grpc_health.v1._async import HealthServicer
 
 from authsvc import extauthz
 from authsvc.cache import KeyCache
-from authsvc.config import Settings
+from authsvc.config import Settings, scrub
 from authsvc.errors import ConfigError, Unavailable
 from authsvc.grpc.keyservice import KeyServiceAdapter
 from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
@@ -43,10 +43,10 @@ async def run_migrations(dsn: str) -> list[str]:
         connection = await asyncpg.connect(dsn, timeout=5.0)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise Unavailable(
-            f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc}); check AUTHSVC_DATABASE_URL"
+            f"cannot connect to PostgreSQL ({type(exc).__name__}: {scrub(str(exc), dsn)}); check AUTHSVC_DATABASE_URL"
         ) from None
     except ValueError as exc:  # asyncpg's DSN parser: a bad parameter such as ?sslmode=
-        raise ConfigError(f"AUTHSVC_DATABASE_URL is not usable: {exc}") from None
+        raise ConfigError(f"AUTHSVC_DATABASE_URL is not usable: {scrub(str(exc), dsn)}") from None
     try:
         return await migrate(connection)
     finally:

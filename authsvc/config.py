@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -197,15 +198,102 @@ def check_url(value: str, name: str, example: str) -> None:
     """The URL's shape (hosts, ports) is checked here, so a typo fails at start-up in one line.
 
     PostgreSQL URLs may list several hosts (``h1:5432,h2:5433``, for
-    failover); each is checked on its own.
+    failover); each is checked on its own. The messages never quote the URL
+    or any part of it: in a malformed URL nobody can tell where the password
+    ends (``svc:s3cr3t?x@host`` is read as host ``svc``, port ``s3cr3t``),
+    so any echoed fragment may be a piece of it.
     """
+    encode = "percent-encode @ : / ? # % in the user name and password"
+
+    def fail(problem: str) -> ConfigError:
+        return ConfigError(f"{name} is not a valid URL: {problem}; {encode}, e.g. {example}")
+
+    authority = value.partition("://")[2]
+    if "@" in authority.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[0]:
+        raise fail("it has more than one @ before the host")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", value):
+        raise fail("a % is not followed by two hex digits")
     try:
         parts = urllib.parse.urlsplit(value)
         hosts = parts.netloc.rpartition("@")[2]
         for host in hosts.split(","):
             urllib.parse.urlsplit(f"//{host}").port  # noqa: B018  # parsing the port is the check
-    except ValueError as exc:
-        raise ConfigError(f"{name} is not a valid URL ({exc}), e.g. {example}") from None
+    except ValueError:
+        raise fail("a host is malformed or a port is not a number from 0 to 65535") from None
+    database = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+        raise fail("the path must be a database number such as /0")  # redis-py would ignore it silently
+    if parts.scheme in ("redis", "rediss", "unix"):
+        from redis.connection import parse_url  # the driver's own rules for query parameters
+
+        try:
+            parse_url(value)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        except ValueError as exc:
+            raise ConfigError(f"{name} is not usable: {scrub(str(exc), value)}") from None
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """What in ``url`` may be a password, even when the URL is malformed.
+
+    The user-info password is taken as everything from the first ``:`` after
+    ``scheme://`` to the *last* ``@``, which covers passwords holding an
+    unencoded ``@ / ? #`` (a parser would split those elsewhere); query
+    parameters named ``password`` or ``sslpassword`` are secrets too. Both
+    the raw and the percent-decoded spelling are returned.
+    """
+    found: list[str] = []
+    rest = url.partition("://")[2]
+    userinfo, at, _ = rest.rpartition("@")
+    if at and ":" in userinfo:
+        found.append(userinfo.partition(":")[2])
+    for part in url.partition("?")[2].split("&"):
+        param, eq, value = part.partition("=")
+        if eq and param.lower() in ("password", "sslpassword"):
+            found.append(value.partition("#")[0])
+    out: list[str] = []
+    for secret in found:
+        for form in (secret, urllib.parse.unquote(secret), urllib.parse.unquote_plus(secret)):
+            if form and form not in out:
+                out.append(form)
+    return tuple(out)
+
+
+_MIN_FRAGMENT = 4
+"""Shorter runs of a password's characters are too common to mask without garbling the message."""
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's error message) with every piece of ``url``'s passwords masked as ``***``.
+
+    Drivers quote what they failed to parse, which in a malformed URL is
+    often part of the password (asyncpg: ``invalid literal for int() ...
+    's3cr3t@host:1'``). Masked are the whole password and every run of at
+    least four of its consecutive characters, so a message that quotes only
+    a fragment leaks nothing either. The one helper for every message that
+    wraps a driver's text (migrations, the pool, Redis).
+    """
+    secrets = url_secrets(url)
+    if not secrets:
+        return text
+    masked = [False] * len(text)
+    for secret in secrets:
+        shortest = min(_MIN_FRAGMENT, len(secret))
+        for start in range(len(text)):
+            # The longest run of the secret's characters that starts here.
+            length = 0
+            for end in range(len(text), start + shortest - 1, -1):
+                if text[start:end] in secret:
+                    length = end - start
+                    break
+            for i in range(start, start + length):
+                masked[i] = True
+    out: list[str] = []
+    for i, char in enumerate(text):
+        if not masked[i]:
+            out.append(char)
+        elif i == 0 or not masked[i - 1]:
+            out.append("***")
+    return "".join(out)
 
 
 def worker_addresses(listen: str, base_port: int, workers: int) -> tuple[str, ...]:

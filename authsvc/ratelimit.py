@@ -17,6 +17,7 @@ import math
 import time
 from typing import Any, Protocol
 
+from authsvc.config import scrub
 from authsvc.errors import ConfigError
 from authsvc.keys import Decision, RateLimit, Reason
 
@@ -43,7 +44,7 @@ class RedisCounter:
         try:
             self._client: Any = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         except ValueError as exc:  # redis-py's URL parser: e.g. an unknown query parameter
-            raise ConfigError(f"AUTHSVC_REDIS_URL is not usable: {exc}") from None
+            raise ConfigError(f"AUTHSVC_REDIS_URL is not usable: {scrub(str(exc), url)}") from None
         self._script = self._client.register_script(_INCR_SCRIPT)
 
     async def incr(self, name: str, ttl_seconds: int) -> int:

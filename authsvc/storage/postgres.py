@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from authsvc.config import scrub
 from authsvc.errors import ConfigError, Unavailable
 from authsvc.keys import Actor, ApiKey, KeyState
 from authsvc.storage import NewKey, Page, TooManyActiveKeys
@@ -71,9 +72,10 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, connec
             dsn, min_size=min_size, max_size=max_size, timeout=connect_timeout, reset=_no_reset
         )
     except ValueError as exc:  # first: asyncpg's ClientConfigurationError (?sslmode=bogus) is an InterfaceError too
-        raise ConfigError(f"AUTHSVC_DATABASE_URL is not usable: {exc}") from None
+        raise ConfigError(f"AUTHSVC_DATABASE_URL is not usable: {scrub(str(exc), dsn)}") from None
     except CONNECTION_ERRORS as exc:
-        raise Unavailable(f"cannot connect to PostgreSQL: {exc}") from None
+        detail = scrub(str(exc), dsn)
+        raise Unavailable(f"cannot connect to PostgreSQL ({detail}); check AUTHSVC_DATABASE_URL") from None
     assert pool is not None
     return pool
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from authsvc.config import Settings
+from authsvc.config import Settings, scrub
 from authsvc.errors import ConfigError
 
 
@@ -72,3 +72,40 @@ def test_effective_config_redacts_passwords_and_tokens() -> None:
     for secret in ("hunter2", "tok-very-secret", "tok-other", "redispass"):
         assert secret not in shown
     assert "db:5432" in shown
+
+
+@pytest.mark.parametrize(
+    ("text", "url", "expected"),
+    [
+        # asyncpg's text for svc:p@ss:s3cr3t@...: a fragment of the password, quoted.
+        (
+            "invalid literal for int() with base 10: 's3cr3t@127.0.0.1:1'",
+            "postgresql://svc:p@ss:s3cr3t@127.0.0.1:1/db",
+            "invalid literal for int() with base 10: '***@127.0.0.1:1'",
+        ),
+        ("bad value 'hunter2'", "postgresql://u@h/db?sslmode=x&password=hunter2", "bad value '***'"),
+        ("bad value 's3/cr3t'", "redis://:s3%2Fcr3t@h:6379/0", "bad value '***'"),  # the decoded spelling too
+        ("cannot reach 127.0.0.1:1", "postgresql://svc:s3cr3t@127.0.0.1:1/db", "cannot reach 127.0.0.1:1"),
+        ("no password here", "postgresql://svc@127.0.0.1/db", "no password here"),
+    ],
+)
+def test_scrub_masks_every_piece_of_a_password(text: str, url: str, expected: str) -> None:
+    assert scrub(text, url) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://svc:s3cr3t?x@127.0.0.1/db",
+        "postgresql://svc:s3cr3t#x@127.0.0.1/db",
+        "postgresql://svc:p@ss:s3cr3t@127.0.0.1/db",
+        "redis://:s3cr3t?x@127.0.0.1:6379/0",
+        "redis://:s3cr3t@127.0.0.1:6379/0?socket_timeout=s3cr3t",
+    ],
+)
+def test_url_errors_never_quote_the_url(url: str) -> None:
+    variable = "AUTHSVC_REDIS_URL" if url.startswith("redis") else "AUTHSVC_DATABASE_URL"
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({variable: url})
+    assert variable in str(info.value)
+    assert "s3cr" not in str(info.value)
