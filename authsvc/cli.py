@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         workers = workers or (os.cpu_count() or 1)
         for address in (listen, *worker_addresses(listen, settings.worker_base_port, workers)):
             ensure_can_listen(address)
+        if settings.check_management(listen):
+            log.warning(
+                "management is open on %s: anyone who reaches it can create and revoke keys "
+                "(AUTHSVC_INSECURE_MANAGEMENT=true); set AUTHSVC_ADMIN_TOKENS",
+                listen,
+            )
         settings = dataclasses.replace(settings, workers=workers, listen=listen)
         install_event_loop()
         if workers == 1:

@@ -7,6 +7,7 @@ a one-line message naming the variable, which the CLI prints as is.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import re
 import urllib.parse
@@ -53,6 +54,11 @@ class Settings:
     """Active (not revoked, not expired) keys an organization may hold."""
     admin_tokens: tuple[Secret, ...] = ()
     """When set, management RPCs need ``authorization: Bearer <token>``."""
+    insecure_management: bool = False
+    """Accept open management on a non-loopback address (no admin tokens); warned about at every start."""
+    drain_seconds: float = 3.0
+    """After SIGTERM: how long health says NOT_SERVING while calls are still served, so that
+    health-checking clients and Envoy (2 s interval) move away before the port closes."""
     store_timeout_ms: int = 100
     """Authorize's budget for a database lookup; past it the answer is UNAVAILABLE (fail closed)."""
     last_used_flush_seconds: float = 5.0
@@ -159,6 +165,16 @@ class Settings:
         if method_scopes and "*" not in (method for method, _ in method_scopes):
             # Without a default, a method nobody listed (DELETE, PATCH, ...) would need no scope at all.
             raise ConfigError("AUTHSVC_METHOD_SCOPES needs a default rule for the other methods, e.g. ...,*=write")
+        insecure_raw = (get("INSECURE_MANAGEMENT") or "false").lower()
+        if insecure_raw not in ("true", "false"):
+            raise ConfigError(f"AUTHSVC_INSECURE_MANAGEMENT must be true or false, got {insecure_raw!r}")
+        drain_raw = get("DRAIN_SECONDS")
+        try:
+            drain = float(drain_raw) if drain_raw is not None else cls.drain_seconds
+        except ValueError:
+            raise ConfigError(f"AUTHSVC_DRAIN_SECONDS must be a number, got {drain_raw!r}") from None
+        if not 0 <= drain <= 300:
+            raise ConfigError("AUTHSVC_DRAIN_SECONDS must be between 0 and 300")
         settings = cls(
             database_url=Secret(database_url) if database_url else None,
             data_dir=Path(get("DATA_DIR") or cls.data_dir),
@@ -169,6 +185,8 @@ class Settings:
             scopes_file=scopes_file,
             max_active_keys=integer("MAX_ACTIVE_KEYS", cls.max_active_keys, 1, 10_000),
             admin_tokens=tuple(Secret(t) for t in word_list("ADMIN_TOKENS", ())),
+            insecure_management=insecure_raw == "true",
+            drain_seconds=drain,
             store_timeout_ms=integer("STORE_TIMEOUT_MS", cls.store_timeout_ms, 5, 10_000),
             last_used_flush_seconds=flush,
             cache_size=integer("CACHE_SIZE", cls.cache_size, 0, 100_000_000),
@@ -186,6 +204,34 @@ class Settings:
             if scope not in catalog:
                 raise ConfigError(f"AUTHSVC_METHOD_SCOPES: {method}={scope}: {scope!r} is not in the scope catalog")
         return settings
+
+    def check_management(self, listen: str) -> bool:
+        """Refuse open management where other machines can reach it; True when only the override allows it.
+
+        Without admin tokens anyone who reaches the port creates and revokes
+        keys in any organization. On loopback only local processes can; on
+        any other address (``0.0.0.0`` in a container) that must be a
+        deliberate choice, so the default is to refuse to start.
+        """
+        if self.admin_tokens or is_loopback(listen):
+            return False
+        if self.insecure_management:
+            return True
+        raise ConfigError(
+            f"listening on {listen} with open management: set AUTHSVC_ADMIN_TOKENS "
+            "(or AUTHSVC_INSECURE_MANAGEMENT=true to allow anyone who reaches the port to manage keys)"
+        )
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether only this machine can reach ``host:port``: localhost or a loopback IP, nothing resolved."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve to anything
+        return False
 
 
 def check_listen(value: str, name: str) -> None:

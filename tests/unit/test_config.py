@@ -109,3 +109,27 @@ def test_url_errors_never_quote_the_url(url: str) -> None:
         Settings.from_env({variable: url})
     assert variable in str(info.value)
     assert "s3cr" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("127.0.0.1:50051", True),
+        ("127.1.2.3:50051", True),
+        ("localhost:50051", True),
+        ("[::1]:50051", True),
+        ("0.0.0.0:50051", False),
+        ("[::]:50051", False),
+        ("10.0.0.5:50051", False),
+        ("authsvc.internal:50051", False),  # a name may resolve to anything
+    ],
+)
+def test_open_management_is_refused_unless_only_this_machine_can_reach_it(listen: str, loopback: bool) -> None:
+    settings = Settings.from_env({})
+    if loopback:
+        assert settings.check_management(listen) is False
+        return
+    with pytest.raises(ConfigError, match="AUTHSVC_ADMIN_TOKENS"):
+        settings.check_management(listen)
+    assert Settings.from_env({"AUTHSVC_INSECURE_MANAGEMENT": "true"}).check_management(listen) is True
+    assert Settings.from_env({"AUTHSVC_ADMIN_TOKENS": "t"}).check_management(listen) is False
