@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -150,10 +151,21 @@ class App:
                 else:
                     log.warning("database unreachable; health is NOT_SERVING and unknown keys are refused")
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0, *, drain: float = 0.0, hurry: asyncio.Event | None = None) -> None:
+        """Health first, then the port: NOT_SERVING, ``drain`` seconds of normal service, then ``grace``.
+
+        Health-checking clients (gRPC ``healthCheckConfig``) and Envoy (every
+        2 s) move away only once they have seen NOT_SERVING; the drain keeps
+        answering the calls they send meanwhile, so a replica's stop fails
+        none. Then the server accepts no more calls and gives those in flight
+        up to ``grace`` seconds. ``hurry`` (a second Ctrl+C) cuts the drain short.
+        """
         if self._monitor is not None:
             self._monitor.cancel()
         await self.health.enter_graceful_shutdown()
+        if drain > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for((hurry or asyncio.Event()).wait(), drain)
         await self._server.stop(grace)
         await self._shutdown_internals()
 

@@ -21,6 +21,9 @@ from authsvc.errors import ConfigError, Unavailable
 
 log = logging.getLogger("authsvc")
 
+STOP_GRACE_SECONDS = 5.0
+"""After the drain: how long calls already in flight may take before the server cancels them."""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="authsvc", description="API-key authorization service")
@@ -145,9 +148,17 @@ async def _serve(
     from authsvc.app import App, database_dsn
 
     stop = asyncio.Event()
+    # Ctrl+C while draining skips the rest of the drain. A second SIGTERM does
+    # not: systemd signals every process of the service and the supervisor
+    # then signals its workers again, which must still drain.
+    hurry = asyncio.Event()
+
+    def on_interrupt() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
     if worker is None:
         extra_listen = worker_addresses(listen, settings.worker_base_port, 1)
     app = App(
@@ -170,6 +181,12 @@ async def _serve(
         log.info("effective configuration: %s", " ".join(f"{k}={v}" for k, v in settings.redacted().items()))
     log.info("authsvc serving", extra=extra)
     await stop.wait()
-    log.info("shutting down: draining in-flight calls", extra=extra)
-    await app.stop(grace=5.0)
+    log.info(
+        "shutting down: health is NOT_SERVING, still serving for %ss (AUTHSVC_DRAIN_SECONDS), "
+        "then finishing in-flight calls",
+        f"{settings.drain_seconds:g}",
+        extra=extra,
+    )
+    await app.stop(grace=STOP_GRACE_SECONDS, drain=settings.drain_seconds, hurry=hurry)
+    log.info("stopped", extra=extra)
     return 0

@@ -84,8 +84,10 @@ def run(settings: Settings, listen: str, workers: int) -> int:
     for proc in procs:
         if proc.is_alive() and proc.pid is not None:
             proc.terminate()  # SIGTERM: each worker drains its in-flight calls
+    from authsvc.cli import STOP_GRACE_SECONDS
+
     for proc in procs:
-        proc.join(timeout=10)
+        proc.join(timeout=settings.drain_seconds + STOP_GRACE_SECONDS + 5)
         if proc.is_alive():
             proc.kill()
             proc.join()

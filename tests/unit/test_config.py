@@ -26,6 +26,9 @@ from authsvc.errors import ConfigError
         ({"AUTHSVC_REDIS_URL": "redis://[::1"}, "AUTHSVC_REDIS_URL"),
         ({"AUTHSVC_LAST_USED_FLUSH_SECONDS": "60"}, "AUTHSVC_LAST_USED_FLUSH_SECONDS"),
         ({"AUTHSVC_REDIS_URL": "localhost:6379"}, "AUTHSVC_REDIS_URL"),
+        ({"AUTHSVC_DRAIN_SECONDS": "soon"}, "AUTHSVC_DRAIN_SECONDS"),
+        ({"AUTHSVC_DRAIN_SECONDS": "-1"}, "AUTHSVC_DRAIN_SECONDS"),
+        ({"AUTHSVC_INSECURE_MANAGEMENT": "yes"}, "AUTHSVC_INSECURE_MANAGEMENT"),
     ],
 )
 def test_invalid_setting_names_the_variable(env: dict[str, str], variable: str) -> None:
