@@ -26,6 +26,9 @@ from tests.support import ADMIN, free_port, new_org, serve_process, wait_serving
 # Without Redis each process counts alone (README, Rate limits), so the
 # "remaining" of a huge limit tells the two replicas' sequences apart.
 COUNTING = {"AUTHSVC_RATE_LIMIT": "1000000000", "AUTHSVC_RATE_LIMIT_WINDOW_SECONDS": "86400", "AUTHSVC_REDIS_URL": ""}
+# These tests are about the stop, not about failing closed: a database lookup
+# slowed by a loaded machine must not turn into an UNAVAILABLE here.
+PATIENT = {"AUTHSVC_STORE_TIMEOUT_MS": "5000"}
 HEALTH_CHECKED_ROUND_ROBIN = json.dumps(
     {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
 )
@@ -85,7 +88,7 @@ class Stream:
 
 @pytest.mark.slow
 def test_stopping_one_of_two_replicas_fails_no_call(tmp_path: Path, database_url: str) -> None:
-    env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_DRAIN_SECONDS": "3", **COUNTING}
+    env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_DRAIN_SECONDS": "3", **PATIENT, **COUNTING}
     with serve_process(env, tmp_path) as first, serve_process(env, tmp_path) as second:
         key = create_key(second.target)
         options = [("grpc.service_config", HEALTH_CHECKED_ROUND_ROBIN), ("grpc.enable_retries", 0)]
@@ -96,7 +99,7 @@ def test_stopping_one_of_two_replicas_fails_no_call(tmp_path: Path, database_url
                 time.sleep(1.0)
                 before = list(stream.remaining)
                 # Both replicas answered: each one's counter repeats the other's values.
-                assert len(before) > len(set(before)) > 20, "round_robin did not reach both replicas"
+                assert len(before) > len(set(before)) > 10, "round_robin did not reach both replicas"
                 stopped_at = time.monotonic()
                 first.proc.send_signal(signal.SIGTERM)
                 time.sleep(0.5)
@@ -120,7 +123,12 @@ def test_every_worker_drains_on_sigterm(tmp_path: Path, database_url: str) -> No
     base, shared = free_port(), free_port()
     while base >= 65535 or shared in (base, base + 1):
         base, shared = free_port(), free_port()
-    env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_DRAIN_SECONDS": "2", "AUTHSVC_WORKER_BASE_PORT": str(base)}
+    env = {
+        "AUTHSVC_DATABASE_URL": database_url,
+        "AUTHSVC_DRAIN_SECONDS": "4",
+        "AUTHSVC_WORKER_BASE_PORT": str(base),
+        **PATIENT,
+    }
     with serve_process(env, tmp_path, args=("--workers", "2"), port=shared) as server:
         workers = [f"127.0.0.1:{base + i}" for i in range(2)]
         for target in workers:
@@ -132,16 +140,16 @@ def test_every_worker_drains_on_sigterm(tmp_path: Path, database_url: str) -> No
             request = pb.AuthorizeRequest(key=key, required_scope="read")
             stopped_at = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
-            deadline = stopped_at + 1.5
+            deadline = stopped_at + 3.0
             while any(health(target) != "NOT_SERVING" for target in workers):
                 assert time.monotonic() < deadline, "a worker did not turn NOT_SERVING"
                 time.sleep(0.05)
             for stub in stubs:  # NOT_SERVING, yet still answering during the drain
                 assert stub.Authorize(request, timeout=2).allowed
-            assert time.monotonic() - stopped_at < 2.0
+            assert time.monotonic() - stopped_at < 4.0  # all of that within the drain
             assert server.proc.wait(timeout=20) == 0
-            assert time.monotonic() - stopped_at >= 2.0
+            assert time.monotonic() - stopped_at >= 4.0
         finally:
             for channel in channels:
                 channel.close()
-    assert server.log().count("still serving for 2s") == 2
+    assert server.log().count("still serving for 4s") == 2
