@@ -1,6 +1,12 @@
 # authsvc: slim, non-root, with a health check.
-# Not built in this project's CI (no Docker engine on our machines); kept
-# deliberately simple so that it is easy to review.
+# Not built in this project's CI: no machine here runs a Docker engine. It is
+# linted by hadolint in scripts/check, and kept deliberately simple so that it
+# is easy to review.
+#
+# Run it with admin tokens; without them it refuses to start, because it
+# listens on every interface and anyone who reaches the port could manage keys:
+#   docker run -e AUTHSVC_ADMIN_TOKENS=<token> -e AUTHSVC_DATABASE_URL=... authsvc
+# (AUTHSVC_INSECURE_MANAGEMENT=true starts it open anyway, with a warning.)
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -17,11 +23,14 @@ RUN pip install ./clients/python . \
     && useradd --system --uid 10001 --create-home --home-dir /var/lib/authsvc authsvc \
     && rm -rf /src
 
-USER authsvc
+# Numeric, so that the host and Kubernetes' runAsNonRoot can tell it is not root.
+USER 10001
 WORKDIR /var/lib/authsvc
 # Listen on all interfaces inside the container. Without AUTHSVC_DATABASE_URL
 # the embedded PostgreSQL keeps its data in /var/lib/authsvc (mount a volume);
 # in production set AUTHSVC_DATABASE_URL.
+# Stopping: health turns NOT_SERVING, calls are served for AUTHSVC_DRAIN_SECONDS
+# (3 s), then in-flight calls finish; give `docker stop -t` at least 10 s.
 ENV AUTHSVC_LISTEN=0.0.0.0:50051 \
     AUTHSVC_DATA_DIR=/var/lib/authsvc
 EXPOSE 50051

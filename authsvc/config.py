@@ -10,7 +10,9 @@ and no other module re-derives it.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
+import re
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -58,6 +60,11 @@ class Settings:
     """Active (not revoked, not expired) keys an organization may hold."""
     admin_tokens: tuple[Secret, ...] = ()
     """When set, management RPCs need ``authorization: Bearer <token>``."""
+    insecure_management: bool = False
+    """Accept open management on a non-loopback address (no admin tokens); warned about at every start."""
+    drain_seconds: float = 3.0
+    """After SIGTERM: how long health says NOT_SERVING while calls are still served, so that
+    health-checking clients and Envoy (2 s interval) move away before the port closes."""
     store_timeout_ms: int = 100
     """Authorize's budget for a database lookup; past it the answer is UNAVAILABLE (fail closed)."""
     last_used_flush_seconds: float = 5.0
@@ -188,6 +195,16 @@ class Settings:
         if method_scopes and "*" not in (method for method, _ in method_scopes):
             # Without a default, a method nobody listed (DELETE, PATCH, ...) would need no scope at all.
             raise ConfigError("AUTHSVC_METHOD_SCOPES needs a default rule for the other methods, e.g. ...,*=write")
+        insecure_raw = (get("INSECURE_MANAGEMENT") or "false").lower()
+        if insecure_raw not in ("true", "false"):
+            raise ConfigError(f"AUTHSVC_INSECURE_MANAGEMENT must be true or false, got {insecure_raw!r}")
+        drain_raw = get("DRAIN_SECONDS")
+        try:
+            drain = float(drain_raw) if drain_raw is not None else cls.drain_seconds
+        except ValueError:
+            raise ConfigError(f"AUTHSVC_DRAIN_SECONDS must be a number, got {drain_raw!r}") from None
+        if not 0 <= drain <= 300:
+            raise ConfigError("AUTHSVC_DRAIN_SECONDS must be between 0 and 300")
         settings = cls(
             database_url=Secret(database_url) if database_url else None,
             data_dir=Path(get("DATA_DIR") or cls.data_dir),
@@ -198,6 +215,8 @@ class Settings:
             scopes_file=scopes_file,
             max_active_keys=integer("MAX_ACTIVE_KEYS", cls.max_active_keys, 1, 10_000),
             admin_tokens=tuple(Secret(t) for t in word_list("ADMIN_TOKENS", ())),
+            insecure_management=insecure_raw == "true",
+            drain_seconds=drain,
             store_timeout_ms=integer("STORE_TIMEOUT_MS", cls.store_timeout_ms, 5, 10_000),
             last_used_flush_seconds=flush,
             cache_size=integer("CACHE_SIZE", cls.cache_size, 0, 100_000_000),
@@ -217,6 +236,34 @@ class Settings:
             if scope not in catalog:
                 raise ConfigError(f"AUTHSVC_METHOD_SCOPES: {method}={scope}: {scope!r} is not in the scope catalog")
         return settings
+
+    def check_management(self, listen: str) -> bool:
+        """Refuse open management where other machines can reach it; True when only the override allows it.
+
+        Without admin tokens anyone who reaches the port creates and revokes
+        keys in any organization. On loopback only local processes can; on
+        any other address (``0.0.0.0`` in a container) that must be a
+        deliberate choice, so the default is to refuse to start.
+        """
+        if self.admin_tokens or is_loopback(listen):
+            return False
+        if self.insecure_management:
+            return True
+        raise ConfigError(
+            f"listening on {listen} with open management: set AUTHSVC_ADMIN_TOKENS "
+            "(or AUTHSVC_INSECURE_MANAGEMENT=true to allow anyone who reaches the port to manage keys)"
+        )
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether only this machine can reach ``host:port``: localhost or a loopback IP, nothing resolved."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve to anything
+        return False
 
 
 def load_catalog(path: Path) -> ScopeCatalog:
@@ -241,15 +288,102 @@ def check_url(value: str, name: str, example: str) -> None:
     """The URL's shape (hosts, ports) is checked here, so a typo fails at start-up in one line.
 
     PostgreSQL URLs may list several hosts (``h1:5432,h2:5433``, for
-    failover); each is checked on its own.
+    failover); each is checked on its own. The messages never quote the URL
+    or any part of it: in a malformed URL nobody can tell where the password
+    ends (``svc:s3cr3t?x@host`` is read as host ``svc``, port ``s3cr3t``),
+    so any echoed fragment may be a piece of it.
     """
+    encode = "percent-encode @ : / ? # % in the user name and password"
+
+    def fail(problem: str) -> ConfigError:
+        return ConfigError(f"{name} is not a valid URL: {problem}; {encode}, e.g. {example}")
+
+    authority = value.partition("://")[2]
+    if "@" in authority.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[0]:
+        raise fail("it has more than one @ before the host")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", value):
+        raise fail("a % is not followed by two hex digits")
     try:
         parts = urllib.parse.urlsplit(value)
         hosts = parts.netloc.rpartition("@")[2]
         for host in hosts.split(","):
             urllib.parse.urlsplit(f"//{host}").port  # noqa: B018  # parsing the port is the check
-    except ValueError as exc:
-        raise ConfigError(f"{name} is not a valid URL ({exc}), e.g. {example}") from None
+    except ValueError:
+        raise fail("a host is malformed or a port is not a number from 0 to 65535") from None
+    database = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+        raise fail("the path must be a database number such as /0")  # redis-py would ignore it silently
+    if parts.scheme in ("redis", "rediss", "unix"):
+        from redis.connection import parse_url  # the driver's own rules for query parameters
+
+        try:
+            parse_url(value)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        except ValueError as exc:
+            raise ConfigError(f"{name} is not usable: {scrub(str(exc), value)}") from None
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """What in ``url`` may be a password, even when the URL is malformed.
+
+    The user-info password is taken as everything from the first ``:`` after
+    ``scheme://`` to the *last* ``@``, which covers passwords holding an
+    unencoded ``@ / ? #`` (a parser would split those elsewhere); query
+    parameters named ``password`` or ``sslpassword`` are secrets too. Both
+    the raw and the percent-decoded spelling are returned.
+    """
+    found: list[str] = []
+    rest = url.partition("://")[2]
+    userinfo, at, _ = rest.rpartition("@")
+    if at and ":" in userinfo:
+        found.append(userinfo.partition(":")[2])
+    for part in url.partition("?")[2].split("&"):
+        param, eq, value = part.partition("=")
+        if eq and param.lower() in ("password", "sslpassword"):
+            found.append(value.partition("#")[0])
+    out: list[str] = []
+    for secret in found:
+        for form in (secret, urllib.parse.unquote(secret), urllib.parse.unquote_plus(secret)):
+            if form and form not in out:
+                out.append(form)
+    return tuple(out)
+
+
+_MIN_FRAGMENT = 4
+"""Shorter runs of a password's characters are too common to mask without garbling the message."""
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's error message) with every piece of ``url``'s passwords masked as ``***``.
+
+    Drivers quote what they failed to parse, which in a malformed URL is
+    often part of the password (asyncpg: ``invalid literal for int() ...
+    's3cr3t@host:1'``). Masked are the whole password and every run of at
+    least four of its consecutive characters, so a message that quotes only
+    a fragment leaks nothing either. The one helper for every message that
+    wraps a driver's text (migrations, the pool, Redis).
+    """
+    secrets = url_secrets(url)
+    if not secrets:
+        return text
+    masked = [False] * len(text)
+    for secret in secrets:
+        shortest = min(_MIN_FRAGMENT, len(secret))
+        for start in range(len(text)):
+            # The longest run of the secret's characters that starts here.
+            length = 0
+            for end in range(len(text), start + shortest - 1, -1):
+                if text[start:end] in secret:
+                    length = end - start
+                    break
+            for i in range(start, start + length):
+                masked[i] = True
+    out: list[str] = []
+    for i, char in enumerate(text):
+        if not masked[i]:
+            out.append(char)
+        elif i == 0 or not masked[i - 1]:
+            out.append("***")
+    return "".join(out)
 
 
 def database_session_attrs(url: str) -> str:

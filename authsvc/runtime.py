@@ -61,6 +61,8 @@ from authsvc.storage.redis import RedisCounter
 
 log = logging.getLogger("authsvc")
 T = TypeVar("T")
+#: After the drain: how long calls already in flight may take before the server cancels them.
+STOP_GRACE_SECONDS = 5.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -253,12 +255,23 @@ class App:
                 else:
                     log.warning("no writable primary reachable; health is NOT_SERVING and unknown keys are refused")
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0, *, drain: float = 0.0, hurry: asyncio.Event | None = None) -> None:
+        """Health first, then the port: NOT_SERVING, ``drain`` seconds of normal service, then ``grace``.
+
+        Health-checking clients (gRPC ``healthCheckConfig``) and Envoy (every
+        2 s) move away only once they have seen NOT_SERVING; the drain keeps
+        answering the calls they send meanwhile, so a replica's stop fails
+        none. Then the server accepts no more calls and gives those in flight
+        up to ``grace`` seconds. ``hurry`` (a second Ctrl+C) cuts the drain short.
+        """
         if self._monitor is not None:
             self._monitor.cancel()
         if self._pruner is not None:
             await self._pruner.stop()
         await self.health.enter_graceful_shutdown()
+        if drain > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for((hurry or asyncio.Event()).wait(), drain)
         await self._server.stop(grace)
         await self._shutdown_internals()
 
@@ -282,9 +295,17 @@ async def serve_process(
     The schema is already at head (``serve`` migrates before any process starts).
     """
     stop = asyncio.Event()
+    # Ctrl+C while draining skips the rest of the drain. A second SIGTERM does
+    # not: systemd signals every process of the service and the supervisor
+    # then signals its workers again, which must still drain.
+    hurry = asyncio.Event()
+
+    def on_interrupt() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
     own = settings.worker_addresses
     extra_listen = own[worker : worker + 1] if worker is not None else own
     app = App(
@@ -305,8 +326,14 @@ async def serve_process(
     extra = {"listen": " ".join((settings.listen, *extra_listen))} | ({"worker": worker} if worker is not None else {})
     log.info("authsvc serving", extra=extra)
     await stop.wait()
-    log.info("shutting down: draining in-flight calls", extra=extra)
-    await app.stop(grace=5.0)
+    log.info(
+        "shutting down: health is NOT_SERVING, still serving for %ss (AUTHSVC_DRAIN_SECONDS), "
+        "then finishing in-flight calls",
+        f"{settings.drain_seconds:g}",
+        extra=extra,
+    )
+    await app.stop(grace=STOP_GRACE_SECONDS, drain=settings.drain_seconds, hurry=hurry)
+    log.info("stopped", extra=extra)
     return 0
 
 
@@ -314,6 +341,12 @@ def serve(settings: Settings) -> int:
     """``authsvc serve``: every port checked first, then one process or a supervisor of ``settings.workers``."""
     for address in (settings.listen, *settings.worker_addresses):
         ensure_can_listen(address)
+    if settings.check_management(settings.listen):
+        log.warning(
+            "management is open on %s: anyone who reaches it can create and revoke keys "
+            "(AUTHSVC_INSECURE_MANAGEMENT=true); set AUTHSVC_ADMIN_TOKENS",
+            settings.listen,
+        )
     install_event_loop()
     dsn = database_dsn(settings)
     migrate(settings, dsn)  # once, before any process serves: the schema is at head for all of them
@@ -369,7 +402,7 @@ def _supervise(settings: Settings, dsn: str) -> int:
         if proc.is_alive() and proc.pid is not None:
             proc.terminate()  # SIGTERM: each worker drains its in-flight calls
     for proc in procs:
-        proc.join(timeout=10)
+        proc.join(timeout=settings.drain_seconds + STOP_GRACE_SECONDS + 5)
         if proc.is_alive():
             proc.kill()
             proc.join()

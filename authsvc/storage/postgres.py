@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from authsvc.config import scrub
 from authsvc.core.errors import ConfigError, Unavailable
 from authsvc.core.keys import Actor, ApiKey, KeyState
 from authsvc.core.ports import Found, NewKey, Page, TooManyActiveKeys
@@ -74,14 +75,17 @@ async def _no_reset(connection: asyncpg.Connection) -> None:
     """
 
 
-def _connect_error(exc: BaseException) -> Exception:
+def _connect_error(exc: BaseException, dsn: str) -> Exception:
     """The one translation of a failed connect at start-up: a bad URL, or a database that is not there.
 
-    The messages name no setting: the caller knows which one gave the URL.
+    The driver's text may quote parts of the URL, the password among them
+    (asyncpg's parser does), so it is scrubbed. The messages name no
+    setting: the caller knows which one gave the URL.
     """
+    detail = scrub(str(exc), dsn)
     if isinstance(exc, ValueError):  # asyncpg's DSN parser, and ClientConfigurationError (?sslmode=bogus)
-        return ConfigError(f"is not usable: {exc}")
-    return Unavailable(f"cannot connect to a writable PostgreSQL primary ({type(exc).__name__}: {exc})")
+        return ConfigError(f"is not usable: {detail}")
+    return Unavailable(f"cannot connect to a writable PostgreSQL primary ({type(exc).__name__}: {detail})")
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 5.0) -> asyncpg.Pool:
@@ -97,7 +101,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, connec
             **connect_options(dsn),
         )
     except (ValueError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:  # ValueError first: see _connect_error
-        raise _connect_error(exc) from None
+        raise _connect_error(exc, dsn) from None
     assert pool is not None
     return pool
 
@@ -107,7 +111,7 @@ async def connect(dsn: str) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(dsn, timeout=5.0, **connect_options(dsn))
     except (ValueError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-        raise _connect_error(exc) from None
+        raise _connect_error(exc, dsn) from None
 
 
 async def run_migrations(dsn: str) -> list[str]:

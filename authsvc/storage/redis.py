@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from authsvc.config import scrub
 from authsvc.core.errors import ConfigError
 
 # INCR and EXPIRE in one round trip, atomically.
@@ -25,7 +26,7 @@ class RedisCounter:
         try:
             self._client: Any = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         except ValueError as exc:  # redis-py's URL parser: e.g. an unknown query parameter
-            raise ConfigError(f"is not usable: {exc}") from None
+            raise ConfigError(f"is not usable: {scrub(str(exc), url)}") from None
         self._script = self._client.register_script(_INCR_SCRIPT)
 
     async def incr(self, name: str, ttl_seconds: int) -> int:

@@ -257,3 +257,13 @@ async def test_lifespan_passes_through(protected: AuthsvcMiddleware, upstream: R
 
     await protected({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
     assert upstream.calls == [{"type": "lifespan"}]
+
+
+async def test_a_rule_with_an_empty_scope_authenticates_any_valid_key(
+    client: AsyncClient, upstream: Recorder, keys: Keys
+) -> None:
+    """``""`` is the explicit "any valid key" (the client's ``authenticate``); no rule still means 403."""
+    app = AuthsvcMiddleware(upstream, client=client, scopes=[("GET", "/me", "")])
+    assert (await request(app, "GET", "/me", [("x-api-key", keys.reader)])).status == 200
+    assert (await request(app, "GET", "/me", [("x-api-key", keys.revoked)])).status == 401
+    assert (await request(app, "POST", "/me", [("x-api-key", keys.reader)])).status == 403

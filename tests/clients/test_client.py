@@ -51,11 +51,42 @@ async def test_async_allowed_returns_the_principal(target: str, keys: Keys) -> N
     )
 
 
-async def test_async_empty_scope_authenticates_only_and_implied_scopes_are_expanded(target: str, keys: Keys) -> None:
+async def test_async_authenticate_checks_only_the_key_and_expands_implied_scopes(target: str, keys: Keys) -> None:
     async with AsyncClient(target) as client:
-        decision = await client.authorize(keys.writer)
+        decision = await client.authenticate(keys.writer)
+        revoked = await client.authenticate(keys.revoked)
     assert decision.allowed
     assert decision.principal is not None and set(decision.principal.scopes) == {"read", "write"}
+    assert (revoked.allowed, revoked.reason, revoked.http_status) == (False, Reason.REVOKED, 401)
+
+
+@pytest.mark.parametrize("scope", ["", "  "])
+async def test_authorize_refuses_an_empty_scope_and_points_to_authenticate(
+    target: str, dead_target: str, keys: Keys, scope: str
+) -> None:
+    """Forgetting the scope must not allow any valid key: it is a caller bug, found before any call."""
+    async with AsyncClient(target) as client:
+        with pytest.raises(InvalidArgument) as caught:
+            await client.authorize(keys.writer, scope)
+    assert "authenticate(key)" in str(caught.value) and caught.value.status == "INVALID_ARGUMENT"
+    assert keys.writer not in str(caught.value)
+
+    def sync_on_a_dead_target() -> None:  # refused without a call: no server needed to say so
+        with Client(dead_target) as client:
+            client.authorize(keys.writer, scope)
+
+    with pytest.raises(InvalidArgument, match=r"authenticate\(key\)"):
+        await asyncio.to_thread(sync_on_a_dead_target)
+
+
+async def test_sync_authenticate_gives_the_same_answers(target: str, keys: Keys) -> None:
+    def run() -> list[Decision]:
+        with Client(target) as client:
+            return [client.authenticate(secret(keys, which)) for which in ("reader", "unknown", "revoked", "missing")]
+
+    decisions = await asyncio.to_thread(run)
+    assert [d.reason for d in decisions] == [Reason.OK, Reason.UNKNOWN_KEY, Reason.REVOKED, Reason.MISSING_KEY]
+    assert decisions[0].principal is not None and decisions[0].principal.key_id == keys.reader_id
 
 
 @pytest.mark.parametrize(("which", "scope", "reason", "status"), DENIALS)

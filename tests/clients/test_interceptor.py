@@ -31,10 +31,11 @@ SCOPES = {
     "/demo.Echo/Count": "read",
     "/demo.Echo/Admin": "write",
     "/demo.Echo/Misconfigured": "no-such-scope",
+    "/demo.Echo/AnyKey": "",  # explicitly: any valid key
 }
 PUBLIC = {"/demo.Echo/Ping"}
 # "/demo.Echo/Unlisted" has no rule on purpose.
-METHODS = ["Whoami", "Admin", "Ping", "Unlisted", "Misconfigured"]
+METHODS = ["Whoami", "Admin", "Ping", "Unlisted", "Misconfigured", "AnyKey"]
 
 
 def _seen() -> bytes:
@@ -207,3 +208,14 @@ async def test_unreachable_authsvc_fails_closed_with_unavailable(kind: str, dead
         assert keys.reader not in (error.details() or "")
         # Public methods do not depend on authsvc.
         assert await call(channel, "Ping") is None
+
+
+async def test_a_rule_with_an_empty_scope_authenticates_any_valid_key(service: grpc.aio.Channel, keys: Keys) -> None:
+    """``""`` goes through the client's explicit ``authenticate``: a valid key passes, others do not."""
+    seen = await call(service, "AnyKey", (("x-api-key", keys.reader),))
+    assert seen == {"key_id": keys.reader_id, "org_id": keys.org}
+    error = await status_of(service, "AnyKey", (("x-api-key", keys.revoked),))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (await status_of(service, "Unlisted", (("x-api-key", keys.reader),))).code() == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from authsvc.config import Settings
+from authsvc.config import Settings, scrub
 from authsvc.core.errors import ConfigError
 
 
@@ -32,6 +32,9 @@ from authsvc.core.errors import ConfigError
         ({"AUTHSVC_DATABASE_URL": "postgresql://u@h1,h2/db?target_session_attrs=any"}, "AUTHSVC_DATABASE_URL"),
         ({"AUTHSVC_DATABASE_URL": "postgresql://u@h1,h2/db?target_session_attrs=standby"}, "AUTHSVC_DATABASE_URL"),
         ({"AUTHSVC_DATABASE_URL": "postgresql://u@h1,h2/db?target_session_attrs=primary"}, "AUTHSVC_DATABASE_URL"),
+        ({"AUTHSVC_DRAIN_SECONDS": "soon"}, "AUTHSVC_DRAIN_SECONDS"),
+        ({"AUTHSVC_DRAIN_SECONDS": "-1"}, "AUTHSVC_DRAIN_SECONDS"),
+        ({"AUTHSVC_INSECURE_MANAGEMENT": "yes"}, "AUTHSVC_INSECURE_MANAGEMENT"),
     ],
 )
 def test_invalid_setting_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -89,3 +92,64 @@ def test_connections_always_ask_for_the_writable_primary(url: str) -> None:
     from authsvc.storage.topology import connect_options
 
     assert connect_options(url) == {"target_session_attrs": "read-write"}
+
+
+@pytest.mark.parametrize(
+    ("text", "url", "expected"),
+    [
+        # asyncpg's text for svc:p@ss:s3cr3t@...: a fragment of the password, quoted.
+        (
+            "invalid literal for int() with base 10: 's3cr3t@127.0.0.1:1'",
+            "postgresql://svc:p@ss:s3cr3t@127.0.0.1:1/db",
+            "invalid literal for int() with base 10: '***@127.0.0.1:1'",
+        ),
+        ("bad value 'hunter2'", "postgresql://u@h/db?sslmode=x&password=hunter2", "bad value '***'"),
+        ("bad value 's3/cr3t'", "redis://:s3%2Fcr3t@h:6379/0", "bad value '***'"),  # the decoded spelling too
+        ("cannot reach 127.0.0.1:1", "postgresql://svc:s3cr3t@127.0.0.1:1/db", "cannot reach 127.0.0.1:1"),
+        ("no password here", "postgresql://svc@127.0.0.1/db", "no password here"),
+    ],
+)
+def test_scrub_masks_every_piece_of_a_password(text: str, url: str, expected: str) -> None:
+    assert scrub(text, url) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://svc:s3cr3t?x@127.0.0.1/db",
+        "postgresql://svc:s3cr3t#x@127.0.0.1/db",
+        "postgresql://svc:p@ss:s3cr3t@127.0.0.1/db",
+        "redis://:s3cr3t?x@127.0.0.1:6379/0",
+        "redis://:s3cr3t@127.0.0.1:6379/0?socket_timeout=s3cr3t",
+    ],
+)
+def test_url_errors_never_quote_the_url(url: str) -> None:
+    variable = "AUTHSVC_REDIS_URL" if url.startswith("redis") else "AUTHSVC_DATABASE_URL"
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({variable: url})
+    assert variable in str(info.value)
+    assert "s3cr" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("127.0.0.1:50051", True),
+        ("127.1.2.3:50051", True),
+        ("localhost:50051", True),
+        ("[::1]:50051", True),
+        ("0.0.0.0:50051", False),
+        ("[::]:50051", False),
+        ("10.0.0.5:50051", False),
+        ("authsvc.internal:50051", False),  # a name may resolve to anything
+    ],
+)
+def test_open_management_is_refused_unless_only_this_machine_can_reach_it(listen: str, loopback: bool) -> None:
+    settings = Settings.from_env({})
+    if loopback:
+        assert settings.check_management(listen) is False
+        return
+    with pytest.raises(ConfigError, match="AUTHSVC_ADMIN_TOKENS"):
+        settings.check_management(listen)
+    assert Settings.from_env({"AUTHSVC_INSECURE_MANAGEMENT": "true"}).check_management(listen) is True
+    assert Settings.from_env({"AUTHSVC_ADMIN_TOKENS": "t"}).check_management(listen) is False

@@ -1,6 +1,7 @@
 """authsvc client: ask authsvc whether an API key may do what a request needs.
 
-- ``Client`` / ``AsyncClient``: ``authorize(key, scope) -> Decision``.
+- ``Client`` / ``AsyncClient``: ``authorize(key, scope) -> Decision`` (the scope is required);
+  ``authenticate(key) -> Decision`` only checks that the key is valid.
 - ``AuthzServerInterceptor`` / ``AsyncAuthzServerInterceptor``: protect a gRPC server.
 - ``AuthsvcMiddleware``: protect an ASGI application.
 - ``current_principal()``: the principal of the request being handled.

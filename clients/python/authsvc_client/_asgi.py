@@ -121,7 +121,8 @@ class AuthsvcMiddleware:
             await self._respond(scope, receive, send, _POLICY.denial(TWO_KEYS))
             return
         try:
-            decision = await self.client.authorize(key, required)
+            # A rule's "" is the explicit "any valid key"; the client refuses an empty scope.
+            decision = await (self.client.authorize(key, required) if required else self.client.authenticate(key))
         except Unavailable as exc:
             detail = loggable(exc.message, key)
             log.warning("authsvc unavailable for %s %s (%s): %s", method, path, exc.status, detail)

@@ -1,4 +1,8 @@
-"""``Client`` (blocking) and ``AsyncClient`` (asyncio): ``authorize(key, scope) -> Decision``.
+"""``Client`` (blocking) and ``AsyncClient`` (asyncio): ``authorize(key, scope)`` and ``authenticate(key)``.
+
+``authorize`` requires a scope: an empty one used to mean "any valid key",
+so a caller that forgot the scope allowed every key. Asking only whether a
+key is valid is its own, explicit call, ``authenticate``.
 
 Both wrap the generated ``KeyService`` stub and translate its two kinds of
 outcome: a ``Decision`` (allowed or denied: an answer) and an
@@ -14,7 +18,7 @@ from types import TracebackType
 import grpc
 
 from authsvc_client._decision import Decision, Principal, RateLimit, Reason
-from authsvc_client._exceptions import from_rpc_error
+from authsvc_client._exceptions import InvalidArgument, from_rpc_error
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1.authsvc_pb2_grpc import KeyServiceStub
 
@@ -61,11 +65,25 @@ def decision_from_proto(reply: pb.AuthorizeResponse) -> Decision:
     )
 
 
+_NEEDS_SCOPE = (
+    "authorize(key, scope) needs a non-empty scope; "
+    "to check only that the key is valid, whatever it may do, call authenticate(key)"
+)
+
+
 def _request(key: str, scope: str) -> pb.AuthorizeRequest:
     if not isinstance(key, str) or not isinstance(scope, str):
         # No repr of the value: it may be a secret of the wrong type.
         raise TypeError("authorize(key, scope) takes two str arguments")
+    if not scope.strip():
+        raise InvalidArgument(_NEEDS_SCOPE, status="INVALID_ARGUMENT")
     return pb.AuthorizeRequest(key=key, required_scope=scope)
+
+
+def _authenticate_request(key: str) -> pb.AuthorizeRequest:
+    if not isinstance(key, str):
+        raise TypeError("authenticate(key) takes a str argument")
+    return pb.AuthorizeRequest(key=key)  # no required_scope: authsvc only identifies the key
 
 
 class Client:
@@ -95,14 +113,25 @@ class Client:
         self._authorize = KeyServiceStub(self._channel).Authorize
         self.timeout = timeout
 
-    def authorize(self, key: str, scope: str = "", *, timeout: float | None = None) -> Decision:
-        """Whether ``key`` may act with ``scope`` (empty: authenticate only).
+    def authorize(self, key: str, scope: str, *, timeout: float | None = None) -> Decision:
+        """Whether ``key`` may act with ``scope``.
 
         Returns a ``Decision`` for allowed and denied keys alike. Raises
         ``Unavailable`` when authsvc cannot answer within the deadline and
-        ``InvalidArgument`` when ``scope`` is not in authsvc's catalog.
+        ``InvalidArgument`` when ``scope`` is empty (see ``authenticate``)
+        or not in authsvc's catalog.
         """
-        request = _request(key, scope)
+        return self._send(_request(key, scope), timeout)
+
+    def authenticate(self, key: str, *, timeout: float | None = None) -> Decision:
+        """Whether ``key`` is valid (known, not revoked, not expired, within its rate limit), whatever its scopes.
+
+        For callers that decide by ``decision.principal`` themselves; anything
+        that protects an operation should ``authorize`` it with its scope.
+        """
+        return self._send(_authenticate_request(key), timeout)
+
+    def _send(self, request: pb.AuthorizeRequest, timeout: float | None) -> Decision:
         try:
             reply = self._authorize(request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as exc:
@@ -166,9 +195,15 @@ class AsyncClient:
 
     # The timeout is a gRPC deadline: it travels to authsvc (grpc-timeout), which
     # stops working on an answer nobody waits for; asyncio.timeout cannot do that.
-    async def authorize(self, key: str, scope: str = "", *, timeout: float | None = None) -> Decision:  # noqa: ASYNC109
+    async def authorize(self, key: str, scope: str, *, timeout: float | None = None) -> Decision:  # noqa: ASYNC109
         """Whether ``key`` may act with ``scope``; see ``Client.authorize``."""
-        request = _request(key, scope)
+        return await self._send(_request(key, scope), timeout)
+
+    async def authenticate(self, key: str, *, timeout: float | None = None) -> Decision:  # noqa: ASYNC109
+        """Whether ``key`` is valid, whatever its scopes; see ``Client.authenticate``."""
+        return await self._send(_authenticate_request(key), timeout)
+
+    async def _send(self, request: pb.AuthorizeRequest, timeout: float | None) -> Decision:  # noqa: ASYNC109
         call = self._open()
         try:
             reply = await call(request, timeout=self.timeout if timeout is None else timeout)

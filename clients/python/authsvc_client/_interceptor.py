@@ -70,7 +70,8 @@ class MethodPolicy:
     then ``default_scope``. Methods in ``public`` (exact or ``/Service/*``)
     need no key. With ``default_scope=None`` (the default) a method covered by
     no rule is denied, so a newly added method is never open by accident;
-    ``default_scope=""`` authenticates without a scope.
+    ``default_scope=""`` (or a rule's ``""``) only authenticates: any valid key
+    passes, through the client's explicit ``authenticate``.
     """
 
     def __init__(
@@ -192,7 +193,7 @@ class AuthzServerInterceptor(_Protecting[Client], grpc.ServerInterceptor):
         if key is None:
             return _denial_for(TWO_KEYS)
         try:
-            decision = self.client.authorize(key, scope)
+            decision = self.client.authorize(key, scope) if scope else self.client.authenticate(key)
         except AuthsvcError as exc:
             return _denial_for_error(exc, method, key)
         if not decision.allowed:
@@ -254,7 +255,7 @@ class AsyncAuthzServerInterceptor(_Protecting[AsyncClient], grpc.aio.ServerInter
         if key is None:
             return _aborting(handler, _denial_for(TWO_KEYS))
         try:
-            decision = await self.client.authorize(key, scope)
+            decision = await (self.client.authorize(key, scope) if scope else self.client.authenticate(key))
         except AuthsvcError as exc:
             return _aborting(handler, _denial_for_error(exc, method, key))
         if not decision.allowed:
