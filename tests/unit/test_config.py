@@ -59,7 +59,7 @@ def test_effective_config_redacts_passwords_and_tokens() -> None:
     settings = Settings.from_env(
         {
             "AUTHSVC_DATABASE_URL": "postgresql://svc:hunter2@db:5432/authsvc",
-            "AUTHSVC_ADMIN_TOKENS": "tok-very-secret,tok-other",
+            "AUTHSVC_ADMIN_TOKENS": "ci:tok-very-secret-0123,ops:tok-other-0123456",
             "AUTHSVC_REDIS_URL": "redis://:redispass@cache:6379/0",
         }
     )
