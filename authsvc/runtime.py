@@ -190,7 +190,6 @@ class App:
         self._server = build_server(services, self.health, reuse_port=self.reuse_port)
         # Every listener, the per-worker ports included, speaks TLS when it is configured.
         self.tls = ReloadingCredentials(s.tls) if s.tls is not None else None
-        self._credentials = self.tls.credentials() if self.tls is not None else None
         failed = next((a for a in (self.listen, *self.extra_listen) if not self._bind(a)), None)
         if failed is not None:
             await self._shutdown_internals()
@@ -204,8 +203,8 @@ class App:
 
     def _bind(self, address: str) -> bool:
         try:
-            if self._credentials is not None:
-                port = self._server.add_secure_port(address, self._credentials)
+            if self.tls is not None:
+                port = self._server.add_secure_port(address, self.tls.credentials())
             else:
                 port = self._server.add_insecure_port(address)
         except RuntimeError:

@@ -30,23 +30,34 @@ def _configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration
 
 
 class ReloadingCredentials:
-    """``credentials()`` for ``add_secure_port``; one instance may serve several ports."""
+    """``credentials()`` for ``add_secure_port``: one set per port.
+
+    gRPC keeps a fetcher's state per port (it takes over the initial
+    configuration, and "unchanged" means unchanged for that port), so each
+    port gets a fetcher of its own; all of them follow the same files.
+    """
 
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
-        self._lock = threading.Lock()  # the fetcher runs on gRPC's threads
-        self._seen = files.signature()
-        self._initial = _configuration(files.load())
-        self.reloads = 0
+        self._signature = files.signature()
+        self._material = files.load()
 
     def credentials(self) -> grpc.ServerCredentials:
+        fetcher = _Fetcher(self.files, self._signature)
         return grpc.dynamic_ssl_server_credentials(
-            self._initial,
-            self._fetch,  # type: ignore[arg-type]  # the stub omits None, which gRPC documents as "no change"
+            _configuration(self._material),
+            fetcher,  # type: ignore[arg-type]  # the stub omits None, which gRPC documents as "no change"
             require_client_authentication=self.files.client_ca_file is not None,
         )
 
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+
+class _Fetcher:
+    def __init__(self, files: TlsFiles, signature: tuple[tuple[int, int, int], ...]) -> None:
+        self.files = files
+        self._seen = signature
+        self._lock = threading.Lock()  # called on gRPC's threads
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         with self._lock:
             signature = self.files.signature()
             if signature == self._seen:
@@ -62,6 +73,5 @@ class ReloadingCredentials:
                 return None
             if self.files.signature() != signature:
                 self._seen = ()  # changed while being read: read again at the next handshake
-            self.reloads += 1
             log.info("TLS files changed; new connections get the new certificate")
             return _configuration(material)

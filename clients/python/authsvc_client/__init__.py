@@ -1,6 +1,6 @@
 """authsvc client: ask authsvc whether an API key may do what a request needs.
 
-- ``Client`` / ``AsyncClient``: ``authorize(key, scope) -> Decision``.
+- ``Client`` / ``AsyncClient``: ``authorize(key, scope) -> Decision``; ``TlsConfig`` for TLS and mTLS.
 - ``AuthzServerInterceptor`` / ``AsyncAuthzServerInterceptor``: protect a gRPC server.
 - ``AuthsvcMiddleware``: protect an ASGI application.
 - ``current_principal()``: the principal of the request being handled.
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         Unavailable,
     )
     from authsvc_client._interceptor import AsyncAuthzServerInterceptor, AuthzServerInterceptor, MethodPolicy
+    from authsvc_client._tls import TlsConfig
 
 _LAZY = {
     "AuthsvcMiddleware": "_asgi",
@@ -53,6 +54,7 @@ _LAZY = {
     "AsyncAuthzServerInterceptor": "_interceptor",
     "AuthzServerInterceptor": "_interceptor",
     "MethodPolicy": "_interceptor",
+    "TlsConfig": "_tls",
 }
 
 
@@ -83,6 +85,7 @@ __all__ = [
     "RateLimit",
     "Reason",
     "ResourceExhausted",
+    "TlsConfig",
     "Unauthenticated",
     "Unavailable",
     "current_principal",
