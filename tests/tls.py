@@ -81,8 +81,9 @@ class CertificateAuthority:
         uris: tuple[str, ...] = (),
         ips: tuple[str, ...] = (),
         client: bool = False,
+        server_too: bool = False,
     ) -> Issued:
-        """A leaf certificate for a server (``dns``/``ips``) or a client (``client=True``)."""
+        """A leaf certificate for a server (``dns``/``ips``) or a client (``client=True``), or both."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         serial = x509.random_serial_number()
@@ -96,7 +97,10 @@ class CertificateAuthority:
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.CLIENT_AUTH] * (client or server_too)
+                    + [ExtendedKeyUsageOID.SERVER_AUTH] * (not client or server_too)
+                ),
                 critical=False,
             )
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
@@ -116,9 +120,15 @@ class CertificateAuthority:
         key_file.chmod(0o600)
         return Issued(cert_pem, key_pem, serial, cert_file, key_file)
 
-    def server(self, file_stem: str = "server") -> Issued:
-        """A server certificate for ``localhost`` and ``127.0.0.1``, as the tests connect."""
-        return self.issue(file_stem, common_name="authsvc", dns=("localhost",), ips=("127.0.0.1",))
+    def server(self, file_stem: str = "server", *, client_too: bool = False) -> Issued:
+        """A server certificate for ``localhost`` and ``127.0.0.1``, as the tests connect.
+
+        ``client_too``: valid as a client certificate as well (what ``authsvc
+        healthcheck`` presents under mTLS by default).
+        """
+        return self.issue(
+            file_stem, common_name="authsvc", dns=("localhost",), ips=("127.0.0.1",), server_too=client_too
+        )
 
 
 def served_serial(host: str, port: int) -> int:

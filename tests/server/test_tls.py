@@ -71,12 +71,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
 
 
-def _server_files(pki: Pki, directory: Path) -> tuple[Path, Path]:
+def _server_files(pki: Pki, directory: Path, issued: Issued | None = None) -> tuple[Path, Path]:
     """The server's files in a directory of their own, so a test can rotate them in place."""
+    issued = issued or pki.server
     directory.mkdir(exist_ok=True)
     cert, key = directory / "server.pem", directory / "server-key.pem"
-    cert.write_bytes(pki.server.cert_pem + pki.ca.cert_pem)  # the chain, CA included: what healthcheck trusts
-    key.write_bytes(pki.server.key_pem)
+    cert.write_bytes(issued.cert_pem + pki.ca.cert_pem)  # the chain, CA included: what healthcheck trusts
+    key.write_bytes(issued.key_pem)
     key.chmod(0o600)
     return cert, key
 
@@ -119,7 +120,8 @@ def tls(pki: Pki, database_url: str, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def mtls(pki: Pki, database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("mtls")
-    cert, key = _server_files(pki, tmp / "tls")
+    # Valid for client authentication too: authsvc healthcheck presents it under mTLS by default.
+    cert, key = _server_files(pki, tmp / "tls", pki.ca.server("mtls-server", client_too=True))
     env = {
         "AUTHSVC_DATABASE_URL": database_url,
         "AUTHSVC_TLS_CERT_FILE": str(cert),
@@ -350,6 +352,14 @@ def test_healthcheck_presents_a_client_certificate_under_mtls(pki: Pki, mtls: Se
             timeout=30,
         )
 
+    in_server_env = subprocess.run(
+        [sys.executable, "-m", "authsvc", "healthcheck"],
+        env={**os.environ, **mtls.env, "AUTHSVC_LISTEN": mtls.server.target},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (in_server_env.returncode, in_server_env.stdout.strip()) == (0, "SERVING"), in_server_env.stderr
     ok = healthcheck(
         "--ca-file",
         str(pki.ca.cert_file),
