@@ -22,6 +22,16 @@ WORKDIR /var/lib/authsvc
 # Listen on all interfaces inside the container. Without AUTHSVC_DATABASE_URL
 # the embedded PostgreSQL keeps its data in /var/lib/authsvc (mount a volume);
 # in production set AUTHSVC_DATABASE_URL.
+#
+# In production also mount the TLS files and the admin tokens file (not
+# readable by others) and set, for example:
+#   AUTHSVC_TLS_CERT_FILE=/run/secrets/authsvc/tls.crt       chain, CA included
+#   AUTHSVC_TLS_KEY_FILE=/run/secrets/authsvc/tls.key
+#   AUTHSVC_TLS_CLIENT_CA_FILE=/run/secrets/authsvc/clients-ca.crt   (mTLS)
+#   AUTHSVC_ADMIN_TOKENS_FILE=/run/secrets/authsvc/admin-tokens      name:token[:orgs]
+# The files are re-read when they change. The HEALTHCHECK below reads the
+# same settings and speaks TLS (and mTLS) with them; see README, "Running it
+# in production".
 ENV AUTHSVC_LISTEN=0.0.0.0:50051 \
     AUTHSVC_DATA_DIR=/var/lib/authsvc
 EXPOSE 50051
