@@ -43,7 +43,12 @@ async def until(predicate: Any, within: float = 3.0) -> None:
 
 
 async def kill_listener(app: App, db: asyncpg.Connection) -> int:
-    """Terminate the listener's backend and wait until the replica has seen the loss; returns the old pid."""
+    """Terminate the listener's backend and wait until the replica has seen the loss; returns the old pid.
+
+    Waits first for the listener to be subscribed: right after an earlier
+    kill it may still be reconnecting, with no backend to terminate.
+    """
+    await asyncio.wait_for(app.feed.connected.wait(), 5)
     old_pid = app.feed.backend_pid
     assert old_pid is not None
     await db.execute("SELECT pg_terminate_backend($1)", old_pid)
