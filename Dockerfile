@@ -31,6 +31,16 @@ WORKDIR /var/lib/authsvc
 # in production set AUTHSVC_DATABASE_URL.
 # Stopping: health turns NOT_SERVING, calls are served for AUTHSVC_DRAIN_SECONDS
 # (3 s), then in-flight calls finish; give `docker stop -t` at least 10 s.
+#
+# In production also mount the TLS files and the admin tokens file (not
+# readable by others) and set, for example:
+#   AUTHSVC_TLS_CERT_FILE=/run/secrets/authsvc/tls.crt       chain, CA included
+#   AUTHSVC_TLS_KEY_FILE=/run/secrets/authsvc/tls.key
+#   AUTHSVC_TLS_CLIENT_CA_FILE=/run/secrets/authsvc/clients-ca.crt   (mTLS)
+#   AUTHSVC_ADMIN_TOKENS_FILE=/run/secrets/authsvc/admin-tokens      name:token[:orgs]
+# The files are re-read when they change. The HEALTHCHECK below reads the
+# same settings and speaks TLS (and mTLS) with them; see README, "Running it
+# in production".
 ENV AUTHSVC_LISTEN=0.0.0.0:50051 \
     AUTHSVC_DATA_DIR=/var/lib/authsvc
 EXPOSE 50051

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 from authsvc import logs
 from authsvc.config import Settings
@@ -44,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     verify.add_argument("--org", help="only this organization's chain")
     audit_commands.add_parser("prune", help="delete events older than AUTHSVC_AUDIT_RETENTION_DAYS, in small batches")
+    health.add_argument("--ca-file", help="CA certificates to trust (default with TLS: AUTHSVC_TLS_CERT_FILE)")
+    health.add_argument("--cert-file", help="client certificate for mTLS (default with mTLS: AUTHSVC_TLS_CERT_FILE)")
+    health.add_argument("--key-file", help="its private key (default with mTLS: AUTHSVC_TLS_KEY_FILE)")
+    health.add_argument("--server-name", help="name to verify in the server's certificate (default: the target's host)")
     args = parser.parse_args(argv)
     if args.command == "healthcheck":
-        return _healthcheck(args.target)
+        return _healthcheck(args)
 
     # The one place start-up errors become what the operator reads: one line, exit 2.
     try:
@@ -70,21 +75,53 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _healthcheck(target: str | None) -> int:
-    """For container HEALTHCHECKs: no grpc_health_probe binary needed."""
+def _healthcheck(args: argparse.Namespace) -> int:
+    """For container HEALTHCHECKs: no grpc_health_probe binary needed.
+
+    With TLS configured in the environment it speaks TLS too, trusting the
+    server's own certificate file (a self-signed certificate, or a chain
+    file that includes its CA) and, under mTLS, presenting that same
+    certificate as its client certificate; the flags override each.
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    if target is None:
-        try:
-            listen = Settings.from_env().listen
-        except ConfigError as exc:
-            print(f"authsvc: {exc}", file=sys.stderr)
-            return 2
-        host, _, port = listen.rpartition(":")
-        target = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{port}"  # noqa: S104  # reading, not binding
+    target: str | None = args.target
+    ca_file: str | None = args.ca_file
+    cert_file: str | None = args.cert_file
+    key_file: str | None = args.key_file
     try:
-        with grpc.insecure_channel(target) as channel:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"authsvc: {exc}", file=sys.stderr)
+        return 2
+    if target is None:
+        host, _, port = settings.listen.rpartition(":")
+        target = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{port}"  # noqa: S104  # reading, not binding
+    if settings.tls is not None:
+        ca_file = ca_file or str(settings.tls.cert_file)
+        if settings.tls.client_ca_file is not None:
+            cert_file = cert_file or str(settings.tls.cert_file)
+            key_file = key_file or str(settings.tls.key_file)
+    if bool(cert_file) != bool(key_file):
+        print("authsvc: --cert-file and --key-file go together", file=sys.stderr)
+        return 2
+    try:
+        if ca_file or cert_file:
+            credentials = grpc.ssl_channel_credentials(
+                Path(ca_file).read_bytes() if ca_file else None,
+                Path(key_file).read_bytes() if key_file else None,
+                Path(cert_file).read_bytes() if cert_file else None,
+            )
+            options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+            channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            channel = grpc.insecure_channel(target)
+    except OSError as exc:
+        print(f"authsvc: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
     except grpc.RpcError as exc:
         print(f"authsvc: {target} is not healthy: {exc.code().name}", file=sys.stderr)

@@ -21,9 +21,12 @@ from pathlib import Path
 
 from authsvc_client._http import HttpPolicy
 
+from authsvc import access
+from authsvc.access import AdminClient, AdminToken
 from authsvc.core.errors import ConfigError
 from authsvc.core.keyformat import PREFIX_PATTERN
 from authsvc.core.keys import ScopeCatalog
+from authsvc.tlsfiles import TlsFiles
 
 DEFAULT_CATALOG = Path(__file__).parent / "catalogs" / "default.toml"
 
@@ -58,13 +61,21 @@ class Settings:
     """TOML scope catalog; see ``authsvc/catalogs/``."""
     max_active_keys: int = 10
     """Active (not revoked, not expired) keys an organization may hold."""
-    admin_tokens: tuple[Secret, ...] = ()
-    """When set, management RPCs need ``authorization: Bearer <token>``."""
     insecure_management: bool = False
     """Accept open management on a non-loopback address (no admin tokens); warned about at every start."""
     drain_seconds: float = 3.0
     """After SIGTERM: how long health says NOT_SERVING while calls are still served, so that
     health-checking clients and Envoy (2 s interval) move away before the port closes."""
+    admin_tokens: tuple[AdminToken, ...] = ()
+    """Named admin tokens (``AUTHSVC_ADMIN_TOKENS``, ``AUTHSVC_ADMIN_TOKENS_FILE``); see ``authsvc.access``."""
+    admin_client_names: tuple[AdminClient, ...] = ()
+    """Client-certificate identities that may manage keys without a token (needs ``tls_client_ca_file``)."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain served on every listener; with ``tls_key_file``. Unset: plaintext."""
+    tls_key_file: Path | None = None
+    """PEM private key of ``tls_cert_file``."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA certificates; set: every client must present a certificate they issued (mTLS)."""
     store_timeout_ms: int = 100
     """Authorize's budget for a database lookup; past it the answer is UNAVAILABLE (fail closed)."""
     last_used_flush_seconds: float = 5.0
@@ -103,6 +114,18 @@ class Settings:
     def http_policy(self) -> HttpPolicy:
         """Where HTTP requests carry keys and how denials look, for every HTTP front end."""
         return HttpPolicy(self.key_headers, self.authorization_scheme)
+
+    @property
+    def management_protected(self) -> bool:
+        """Whether management calls need an admin token or an admin client certificate."""
+        return bool(self.admin_tokens or self.admin_client_names)
+
+    @functools.cached_property
+    def tls(self) -> TlsFiles | None:
+        """The server's TLS files, or ``None`` for plaintext listeners."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return TlsFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
 
     @functools.cached_property
     def worker_addresses(self) -> tuple[str, ...]:
@@ -205,6 +228,28 @@ class Settings:
             raise ConfigError(f"AUTHSVC_DRAIN_SECONDS must be a number, got {drain_raw!r}") from None
         if not 0 <= drain <= 300:
             raise ConfigError("AUTHSVC_DRAIN_SECONDS must be between 0 and 300")
+        cert_file, key_file, client_ca_file = (
+            Path(v) if (v := get(name)) else None for name in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE")
+        )
+        if (cert_file is None) != (key_file is None):
+            raise ConfigError("AUTHSVC_TLS_CERT_FILE and AUTHSVC_TLS_KEY_FILE must be set together (or neither)")
+        if client_ca_file is not None and cert_file is None:
+            raise ConfigError(
+                "AUTHSVC_TLS_CLIENT_CA_FILE needs TLS: set AUTHSVC_TLS_CERT_FILE and AUTHSVC_TLS_KEY_FILE"
+            )
+        tokens_file = get("ADMIN_TOKENS_FILE")
+        admin_tokens = access.parse_tokens(get("ADMIN_TOKENS"), Path(tokens_file) if tokens_file else None)
+        admin_clients = access.parse_clients(get("ADMIN_CLIENT_NAMES"))
+        if admin_clients and client_ca_file is None:
+            raise ConfigError(
+                "AUTHSVC_ADMIN_CLIENT_NAMES needs client certificates: set AUTHSVC_TLS_CLIENT_CA_FILE (mTLS)"
+            )
+        shared_names = {t.name for t in admin_tokens} & {c.name for c in admin_clients}
+        if shared_names:
+            raise ConfigError(
+                f"AUTHSVC_ADMIN_CLIENT_NAMES: {sorted(shared_names)[0]} is also an admin token's name; "
+                "audit rows could not tell them apart"
+            )
         settings = cls(
             database_url=Secret(database_url) if database_url else None,
             data_dir=Path(get("DATA_DIR") or cls.data_dir),
@@ -214,9 +259,13 @@ class Settings:
             key_prefix=prefix,
             scopes_file=scopes_file,
             max_active_keys=integer("MAX_ACTIVE_KEYS", cls.max_active_keys, 1, 10_000),
-            admin_tokens=tuple(Secret(t) for t in word_list("ADMIN_TOKENS", ())),
             insecure_management=insecure_raw == "true",
             drain_seconds=drain,
+            admin_tokens=admin_tokens,
+            admin_client_names=admin_clients,
+            tls_cert_file=cert_file,
+            tls_key_file=key_file,
+            tls_client_ca_file=client_ca_file,
             store_timeout_ms=integer("STORE_TIMEOUT_MS", cls.store_timeout_ms, 5, 10_000),
             last_used_flush_seconds=flush,
             cache_size=integer("CACHE_SIZE", cls.cache_size, 0, 100_000_000),
@@ -232,6 +281,8 @@ class Settings:
         )
         catalog = settings.catalog  # fail at start-up, not on the first request
         settings.worker_addresses  # noqa: B018  # checked (and derived) here, once
+        if settings.tls is not None:
+            settings.tls.load()  # a bad certificate or key fails here, in one line, not at the first handshake
         for method, scope in settings.method_scopes:
             if scope not in catalog:
                 raise ConfigError(f"AUTHSVC_METHOD_SCOPES: {method}={scope}: {scope!r} is not in the scope catalog")
@@ -245,13 +296,14 @@ class Settings:
         any other address (``0.0.0.0`` in a container) that must be a
         deliberate choice, so the default is to refuse to start.
         """
-        if self.admin_tokens or is_loopback(listen):
+        if self.management_protected or is_loopback(listen):
             return False
         if self.insecure_management:
             return True
         raise ConfigError(
-            f"listening on {listen} with open management: set AUTHSVC_ADMIN_TOKENS "
-            "(or AUTHSVC_INSECURE_MANAGEMENT=true to allow anyone who reaches the port to manage keys)"
+            f"listening on {listen} with open management: set AUTHSVC_ADMIN_TOKENS (or, with mTLS, "
+            "AUTHSVC_ADMIN_CLIENT_NAMES; or AUTHSVC_INSECURE_MANAGEMENT=true to allow anyone who reaches "
+            "the port to manage keys)"
         )
 
 

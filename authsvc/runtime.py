@@ -54,6 +54,7 @@ from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import UsageRecorder
 from authsvc.grpc.keyservice import KeyServiceAdapter
 from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
+from authsvc.grpc.tls import ReloadingCredentials
 from authsvc.storage import audit, embedded
 from authsvc.storage.notify import FRESHNESS, PostgresFeed
 from authsvc.storage.postgres import CONNECTION_ERRORS, PostgresStore, connect, create_pool, run_migrations
@@ -199,7 +200,7 @@ class App:
             max_active_keys=s.max_active_keys,
             evict=self.authorizer.evict,
         )
-        admin = AdminTokens(t.value for t in s.admin_tokens)
+        admin = AdminTokens(s.admin_tokens, s.admin_client_names)
         services = [
             (
                 KEY_SERVICE,
@@ -214,6 +215,8 @@ class App:
         ]
         self.health = HealthServicer()
         self._server = build_server(services, self.health, reuse_port=self.reuse_port)
+        # Every listener, the per-worker ports included, speaks TLS when it is configured.
+        self.tls = ReloadingCredentials(s.tls) if s.tls is not None else None
         failed = next((a for a in (self.listen, *self.extra_listen) if not self._bind(a)), None)
         if failed is not None:
             await self._shutdown_internals()
@@ -229,7 +232,10 @@ class App:
 
     def _bind(self, address: str) -> bool:
         try:
-            port = self._server.add_insecure_port(address)
+            if self.tls is not None:
+                port = self._server.add_secure_port(address, self.tls.credentials())
+            else:
+                port = self._server.add_insecure_port(address)
         except RuntimeError:
             return False
         if address == self.listen:

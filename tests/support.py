@@ -53,14 +53,23 @@ def bin_path(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def wait_serving(target: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_serving(
+    target: str,
+    timeout: float = 20.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Until ``target`` reports SERVING; ``credentials`` for a TLS server."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before serving")
         try:
-            with grpc.insecure_channel(target) as channel:
+            channel = (
+                grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
+            )
+            with channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -93,7 +102,13 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def serve_process(
-    env: Mapping[str, str], tmp: Path, *, args: tuple[str, ...] = (), wait: bool = True, port: int | None = None
+    env: Mapping[str, str],
+    tmp: Path,
+    *,
+    args: tuple[str, ...] = (),
+    wait: bool = True,
+    port: int | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> Iterator[ServerProcess]:
     port = port or free_port()
     log_path = tmp / f"authsvc-{port}.log"
@@ -117,7 +132,7 @@ def serve_process(
     server = ServerProcess(proc, f"127.0.0.1:{port}", log_path)
     try:
         if wait:
-            wait_serving(server.target, proc=proc)
+            wait_serving(server.target, proc=proc, credentials=credentials)
         yield server
     finally:
         server.terminate()

@@ -50,11 +50,37 @@ class KeyState(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is on the other end of a management call, as authsvc itself authenticated it.
+
+    The transport (the gRPC adapter) works this out from an admin token or a
+    client certificate and hands it to the core; the core never sees how.
+    Unlike ``Actor``, which the calling service merely asserts, a caller is
+    proven, so it is what the audit trail can rely on and what an
+    organization binding is checked against.
+    """
+
+    name: str | None = None
+    """The admin token's or client certificate's configured name; ``None`` when management is unprotected."""
+    orgs: frozenset[str] | None = None
+    """The organizations this caller may manage; ``None``: any."""
+
+    def may_act_for(self, org_id: str) -> bool:
+        return self.orgs is None or org_id in self.orgs
+
+
+#: A management call nobody authenticated (no admin tokens or client names configured).
+ANONYMOUS = Caller()
+
+
+@dataclass(frozen=True, slots=True)
 class Actor:
-    """Who acts, as asserted by the calling service."""
+    """Who acts, as asserted by the calling service, and the authenticated caller that asserted it."""
 
     user_id: str
     role: Role
+    caller: str | None = None
+    """``Caller.name`` of the call, recorded with every audit row; ``None``: unauthenticated."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from datetime import datetime
 from authsvc.core import validation
 from authsvc.core.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from authsvc.core.keyformat import KeyFormat
-from authsvc.core.keys import Actor, ApiKey, ScopeCatalog
+from authsvc.core.keys import ANONYMOUS, Actor, ApiKey, Caller, ScopeCatalog
 from authsvc.core.ports import DateClock, KeyStore, NewKey, Page, TooManyActiveKeys
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,17 @@ class KeyManager:
         scopes: Sequence[str],
         expire_time: datetime | None,
         rate_limit: int = 0,
+        *,
+        caller: Caller = ANONYMOUS,
     ) -> CreatedKey:
         now = self.now()
         org_id = self._check_org(org_id)
-        actor = self._check_actor(actor)
+        actor = self._check_actor(actor, caller)
         name = self._no_key_in("name", validation.name(name))
         granted = validation.scopes(scopes, self.catalog)
         expire_time = validation.expire_time(expire_time, now)
         rate_limit = validation.rate_limit(rate_limit)
+        await self._require_org(caller, actor, "key.create", org_id)
         await self._require_manager(actor, "key.create", org_id)
         issued = self.key_format.generate()
         try:
@@ -98,14 +101,22 @@ class KeyManager:
             ) from None
         self._evict(issued.digest)
         log.info(
-            "key created", extra={"org_id": org_id, "key_id": key.id, "key_prefix": key.prefix, "actor": actor.user_id}
+            "key created",
+            extra={
+                "org_id": org_id,
+                "key_id": key.id,
+                "key_prefix": key.prefix,
+                "actor": actor.user_id,
+                "caller": actor.caller,
+            },
         )
         return CreatedKey(key=key, secret=issued.secret)
 
-    async def get_key(self, org_id: str, actor: Actor, key_id: str) -> ApiKey:
+    async def get_key(self, org_id: str, actor: Actor, key_id: str, *, caller: Caller = ANONYMOUS) -> ApiKey:
         org_id = self._check_org(org_id)
-        actor = self._check_actor(actor)
+        actor = self._check_actor(actor, caller)
         key_id = validation.key_id(key_id)
+        await self._require_org(caller, actor, "key.get", org_id, key_id)
         await self._require_member(actor, "key.get", org_id, key_id)
         key = await self.store.get_key(org_id, key_id)
         await self.store.audit("key.get", org_id, actor, key_id, "ok" if key else "not_found", {})
@@ -114,12 +125,13 @@ class KeyManager:
         return key
 
     async def list_keys(
-        self, org_id: str, actor: Actor, page: int, limit: int, state: int | None
+        self, org_id: str, actor: Actor, page: int, limit: int, state: int | None, *, caller: Caller = ANONYMOUS
     ) -> tuple[Page, int, int]:
         org_id = self._check_org(org_id)
-        actor = self._check_actor(actor)
+        actor = self._check_actor(actor, caller)
         page, limit = validation.page_and_limit(page, limit)
         wanted = validation.state(state)
+        await self._require_org(caller, actor, "key.list", org_id)
         await self._require_member(actor, "key.list", org_id)
         result = await self.store.list_keys(org_id, wanted, self.now(), (page - 1) * limit, limit)
         await self.store.audit(
@@ -132,11 +144,14 @@ class KeyManager:
         )
         return result, page, limit
 
-    async def revoke_key(self, org_id: str, actor: Actor, key_id: str, reason: str) -> ApiKey:
+    async def revoke_key(
+        self, org_id: str, actor: Actor, key_id: str, reason: str, *, caller: Caller = ANONYMOUS
+    ) -> ApiKey:
         org_id = self._check_org(org_id)
-        actor = self._check_actor(actor)
+        actor = self._check_actor(actor, caller)
         key_id = validation.key_id(key_id)
         reason = self._no_key_in("reason", validation.reason(reason))
+        await self._require_org(caller, actor, "key.revoke", org_id, key_id)
         await self._require_manager(actor, "key.revoke", org_id, key_id)
         revoked = await self.store.revoke_key(org_id, key_id, actor, reason, self.now())
         if revoked is None:
@@ -147,16 +162,23 @@ class KeyManager:
         # denies; other processes evict on the store's notification.
         self._evict(key_digest)
         log.info(
-            "key revoked", extra={"org_id": org_id, "key_id": key.id, "key_prefix": key.prefix, "actor": actor.user_id}
+            "key revoked",
+            extra={
+                "org_id": org_id,
+                "key_id": key.id,
+                "key_prefix": key.prefix,
+                "actor": actor.user_id,
+                "caller": actor.caller,
+            },
         )
         return key
 
     def _check_org(self, org_id: str) -> str:
         return self._no_key_in("org_id", validation.org_id(org_id))
 
-    def _check_actor(self, actor: Actor) -> Actor:
+    def _check_actor(self, actor: Actor, caller: Caller) -> Actor:
         user_id = self._no_key_in("actor.user_id", validation.actor_user_id(actor.user_id))
-        return Actor(user_id=user_id, role=validation.role(actor.role))
+        return Actor(user_id=user_id, role=validation.role(actor.role), caller=caller.name)
 
     def _no_key_in(self, field: str, value: str) -> str:
         """Free-form fields are stored, audited and logged: a key pasted into one would leak."""
@@ -165,6 +187,18 @@ class KeyManager:
                 f"{field} holds an API key; pass the intended value (and revoke that key if it was shared)"
             )
         return value
+
+    async def _require_org(
+        self, caller: Caller, actor: Actor, action: str, org_id: str, key_id: str | None = None
+    ) -> None:
+        """An org-bound admin token (or client certificate) manages its organizations only.
+
+        Checked before roles, and audited in the organization that was
+        attempted, so its admins see the attempt.
+        """
+        if not caller.may_act_for(org_id):
+            await self.store.audit(action, org_id, actor, key_id, "denied", {"why": "caller not bound to org"})
+            raise PermissionDenied(f"caller {caller.name} may not manage organization {org_id}")
 
     async def _require_member(self, actor: Actor, action: str, org_id: str, key_id: str | None = None) -> None:
         if actor.role == 0:

@@ -74,6 +74,9 @@ class KeyStore(Protocol):
     failures and timeouts surface as ``authsvc.core.errors.Unavailable``.
     Every write that can change an Authorize answer (create, revoke) is
     published to the store's ``InvalidationFeed`` as part of the write itself.
+    Every audit row a method writes (``create_key``, ``revoke_key``,
+    ``audit``) records ``actor.caller``, the authenticated caller's name,
+    next to the asserted actor.
     """
 
     async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:

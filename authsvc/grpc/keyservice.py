@@ -2,7 +2,8 @@
 
 Management calls go to the ``KeyManager``, Authorize to the ``Authorizer``.
 Errors are not handled here; the server's handler wrapper maps them
-(``authsvc.grpc.status``).
+(``authsvc.grpc.status``). Management methods get the ``Caller`` the
+wrapper authenticated and pass it on; the core never sees metadata.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from authsvc_client.v1 import authsvc_pb2 as pb
 
 from authsvc.core.authorizer import Authorizer, Pending
+from authsvc.core.keys import Caller
 from authsvc.core.manager import KeyManager
 from authsvc.grpc import convert
 from authsvc.memo import ResponseMemo
@@ -21,30 +23,36 @@ class KeyServiceAdapter:
         self._authorizer = authorizer
         self._responses: ResponseMemo[None, pb.AuthorizeResponse] = ResponseMemo(convert.authorize_response)
 
-    async def CreateKey(self, request: pb.CreateKeyRequest) -> pb.CreateKeyResponse:
+    async def CreateKey(self, request: pb.CreateKeyRequest, caller: Caller) -> pb.CreateKeyResponse:
         expire = convert.from_timestamp(request.expire_time, "expire_time") if request.HasField("expire_time") else None
         created = await self._manager.create_key(
-            request.org_id, convert.actor(request.actor), request.name, list(request.scopes), expire, request.rate_limit
+            request.org_id,
+            convert.actor(request.actor),
+            request.name,
+            list(request.scopes),
+            expire,
+            request.rate_limit,
+            caller=caller,
         )
         return pb.CreateKeyResponse(key=convert.api_key(created.key, self._manager.now()), secret=created.secret)
 
-    async def GetKey(self, request: pb.GetKeyRequest) -> pb.GetKeyResponse:
-        key = await self._manager.get_key(request.org_id, convert.actor(request.actor), request.key_id)
+    async def GetKey(self, request: pb.GetKeyRequest, caller: Caller) -> pb.GetKeyResponse:
+        key = await self._manager.get_key(request.org_id, convert.actor(request.actor), request.key_id, caller=caller)
         return pb.GetKeyResponse(key=convert.api_key(key, self._manager.now()))
 
-    async def ListKeys(self, request: pb.ListKeysRequest) -> pb.ListKeysResponse:
+    async def ListKeys(self, request: pb.ListKeysRequest, caller: Caller) -> pb.ListKeysResponse:
         state = request.state if request.HasField("state") else None
         page, number, limit = await self._manager.list_keys(
-            request.org_id, convert.actor(request.actor), request.page, request.limit, state
+            request.org_id, convert.actor(request.actor), request.page, request.limit, state, caller=caller
         )
         now = self._manager.now()
         return pb.ListKeysResponse(
             data=[convert.api_key(k, now) for k in page.keys], total=page.total, page=number, limit=limit
         )
 
-    async def RevokeKey(self, request: pb.RevokeKeyRequest) -> pb.RevokeKeyResponse:
+    async def RevokeKey(self, request: pb.RevokeKeyRequest, caller: Caller) -> pb.RevokeKeyResponse:
         key = await self._manager.revoke_key(
-            request.org_id, convert.actor(request.actor), request.key_id, request.reason
+            request.org_id, convert.actor(request.actor), request.key_id, request.reason, caller=caller
         )
         return pb.RevokeKeyResponse(key=convert.api_key(key, self._manager.now()))
 

@@ -1,7 +1,8 @@
 """Server assembly: every service on one port, behind one handler wrapper.
 
 The wrapper is the only place that turns exceptions into gRPC statuses
-(through ``authsvc.grpc.status``), checks admin tokens, and answers requests
+(through ``authsvc.grpc.status``), authenticates management callers (admin
+tokens, admin client certificates) and hands them to the behaviour, and answers requests
 that do not even decode (invalid UTF-8 in a string field) with
 INVALID_ARGUMENT instead of grpcio's generic INTERNAL.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -22,14 +23,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from authsvc.access import AdminClient, AdminToken
 from authsvc.core.errors import Unauthenticated
+from authsvc.core.keys import ANONYMOUS, Caller
 from authsvc.grpc.status import to_status
 
 KEY_SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["KeyService"]
 MANAGEMENT_METHODS = frozenset({"CreateKey", "GetKey", "ListKeys", "RevokeKey"})
 _UNDECODABLE = object()
 
-Behavior = Callable[[Any], Awaitable[Any]]
+Behavior = Callable[..., Awaitable[Any]]
 
 
 def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -43,30 +46,65 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 class AdminTokens:
-    """Constant-time check of ``authorization: Bearer <token>`` against the configured tokens."""
+    """Who a management call comes from: a named admin token, or an admin client certificate.
 
-    def __init__(self, tokens: Iterable[str]) -> None:
-        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+    Tokens are compared in constant time: the offered token's SHA-256
+    against every configured digest, all of them every time, so timing tells
+    neither whether nor which one matched. A token that is offered is
+    decisive: a wrong one is refused even over an admin certificate.
+    Certificate identities are the verified client certificate's SAN DNS
+    names and URIs, else its CN (gRPC's ``peer_dns``, ``peer_uri``,
+    ``x509_common_name``); the server only sees them when mTLS is on.
+    With nothing configured, management is open and the caller anonymous.
+    """
+
+    def __init__(self, tokens: Iterable[AdminToken], clients: Iterable[AdminClient] = ()) -> None:
+        self._tokens = [(hashlib.sha256(t.token.encode()).digest(), Caller(t.name, t.orgs)) for t in tokens]
+        self._clients = {c.name: Caller(c.name, c.orgs) for c in clients}
 
     def __bool__(self) -> bool:
-        return bool(self._digests)
+        return bool(self._tokens or self._clients)
 
-    def check(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+    def check(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        if not self:
+            return ANONYMOUS
+        offered = self._offered(context.invocation_metadata())
+        if offered is not None:
+            digest = hashlib.sha256(offered.encode()).digest()
+            found: Caller | None = None
+            for candidate, caller in self._tokens:
+                if hmac.compare_digest(digest, candidate) and found is None:
+                    found = caller
+            if found is None:
+                raise Unauthenticated("the admin token is not valid")
+            return found
+        if self._clients:
+            for name in _certificate_names(context.auth_context()):
+                if name in self._clients:
+                    return self._clients[name]
+        raise Unauthenticated(
+            "management calls need metadata 'authorization: Bearer <admin token>' or an admin client certificate"
+        )
+
+    @staticmethod
+    def _offered(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
         for name, value in metadata or ():
             if name == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
-                offered = hashlib.sha256(value[7:].strip().encode()).digest()
-                # Compare against every token so timing does not tell which matched.
-                matched = False
-                for digest in self._digests:
-                    matched |= hmac.compare_digest(offered, digest)
-                if matched:
-                    return
-        raise Unauthenticated("management calls need metadata 'authorization: Bearer <admin token>'")
+                return value[7:].strip()
+        return None
+
+
+def _certificate_names(auth: Mapping[str, Iterable[bytes]]) -> list[str]:
+    """The verified client certificate's identities: SAN DNS names and URIs, else its CN."""
+    names = [*auth.get("peer_dns", ()), *auth.get("peer_uri", ())] or list(auth.get("x509_common_name", ()))
+    return [n.decode("utf-8", "replace") for n in names]
 
 
 def _wrap(
     behavior: Behavior, method: str, admin: AdminTokens | None
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    """``admin`` set: a management method, called as ``behavior(request, caller)``."""
+
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNDECODABLE:
             await context.abort(
@@ -74,8 +112,8 @@ def _wrap(
                 "the request could not be decoded: string fields must be valid UTF-8",
             )
         try:
-            if admin:
-                admin.check(context.invocation_metadata())
+            if admin is not None:
+                return await behavior(request, admin.check(context))
             return await behavior(request)
         except Exception as exc:  # mapped in one place; a traceback never reaches the caller
             code, message = to_status(exc, method)
@@ -91,7 +129,11 @@ def service_handler(
     admin: AdminTokens | None = None,
     protected: frozenset[str] = frozenset(),
 ) -> grpc.GenericRpcHandler:
-    """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``."""
+    """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``.
+
+    ``protected`` methods are called as ``servicer.<Method>(request, caller)``,
+    with the ``Caller`` that ``admin`` authenticated.
+    """
     handlers = {}
     for method in descriptor.methods:
         request_class = message_factory.GetMessageClass(method.input_type)

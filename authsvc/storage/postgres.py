@@ -384,8 +384,8 @@ class PostgresStore:
         detail: Mapping[str, object],
     ) -> None:
         await conn.execute(
-            "INSERT INTO audit_events (org_id, actor_user_id, actor_role, action, key_id, outcome, detail) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
+            "INSERT INTO audit_events (org_id, actor_user_id, actor_role, action, key_id, outcome, detail, caller) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8)",
             org_id,
             actor.user_id,
             actor.role.name.lower(),
@@ -393,4 +393,5 @@ class PostgresStore:
             uuid.UUID(key_id) if key_id else None,
             outcome,
             json.dumps(dict(detail)),
+            actor.caller,
         )

@@ -104,17 +104,17 @@ class Stack:
         return int(match.group(1))
 
 
-def shipped_config_with_ports(ports: Mapping[int, int]) -> str:
+def shipped_config_with_ports(ports: Mapping[int, int], config: Path = SHIPPED_CONFIG) -> str:
     """The shipped YAML, byte for byte, except its four port numbers.
 
     Each port must occur exactly once outside comments, so the test cannot
     silently run a config other than the one users copy.
     """
-    text = SHIPPED_CONFIG.read_text()
+    text = config.read_text()
     for old, new in ports.items():
         pattern = rf"port_value: {old}\b"
         live = [line for line in text.splitlines() if re.search(pattern, line) and not line.lstrip().startswith("#")]
-        assert len(live) == 1, f"expected one live 'port_value: {old}' in {SHIPPED_CONFIG}, found {len(live)}"
+        assert len(live) == 1, f"expected one live 'port_value: {old}' in {config}, found {len(live)}"
         text = re.sub(rf"^(?!\s*#)(.*){pattern}", rf"\g<1>port_value: {new}", text, flags=re.MULTILINE)
     return text
 
@@ -148,21 +148,25 @@ def running(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("envoy-e2e")
+@contextlib.contextmanager
+def start_stack(
+    database_url: str,
+    tmp: Path,
+    config_text: Callable[[Mapping[int, int]], str],
+    authsvc_env: Mapping[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Iterator[Stack]:
+    """authsvc (behind a cuttable database proxy), the echo upstream and Envoy with ``config_text(ports)``."""
     proxy = TcpProxy.for_database(database_url)
     http_port, admin_port, upstream_port, authsvc_port = free_port(), free_port(), free_port(), free_port()
-    env = {"AUTHSVC_DATABASE_URL": proxy.url_for(database_url), "AUTHSVC_LOG_LEVEL": "INFO"}
+    env = {"AUTHSVC_DATABASE_URL": proxy.url_for(database_url), "AUTHSVC_LOG_LEVEL": "INFO", **(authsvc_env or {})}
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(proxy.close)
         upstream = cleanup.enter_context(
             running([sys.executable, str(ECHO_UPSTREAM), "--port", str(upstream_port)], tmp / "upstream.log")
         )
         config = tmp / "envoy.yaml"
-        config.write_text(
-            shipped_config_with_ports({8080: http_port, 9901: admin_port, 50051: authsvc_port, 8000: upstream_port})
-        )
+        config.write_text(config_text({8080: http_port, 9901: admin_port, 50051: authsvc_port, 8000: upstream_port}))
         envoy_log = tmp / "envoy.log"
         envoy = cleanup.enter_context(
             running(
@@ -183,8 +187,10 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         )
         # authsvc after Envoy, as happens in real deployments: Envoy's first
         # health check fails and the shipped config must notice authsvc soon.
-        server = cleanup.enter_context(serve_process(env, tmp, port=authsvc_port))
-        channel = cleanup.enter_context(grpc.insecure_channel(server.target))
+        server = cleanup.enter_context(serve_process(env, tmp, port=authsvc_port, credentials=credentials))
+        channel = cleanup.enter_context(
+            grpc.secure_channel(server.target, credentials) if credentials else grpc.insecure_channel(server.target)
+        )
         stack = Stack(server, proxy, authsvc_pb2_grpc.KeyServiceStub(channel), http_port, admin_port, envoy_log)
 
         def public_route_answers() -> bool:
@@ -194,6 +200,12 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             return stack.request("GET", "/public/ready").status == 200
 
         wait_until(public_route_answers, "Envoy -> authsvc -> upstream on the public route")
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with start_stack(database_url, tmp_path_factory.mktemp("envoy-e2e"), shipped_config_with_ports) as stack:
         yield stack
 
 
@@ -471,3 +483,87 @@ def test_database_down_means_503_never_200(stack: Stack) -> None:
         return stack.request("GET", "/items", {"x-api-key": secret}).status == 200
 
     wait_until(allowed_again, "recovery after the database is back")
+
+
+# -- Envoy talking mTLS to authsvc: deploy/envoy/envoy-tls.yaml ------------------
+
+TLS_CONFIG = ROOT / "deploy" / "envoy" / "envoy-tls.yaml"
+TLS_MARKERS = ("# >>> TLS to authsvc", "# <<< TLS to authsvc")
+
+
+def without_tls_blocks(text: str) -> str:
+    kept, inside = [], False
+    for line in text.splitlines(keepends=True):
+        marker = line.strip()
+        if marker.startswith(TLS_MARKERS):
+            inside = marker.startswith(TLS_MARKERS[0])
+            continue
+        if not inside:
+            kept.append(line)
+    return "".join(kept)
+
+
+def test_the_tls_variant_is_the_shipped_config_plus_its_tls_blocks() -> None:
+    """envoy-tls.yaml cannot drift from envoy.yaml: only the marked TLS blocks differ."""
+    assert without_tls_blocks(TLS_CONFIG.read_text()) == SHIPPED_CONFIG.read_text()
+    assert "UpstreamTlsContext" in TLS_CONFIG.read_text()
+
+
+@pytest.fixture(scope="module")
+def tls_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """authsvc requiring client certificates; Envoy with the shipped TLS variant, only ports and file paths changed."""
+    from tests.tls import CertificateAuthority
+
+    tmp = tmp_path_factory.mktemp("envoy-tls")
+    ca = CertificateAuthority(tmp)
+    server = ca.issue("authsvc", common_name="authsvc", dns=("authsvc.internal", "localhost"), ips=("127.0.0.1",))
+    envoy = ca.issue("envoy", common_name="envoy", dns=("envoy.internal",), client=True)
+    admin = ca.issue("e2e-admin", common_name="e2e-admin", client=True)
+    tls_dir = tmp / "etc-envoy-tls"
+    tls_dir.mkdir()
+    for source, name in (
+        (ca.cert_file, "authsvc-ca.pem"),
+        (envoy.cert_file, "envoy.pem"),
+        (envoy.key_file, "envoy-key.pem"),
+    ):
+        (tls_dir / name).write_bytes(source.read_bytes())
+
+    def config(ports: Mapping[int, int]) -> str:
+        text = shipped_config_with_ports(ports, TLS_CONFIG)
+        assert text.count("{filename: /etc/envoy/tls/") == 3
+        return text.replace("{filename: /etc/envoy/tls/", f"{{filename: {tls_dir}/")
+
+    env = {
+        "AUTHSVC_TLS_CERT_FILE": str(server.cert_file),
+        "AUTHSVC_TLS_KEY_FILE": str(server.key_file),
+        "AUTHSVC_TLS_CLIENT_CA_FILE": str(ca.cert_file),
+        "AUTHSVC_ADMIN_CLIENT_NAMES": "e2e-admin",  # this test's own management calls; Envoy is no admin
+    }
+    credentials = grpc.ssl_channel_credentials(ca.cert_pem, admin.key_pem, admin.cert_pem)
+    with start_stack(database_url, tmp, config, env, credentials) as stack:
+        yield stack
+
+
+def test_envoy_over_mtls_health_checks_and_answers_200_401_403(tls_stack: Stack) -> None:
+    wait_until(lambda: tls_stack.envoy_stat("cluster.authsvc.health_check.success") >= 1, "a health check over mTLS")
+    assert tls_stack.envoy_stat("cluster.authsvc.ssl.handshake") >= 1  # the connection to authsvc is TLS
+    org = new_org()
+    reader, key_id = tls_stack.create_key(org, ["read"])
+    seen = tls_stack.request("GET", "/items", {"x-api-key": reader}).seen_by_upstream()
+    assert (seen["x-authsvc-org-id"], seen["x-authsvc-key-id"]) == (org, key_id)
+    missing = tls_stack.request("GET", "/items")
+    assert (missing.status, missing.error_code()) == (401, "missing_key")
+    scope = tls_stack.request("GET", "/admin/settings", {"x-api-key": reader})
+    assert (scope.status, scope.error_code()) == (403, "insufficient_scope")
+
+
+def test_envoy_over_mtls_fails_closed_with_503(tls_stack: Stack) -> None:
+    secret, _ = tls_stack.create_key(new_org(), ["read"])
+    assert tls_stack.request("GET", "/items", {"x-api-key": secret}).status == 200
+    tls_stack.proxy.cut()
+    try:
+        reply = tls_stack.request("GET", "/items", {"x-api-key": secret})
+        assert reply.status == 503 and secret not in reply.body
+    finally:
+        tls_stack.proxy.restore()
+    wait_until(lambda: tls_stack.request("GET", "/items", {"x-api-key": secret}).status == 200, "recovery")

@@ -16,6 +16,7 @@ from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authsvc.access import AdminToken
 from authsvc.config import Secret, Settings
 from authsvc.core.keyformat import KeyFormat
 from authsvc.runtime import App
@@ -159,7 +160,9 @@ async def test_13_oversized_key_is_malformed_without_hashing_it(stub: Stub) -> N
 @pytest.fixture(scope="module")
 async def guarded(settings: Settings, database_url: str) -> AsyncIterator[App]:
     app = App(
-        replace(settings, admin_tokens=(Secret("s3cret-admin"),)), database_url, listen=f"127.0.0.1:{free_port()}"
+        replace(settings, admin_tokens=(AdminToken("ci", "s3cret-admin-token-0123"),)),
+        database_url,
+        listen=f"127.0.0.1:{free_port()}",
     )
     await app.start()
     yield app
@@ -174,7 +177,7 @@ async def test_admin_token_guards_management_but_not_authorize(guarded: App) -> 
         assert code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in details
         code, _ = await code_of(stub.CreateKey(request, metadata=[("authorization", "Bearer wrong")]))
         assert code == grpc.StatusCode.UNAUTHENTICATED
-        created = await stub.CreateKey(request, metadata=[("authorization", "Bearer s3cret-admin")])
+        created = await stub.CreateKey(request, metadata=[("authorization", "Bearer s3cret-admin-token-0123")])
         assert (await authorize(stub, created.secret)).allowed  # Authorize needs no admin token
 
 

@@ -74,13 +74,13 @@ def test_with_admin_tokens_it_serves_on_all_interfaces_and_management_needs_one(
     tmp_path: Path, database_url: str
 ) -> None:
     port = free_port()
-    env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_ADMIN_TOKENS": "tok-all-interfaces"}
+    env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_ADMIN_TOKENS": "ops:tok-all-interfaces-0123"}
     with serve_process({**env, "AUTHSVC_LISTEN": f"0.0.0.0:{port}"}, tmp_path, wait=False, port=port) as server:
         wait_serving(f"127.0.0.1:{port}", proc=server.proc)
         with pytest.raises(grpc.RpcError) as info:
             _create(f"127.0.0.1:{port}")
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert _create(f"127.0.0.1:{port}", (("authorization", "Bearer tok-all-interfaces"),)).secret
+        assert _create(f"127.0.0.1:{port}", (("authorization", "Bearer tok-all-interfaces-0123"),)).secret
         assert server.terminate() == 0
     assert "management is open" not in server.log()
 

@@ -20,8 +20,9 @@ from authsvc_client._cache import DecisionCache
 
 from authsvc.config import DEFAULT_CATALOG, load_catalog
 from authsvc.core.authorizer import Authorizer
+from authsvc.core.errors import PermissionDenied
 from authsvc.core.keyformat import KeyFormat
-from authsvc.core.keys import Actor, ApiKey, KeyGrant, KeyState, Reason, Role
+from authsvc.core.keys import Actor, ApiKey, Caller, KeyGrant, KeyState, Reason, Role
 from authsvc.core.manager import KeyManager
 from authsvc.core.ports import Found, InvalidationFeed, KeyStore, NewKey, Page, TooManyActiveKeys
 from authsvc.storage.memory import InMemoryStore
@@ -42,6 +43,16 @@ class Backend:
     store: KeyStore
     feed: InvalidationFeed
     lose_feed: Callable[[], Awaitable[None]]
+    audit_trail: Callable[[str], Awaitable[list[AuditEntry]]]
+    """An organization's audit rows, oldest first, as read back from the store itself."""
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    action: str
+    outcome: str
+    actor: str
+    caller: str | None
 
 
 @dataclass
@@ -96,7 +107,14 @@ async def backend(request: pytest.FixtureRequest, database_url: str, pool: async
             memory.feed.lose()
             memory.feed.restore()
 
-        yield Backend(memory, memory.feed, lose_memory)
+        async def memory_trail(org: str) -> list[AuditEntry]:
+            return [
+                AuditEntry(r.action, r.outcome, r.actor.user_id, r.actor.caller)
+                for r in memory.audit_rows
+                if r.org_id == org
+            ]
+
+        yield Backend(memory, memory.feed, lose_memory, memory_trail)
         await memory.feed.stop()
         return
     feed = PostgresFeed(database_url)
@@ -106,7 +124,13 @@ async def backend(request: pytest.FixtureRequest, database_url: str, pool: async
         async with pool.acquire() as conn:
             await conn.execute("SELECT pg_terminate_backend($1)", pid)
 
-    yield Backend(PostgresStore(pool, lookup_timeout=2.0), feed, lose_postgres)
+    async def postgres_trail(org: str) -> list[AuditEntry]:
+        rows = await pool.fetch(
+            "SELECT action, outcome, actor_user_id, caller FROM audit_events WHERE org_id = $1 ORDER BY id", org
+        )
+        return [AuditEntry(r["action"], r["outcome"], r["actor_user_id"], r["caller"]) for r in rows]
+
+    yield Backend(PostgresStore(pool, lookup_timeout=2.0), feed, lose_postgres, postgres_trail)
     await feed.stop()
 
 
@@ -187,6 +211,43 @@ async def test_revoked_and_expired_keys_free_their_slot(backend: Backend) -> Non
     with pytest.raises(TooManyActiveKeys):
         await store.create_key(new_key(org)[0], ADMIN, 2, NOW)
 
+
+
+# -- the audit trail names the authenticated caller ---------------------------
+
+
+async def test_every_audit_row_records_the_authenticated_caller(backend: Backend) -> None:
+    org = new_org()
+    by_token = Actor("alice", Role.ADMIN, caller="ci-deployer")
+    key = await backend.store.create_key(new_key(org)[0], by_token, 10, NOW)
+    await backend.store.revoke_key(org, key.id, by_token, "rotated", NOW)
+    await backend.store.revoke_key(org, key.id, Actor("bob", Role.OWNER, caller="ops-cert"), "again", NOW)
+    await backend.store.audit("key.get", org, Actor("mike", Role.MEMBER), key.id, "ok", {})
+    assert await backend.audit_trail(org) == [
+        AuditEntry("key.create", "ok", "alice", "ci-deployer"),
+        AuditEntry("key.revoke", "ok", "alice", "ci-deployer"),
+        AuditEntry("key.revoke", "already_revoked", "bob", "ops-cert"),
+        AuditEntry("key.get", "ok", "mike", None),  # unprotected management: nobody authenticated
+    ]
+
+
+async def test_an_org_bound_caller_is_denied_elsewhere_and_the_denial_is_audited(backend: Backend) -> None:
+    """Through the KeyManager: the binding is the core's rule, the caller's name reaches the store."""
+    own, other = new_org(), new_org()
+    manager = KeyManager(backend.store, CATALOG, FORMAT, clock=lambda: NOW)
+    bound = Caller("acme-bot", frozenset({own}))
+    created = await manager.create_key(own, ADMIN, "ci", ["read"], None, caller=bound)
+    with pytest.raises(PermissionDenied, match="acme-bot"):
+        await manager.create_key(other, ADMIN, "ci", ["read"], None, caller=bound)
+    with pytest.raises(PermissionDenied):
+        await manager.list_keys(other, ADMIN, 1, 10, None, caller=bound)
+    assert (await backend.store.list_keys(other, None, NOW, 0, 10)).total == 0
+    assert await backend.audit_trail(own) == [AuditEntry("key.create", "ok", "alice", "acme-bot")]
+    assert await backend.audit_trail(other) == [
+        AuditEntry("key.create", "denied", "alice", "acme-bot"),
+        AuditEntry("key.list", "denied", "alice", "acme-bot"),
+    ]
+    await manager.revoke_key(own, ADMIN, created.key.id, "done", caller=bound)
 
 async def test_a_revocation_is_final_and_keeps_the_first_reason(backend: Backend) -> None:
     org = new_org()

@@ -69,7 +69,7 @@ def test_effective_config_redacts_passwords_and_tokens() -> None:
     settings = Settings.from_env(
         {
             "AUTHSVC_DATABASE_URL": "postgresql://svc:hunter2@db:5432/authsvc",
-            "AUTHSVC_ADMIN_TOKENS": "tok-very-secret,tok-other",
+            "AUTHSVC_ADMIN_TOKENS": "ci:tok-very-secret-0123,ops:tok-other-0123456",
             "AUTHSVC_REDIS_URL": "redis://:redispass@cache:6379/0",
         }
     )
@@ -152,4 +152,4 @@ def test_open_management_is_refused_unless_only_this_machine_can_reach_it(listen
     with pytest.raises(ConfigError, match="AUTHSVC_ADMIN_TOKENS"):
         settings.check_management(listen)
     assert Settings.from_env({"AUTHSVC_INSECURE_MANAGEMENT": "true"}).check_management(listen) is True
-    assert Settings.from_env({"AUTHSVC_ADMIN_TOKENS": "t"}).check_management(listen) is False
+    assert Settings.from_env({"AUTHSVC_ADMIN_TOKENS": "ops:0123456789abcdef"}).check_management(listen) is False

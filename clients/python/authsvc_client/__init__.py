@@ -2,6 +2,7 @@
 
 - ``Client`` / ``AsyncClient``: ``authorize(key, scope) -> Decision`` (the scope is required);
   ``authenticate(key) -> Decision`` only checks that the key is valid.
+  ``TlsConfig`` for TLS and mTLS.
 - ``AuthzServerInterceptor`` / ``AsyncAuthzServerInterceptor``: protect a gRPC server.
 - ``AuthsvcMiddleware``: protect an ASGI application.
 - ``current_principal()``: the principal of the request being handled.
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
         Unavailable,
     )
     from authsvc_client._interceptor import AsyncAuthzServerInterceptor, AuthzServerInterceptor, MethodPolicy
+    from authsvc_client._tls import TlsConfig
 
 _LAZY = {
     "AuthsvcMiddleware": "_asgi",
@@ -54,6 +56,7 @@ _LAZY = {
     "AsyncAuthzServerInterceptor": "_interceptor",
     "AuthzServerInterceptor": "_interceptor",
     "MethodPolicy": "_interceptor",
+    "TlsConfig": "_tls",
 }
 
 
@@ -84,6 +87,7 @@ __all__ = [
     "RateLimit",
     "Reason",
     "ResourceExhausted",
+    "TlsConfig",
     "Unauthenticated",
     "Unavailable",
     "current_principal",

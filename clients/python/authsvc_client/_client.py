@@ -19,6 +19,7 @@ import grpc
 
 from authsvc_client._decision import Decision, Principal, RateLimit, Reason
 from authsvc_client._exceptions import InvalidArgument, from_rpc_error
+from authsvc_client._tls import TlsConfig
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1.authsvc_pb2_grpc import KeyServiceStub
 
@@ -71,6 +72,16 @@ _NEEDS_SCOPE = (
 )
 
 
+def _secure(
+    credentials: grpc.ChannelCredentials | None, tls: TlsConfig | None
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
+    if credentials is not None and tls is not None:
+        raise ValueError("pass either credentials or tls, not both")
+    if tls is not None:
+        return tls.credentials(), tls.options()
+    return credentials, []
+
+
 def _request(key: str, scope: str) -> pb.AuthorizeRequest:
     if not isinstance(key, str) or not isinstance(scope, str):
         # No repr of the value: it may be a secret of the wrong type.
@@ -90,8 +101,8 @@ class Client:
     """Blocking client for authsvc, safe to share between threads.
 
     ``Client("authsvc:50051")`` opens (and on ``close()`` closes) an insecure
-    channel, or a TLS one with ``credentials``; ``Client(channel)`` uses a
-    channel you own and leaves it open.
+    channel, or a TLS one with ``tls=TlsConfig(...)`` (or ready-made gRPC
+    ``credentials``); ``Client(channel)`` uses a channel you own and leaves it open.
     """
 
     def __init__(
@@ -100,12 +111,14 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
+        credentials, options = _secure(credentials, tls)
         if isinstance(target, str):
             if credentials is None:
                 self._channel = grpc.insecure_channel(target)
             else:
-                self._channel = grpc.secure_channel(target, credentials)
+                self._channel = grpc.secure_channel(target, credentials, options=options)
             self._owns_channel = True
         else:
             self._channel = target
@@ -168,9 +181,10 @@ class AsyncClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self._target = target if isinstance(target, str) else None
-        self._credentials = credentials
+        self._credentials, self._options = _secure(credentials, tls)
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.UnaryUnaryMultiCallable[pb.AuthorizeRequest, pb.AuthorizeResponse] | None = None
         self._owns_channel = isinstance(target, str)
@@ -189,7 +203,7 @@ class AsyncClient:
             if self._credentials is None:
                 self._bind(grpc.aio.insecure_channel(self._target))
             else:
-                self._bind(grpc.aio.secure_channel(self._target, self._credentials))
+                self._bind(grpc.aio.secure_channel(self._target, self._credentials, options=self._options))
         assert self._call is not None
         return self._call
 
