@@ -12,6 +12,7 @@ import pytest
 from authsvc_client.v1 import authsvc_pb2 as pb
 from google.protobuf.duration_pb2 import Duration
 
+from authsvc.config import Settings
 from tests.grpc.test_lifecycle import authorize, code_of, create, ts
 from tests.support import ADMIN, MEMBER, OWNER, Stub, new_org
 
@@ -230,6 +231,18 @@ async def test_13_bad_grace_period_is_invalid_argument_and_writes_nothing(
     assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details
     assert await rows(db, org) == 1
     assert (await authorize(stub, old.secret)).allowed
+
+
+async def test_13_the_longest_grace_period_is_configurable(settings: Settings, database_url: str) -> None:
+    """``AUTHSVC_MAX_ROTATION_GRACE`` (here 60 s) bounds grace_period instead of the 7-day default."""
+    from tests.grpc.test_hotpath import running
+
+    async with running(settings, database_url, max_rotation_grace_seconds=60) as (_, replica):
+        org = new_org()
+        old = await create(replica, org)
+        code, details = await code_of(rotate(replica, org, old.key.id, seconds=61))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 60s (AUTHSVC_MAX_ROTATION_GRACE)" in details
+        assert (await rotate(replica, org, old.key.id, seconds=60)).previous.rotated_to
 
 
 async def test_13_seven_days_of_grace_is_allowed(stub: Stub) -> None:

@@ -26,6 +26,10 @@ from authsvc.core.errors import ConfigError
         ({"AUTHSVC_REDIS_URL": "redis://[::1"}, "AUTHSVC_REDIS_URL"),
         ({"AUTHSVC_LAST_USED_FLUSH_SECONDS": "60"}, "AUTHSVC_LAST_USED_FLUSH_SECONDS"),
         ({"AUTHSVC_REDIS_URL": "localhost:6379"}, "AUTHSVC_REDIS_URL"),
+        ({"AUTHSVC_MAX_ROTATION_GRACE": "a week"}, "AUTHSVC_MAX_ROTATION_GRACE"),
+        ({"AUTHSVC_MAX_ROTATION_GRACE": "7w"}, "AUTHSVC_MAX_ROTATION_GRACE"),
+        ({"AUTHSVC_MAX_ROTATION_GRACE": "-1d"}, "AUTHSVC_MAX_ROTATION_GRACE"),
+        ({"AUTHSVC_MAX_ROTATION_GRACE": "400d"}, "AUTHSVC_MAX_ROTATION_GRACE"),
     ],
 )
 def test_invalid_setting_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -72,3 +76,12 @@ def test_effective_config_redacts_passwords_and_tokens() -> None:
     for secret in ("hunter2", "tok-very-secret", "tok-other", "redispass"):
         assert secret not in shown
     assert "db:5432" in shown
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [(None, 7 * 86_400), ("0", 0), ("90", 90), ("90s", 90), ("30m", 1800), ("12h", 43_200), ("14d", 1_209_600)],
+)
+def test_max_rotation_grace_takes_seconds_or_a_unit(raw: str | None, seconds: int) -> None:
+    env = {} if raw is None else {"AUTHSVC_MAX_ROTATION_GRACE": raw}
+    assert Settings.from_env(env).max_rotation_grace_seconds == seconds
