@@ -766,7 +766,9 @@ class UpdateKeyRequest(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Which fields to change: "name" and/or "labels" ("labels" replaces the whole map)."""
+        """Which fields to change: "name" and/or "labels" ("labels" replaces the
+        whole map). Fields not named here are left as they are.
+        """
 
     def __init__(
         self,
