@@ -324,6 +324,9 @@ class PostgresStore:
         self, org_id: str, created_by: str, actor: Actor, reason: str, now: datetime
     ) -> list[tuple[ApiKey, bytes]]:
         async with self._connection(self._write_timeout) as conn, conn.transaction():
+            # Serialised with creates and rotations in the org: a key one of
+            # them commits while this runs is either revoked here or created after.
+            await _lock_org(conn, org_id)
             rows = await conn.fetch(
                 f"UPDATE api_keys SET revoke_time = $2, revoked_by = $3, revoke_reason = $4 "
                 f"WHERE org_id = $1 AND created_by = $5 AND revoke_time IS NULL "
