@@ -82,11 +82,6 @@ class ApiKey:
     #: The key this one replaced; "" if none.
     rotated_from: str = ""
 
-    @property
-    def in_grace(self) -> bool:
-        """Rotated and not yet expired or revoked: it works, but no longer holds a slot of the key limit."""
-        return bool(self.rotated_to)
-
     def state(self, now: datetime) -> KeyState:
         if self.revoke_time is not None:
             return KeyState.REVOKED
