@@ -230,7 +230,18 @@ async def test_13_bad_grace_period_is_invalid_argument_and_writes_nothing(
     code, details = await code_of(rotate(stub, org, old.key.id, seconds=seconds))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details
     assert await rows(db, org) == 1
+    assert await db.fetchval("SELECT count(*) FROM audit_events WHERE org_id = $1", org) == 1  # the create only
     assert (await authorize(stub, old.secret)).allowed
+
+
+async def test_13_a_grace_period_with_mixed_signs_is_invalid_argument(stub: Stub) -> None:
+    org = new_org()
+    old = await create(stub, org)
+    request = pb.RotateKeyRequest(
+        org_id=org, key_id=old.key.id, actor=ADMIN, grace_period=Duration(seconds=5, nanos=-1)
+    )
+    code, details = await code_of(stub.RotateKey(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "grace_period is not a valid duration" in details
 
 
 async def test_13_the_longest_grace_period_is_configurable(settings: Settings, database_url: str) -> None:
