@@ -22,6 +22,8 @@ BEGIN
 END;
 $$;
 
+-- Only for statements that set these columns: the frequent last_used_time
+-- flushes and revocations never run it.
 DROP TRIGGER IF EXISTS api_keys_protect_rotation ON api_keys;
-CREATE TRIGGER api_keys_protect_rotation BEFORE UPDATE ON api_keys
+CREATE TRIGGER api_keys_protect_rotation BEFORE UPDATE OF expire_time, rotated_to, rotated_from ON api_keys
     FOR EACH ROW EXECUTE FUNCTION api_keys_protect_rotation();
