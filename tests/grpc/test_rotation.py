@@ -181,14 +181,19 @@ async def test_13_a_key_can_be_rotated_once_concurrent_rotations_of_it_agree(
     assert await rows(db, org) == 2
 
 
-async def test_13_rotating_a_revoked_expired_or_rotated_key_is_failed_precondition(stub: Stub) -> None:
+async def test_13_rotating_a_revoked_expired_or_rotated_key_is_failed_precondition(
+    stub: Stub, db: asyncpg.Connection
+) -> None:
     org = new_org()
     revoked = await create(stub, org)
     await stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=revoked.key.id, actor=ADMIN))
-    expiring = await create(stub, org, expire_time=ts(datetime.now(UTC) + timedelta(seconds=0.3)))
+    expiring = await create(stub, org, expire_time=ts(datetime.now(UTC) + timedelta(hours=1)))
+    # Expired without waiting for it (CreateKey refuses a past expiry).
+    await db.execute(
+        "UPDATE api_keys SET expire_time = now() - interval '1 second' WHERE id = $1", uuid.UUID(expiring.key.id)
+    )
     rotated = await create(stub, org)
     await rotate(stub, org, rotated.key.id)
-    await asyncio.sleep(0.35)
     for key_id, why in ((revoked.key.id, "revoked"), (expiring.key.id, "expired"), (rotated.key.id, "already rotated")):
         code, message = await code_of(rotate(stub, org, key_id))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and why in message, (why, message)
