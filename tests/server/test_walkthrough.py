@@ -33,7 +33,10 @@ def test_readme_walkthrough_works_as_printed(tmp_path: Path, database_url: str) 
         "grpcurl",
         "grpcurl",
     ]
-    with serve_process({"AUTHSVC_DATABASE_URL": database_url}, tmp_path) as server:
+    # The commands are under test here, not the lookup budget (test_hardening's test_14_* are): a first
+    # lookup on a loaded 2-core machine can pass the default 100 ms and turn an allow into UNAVAILABLE.
+    env_vars = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_STORE_TIMEOUT_MS": "2000"}
+    with serve_process(env_vars, tmp_path) as server:
         env = {**os.environ}
         outputs: list[str] = []
         for line in lines:
