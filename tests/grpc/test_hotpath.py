@@ -43,7 +43,16 @@ async def until(predicate: Any, within: float = 3.0) -> None:
 
 
 async def kill_listener(app: App, db: asyncpg.Connection) -> int:
-    """Terminate the listener's backend and wait until the replica has seen the loss; returns the old pid."""
+    """Terminate the listener's backend and wait until the replica has seen the loss; returns the old pid.
+
+    A listener still reconnecting from an earlier kill has no backend yet:
+    wait for it first (on a loaded machine that takes longer than a test's loop turn).
+    """
+
+    async def subscribed() -> bool:
+        return app.feed.connected.is_set() and app.feed.backend_pid is not None
+
+    await until(subscribed, within=10.0)
     old_pid = app.feed.backend_pid
     assert old_pid is not None
     await db.execute("SELECT pg_terminate_backend($1)", old_pid)
