@@ -60,7 +60,9 @@ class Settings:
     scopes_file: Path = DEFAULT_CATALOG
     """TOML scope catalog; see ``authsvc/catalogs/``."""
     max_active_keys: int = 10
-    """Active (not revoked, not expired) keys an organization may hold."""
+    """Active (not revoked, not expired) keys an organization may hold; keys in a rotation's grace do not count."""
+    max_rotation_grace_seconds: int = 7 * 86_400
+    """The longest grace period RotateKey may give the old key (``AUTHSVC_MAX_ROTATION_GRACE``)."""
     insecure_management: bool = False
     """Accept open management on a non-loopback address (no admin tokens); warned about at every start."""
     drain_seconds: float = 3.0
@@ -166,6 +168,20 @@ class Settings:
                 raise ConfigError(f"AUTHSVC_{name} must be between {minimum} and {maximum}, got {value}")
             return value
 
+        def duration(name: str, default: int, maximum: int) -> int:
+            """Seconds, written as ``604800``, ``90s``, ``30m``, ``12h`` or ``7d``."""
+            raw = get(name)
+            if raw is None:
+                return default
+            number, unit = (raw[:-1], raw[-1].lower()) if raw[-1:].isalpha() else (raw, "s")
+            factor = {"s": 1, "m": 60, "h": 3600, "d": 86_400}.get(unit)
+            if factor is None or not number.strip().isdigit():
+                raise ConfigError(f"AUTHSVC_{name} must be a duration such as 7d, 12h, 30m or 90s, got {raw!r}")
+            value = int(number) * factor
+            if value > maximum:
+                raise ConfigError(f"AUTHSVC_{name} must be at most {maximum // 86_400}d, got {raw!r}")
+            return value
+
         def word_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
             raw = get(name)
             if raw is None:
@@ -259,6 +275,7 @@ class Settings:
             key_prefix=prefix,
             scopes_file=scopes_file,
             max_active_keys=integer("MAX_ACTIVE_KEYS", cls.max_active_keys, 1, 10_000),
+            max_rotation_grace_seconds=duration("MAX_ROTATION_GRACE", cls.max_rotation_grace_seconds, 365 * 86_400),
             insecure_management=insecure_raw == "true",
             drain_seconds=drain,
             admin_tokens=admin_tokens,

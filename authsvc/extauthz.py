@@ -119,16 +119,24 @@ class RoutePolicy:
         return context.get("public", "").strip().lower() == "true"
 
     def identity(self, decision: Decision) -> dict[str, str]:
-        """The headers an allowed request carries to the upstream (names under the identity prefix)."""
+        """The headers an allowed request carries to the upstream (names under the identity prefix).
+
+        Labels go as ``<prefix>label-<name>``: label names are checked to be
+        valid header names when they are set, and, being under the identity
+        prefix, a client's forged ``label-*`` header is removed like any other.
+        """
         principal = decision.principal
         assert principal is not None  # an allow always identifies the key
         prefix = self.identity_prefix
-        return {
+        headers = {
             f"{prefix}org-id": principal.org_id,
             f"{prefix}key-id": principal.key_id,
             f"{prefix}user-id": principal.user_id,
             f"{prefix}scopes": " ".join(principal.scopes),
         }
+        for name, value in principal.labels:
+            headers[f"{prefix}label-{name}"] = value
+        return headers
 
 
 def _header(name: str, value: str) -> HeaderValueOption:

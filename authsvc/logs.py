@@ -9,7 +9,19 @@ from __future__ import annotations
 import logging
 import sys
 
-FIELDS = ("org_id", "key_id", "key_prefix", "actor", "caller", "listen", "worker", "pgdata")
+FIELDS = (
+    "org_id",
+    "key_id",
+    "key_prefix",
+    "actor",
+    "caller",
+    "rotated_to",
+    "created_by",
+    "count",
+    "listen",
+    "worker",
+    "pgdata",
+)
 
 
 # Libraries whose logged exceptions are about the database being away (asyncpg

@@ -34,7 +34,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from multiprocessing.process import BaseProcess
 from typing import TypeVar
 
@@ -198,6 +198,7 @@ class App:
             key_format,
             clock=utcnow,
             max_active_keys=s.max_active_keys,
+            max_rotation_grace=timedelta(seconds=s.max_rotation_grace_seconds),
             evict=self.authorizer.evict,
         )
         admin = AdminTokens(s.admin_tokens, s.admin_client_names)

@@ -12,6 +12,7 @@ A denied Authorize is *not* an error: it is a ``Decision``.
      ├── PermissionDenied     the actor's role may not do this
      ├── Unauthenticated      missing or wrong admin token
      ├── ResourceExhausted    e.g. the organization's active-key limit
+ ├── FailedPrecondition   the key's state forbids it (rotating a revoked key); message says why
      ├── Unavailable          the store cannot be reached: fail closed, retry later
      └── ConfigError          a start-up setting is wrong (names the variable)
 """
@@ -48,6 +49,10 @@ class Unauthenticated(AuthsvcError):
 
 class ResourceExhausted(AuthsvcError):
     """A quota is used up, e.g. the organization already has its maximum of active keys."""
+
+
+class FailedPrecondition(AuthsvcError):
+    """The request is well formed but the key's state forbids it (a revoked, expired or rotated key)."""
 
 
 class Unavailable(AuthsvcError):

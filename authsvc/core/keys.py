@@ -100,6 +100,13 @@ class ApiKey:
     revoke_reason: str = ""
     last_used_time: datetime | None = None
     rate_limit: int = 0
+    #: ``(name, value)`` pairs sorted by name (see ``Principal.labels``).
+    labels: tuple[tuple[str, str], ...] = ()
+    #: The key that replaced this one (``RotateKey``); "" if none. A rotated
+    #: key's ``expire_time`` is the end of its grace period.
+    rotated_to: str = ""
+    #: The key this one replaced; "" if none.
+    rotated_from: str = ""
 
     def state(self, now: datetime) -> KeyState:
         if self.revoke_time is not None:
@@ -210,6 +217,29 @@ def describe_scope(value: str) -> str:
     return repr(value) if _SCOPE_SHAPE.fullmatch(value) else f"(a value of {len(value)} characters)"
 
 
+# Distinct label sets shared by cached keys; bounded so that keys with unique
+# labels cannot grow it without limit (past it, each key keeps its own copy).
+_SHARED_LABELS: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+_MAX_SHARED_LABEL_SETS = 10_000
+
+
+def shared_labels(labels: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """One shared copy of a label set, with interned strings.
+
+    Most keys of a deployment carry one of a few label sets (``tier=gold``,
+    ``env=prod``): sharing them keeps a cached key small, like
+    ``ScopeCatalog.shared_effective`` does for scopes.
+    """
+    if not labels:
+        return ()
+    shared = _SHARED_LABELS.get(labels)
+    if shared is None:
+        shared = tuple((sys.intern(k), sys.intern(v)) for k, v in labels)
+        if len(_SHARED_LABELS) < _MAX_SHARED_LABEL_SETS:
+            _SHARED_LABELS[shared] = shared
+    return shared
+
+
 @dataclass(frozen=True, slots=True)
 class KeyGrant:
     """What Authorize needs of a key, precomputed once per lookup (and cached).
@@ -237,6 +267,7 @@ class KeyGrant:
             scopes=sorted_scopes,
             key_prefix=key.prefix,
             key_name=key.name,
+            labels=shared_labels(key.labels),
         )
         return cls(
             principal=principal,

@@ -1,23 +1,32 @@
-"""The key lifecycle: create, get, list and revoke, with validation, roles, the key limit and audit.
+"""The key lifecycle: create, get, list, revoke, rotate, update and offboard, with validation, roles,
+the key limit and audit.
 
 The gRPC KeyService adapter translates its messages into calls here and
 back, and does nothing else. Every input is checked before anything is
 written, so a refused call leaves nothing behind; every refused or
 permitted call is audited.
+
+What depends on a key's current state (may it be rotated, updated?) is
+decided here too, by functions the store calls on the key it has read and
+locked (``Rotation``, ``KeyUpdate``), so the rule lives once and no race
+can slip between the check and the write.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from authsvc.core import validation
-from authsvc.core.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from authsvc.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from authsvc.core.keyformat import KeyFormat
-from authsvc.core.keys import ANONYMOUS, Actor, ApiKey, Caller, ScopeCatalog
-from authsvc.core.ports import DateClock, KeyStore, NewKey, Page, TooManyActiveKeys
+from authsvc.core.keys import ANONYMOUS, Actor, ApiKey, Caller, KeyState, ScopeCatalog
+from authsvc.core.ports import DateClock, KeyStore, KeyUpdate, NewKey, Page, Rotation, TooManyActiveKeys
+
+#: The longest grace period a rotation may give the old key, unless configured (AUTHSVC_MAX_ROTATION_GRACE).
+DEFAULT_MAX_ROTATION_GRACE = timedelta(days=7)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,17 @@ class CreatedKey:
 
     def __repr__(self) -> str:
         return f"CreatedKey(key={self.key!r}, secret=<redacted>)"
+
+
+@dataclass(frozen=True, slots=True)
+class RotatedKey:
+    key: ApiKey
+    secret: str
+    #: The old key as it is now: ``rotated_to`` set, ``expire_time`` at the end of its grace period.
+    previous: ApiKey
+
+    def __repr__(self) -> str:
+        return f"RotatedKey(key={self.key!r}, secret=<redacted>, previous={self.previous!r})"
 
 
 class KeyManager:
@@ -47,12 +67,14 @@ class KeyManager:
         *,
         clock: DateClock,
         max_active_keys: int = 10,
+        max_rotation_grace: timedelta = DEFAULT_MAX_ROTATION_GRACE,
         evict: Callable[[bytes], None] = lambda digest: None,
     ) -> None:
         self.store = store
         self.catalog = catalog
         self.key_format = key_format
         self.max_active_keys = max_active_keys
+        self.max_rotation_grace = max_rotation_grace
         self.now = clock
         self._evict = evict
 
@@ -64,6 +86,7 @@ class KeyManager:
         scopes: Sequence[str],
         expire_time: datetime | None,
         rate_limit: int = 0,
+        labels: Mapping[str, str] | None = None,
         *,
         caller: Caller = ANONYMOUS,
     ) -> CreatedKey:
@@ -74,6 +97,7 @@ class KeyManager:
         granted = validation.scopes(scopes, self.catalog)
         expire_time = validation.expire_time(expire_time, now)
         rate_limit = validation.rate_limit(rate_limit)
+        checked_labels = self._check_labels(labels or {})
         await self._require_org(caller, actor, "key.create", org_id)
         await self._require_manager(actor, "key.create", org_id)
         issued = self.key_format.generate()
@@ -88,6 +112,7 @@ class KeyManager:
                     created_by=actor.user_id,
                     expire_time=expire_time,
                     rate_limit=rate_limit,
+                    labels=checked_labels,
                 ),
                 actor,
                 self.max_active_keys,
@@ -173,6 +198,155 @@ class KeyManager:
         )
         return key
 
+    async def rotate_key(
+        self,
+        org_id: str,
+        actor: Actor,
+        key_id: str,
+        grace_period: timedelta,
+        reason: str,
+        expire_time: datetime | None = None,
+        *,
+        caller: Caller = ANONYMOUS,
+    ) -> RotatedKey:
+        """Replace a key without downtime: a successor with its configuration, the old key ending after the grace.
+
+        Needs no free slot: the old key stops holding one as the successor
+        takes it, in one transaction (the store's), so under concurrency the
+        org never has more than the limit of keys outside a grace period.
+        """
+        now = self.now()
+        org_id = self._check_org(org_id)
+        actor = self._check_actor(actor, caller)
+        key_id = validation.key_id(key_id)
+        grace_period = validation.grace_period(grace_period, self.max_rotation_grace)
+        reason = self._no_key_in("reason", validation.reason(reason))
+        expire_time = validation.expire_time(expire_time, now)
+        await self._require_org(caller, actor, "key.rotate", org_id, key_id)
+        await self._require_manager(actor, "key.rotate", org_id, key_id)
+        issued = self.key_format.generate()
+        grace_until = now + grace_period
+
+        def plan(old: ApiKey) -> Rotation:
+            state = old.state(now)
+            if state is KeyState.REVOKED:
+                raise FailedPrecondition(f"key {old.id} is revoked and cannot be rotated; create a new key instead")
+            if old.rotated_to:
+                raise FailedPrecondition(
+                    f"key {old.id} was already rotated to {old.rotated_to}; rotate that key instead"
+                )
+            if state is KeyState.EXPIRED:
+                raise FailedPrecondition(f"key {old.id} has expired and cannot be rotated; create a new key instead")
+            own = old.expire_time
+            return Rotation(
+                successor=NewKey(
+                    org_id=org_id,
+                    name=old.name,
+                    prefix=issued.display_prefix,
+                    digest=issued.digest,
+                    scopes=old.scopes,
+                    created_by=actor.user_id,
+                    expire_time=expire_time if expire_time is not None else own,
+                    rate_limit=old.rate_limit,
+                    labels=old.labels,
+                    rotated_from=old.id,
+                ),
+                old_expire_time=grace_until if own is None or grace_until < own else own,
+            )
+
+        try:
+            rotated = await self.store.rotate_key(org_id, key_id, actor, now, plan, reason)
+        except FailedPrecondition:
+            await self.store.audit("key.rotate", org_id, actor, key_id, "failed_precondition", {"reason": reason})
+            raise
+        if rotated is None:
+            await self.store.audit("key.rotate", org_id, actor, key_id, "not_found", {})
+            raise NotFound(f"no key {key_id} in organization {org_id}")
+        for digest in rotated.digests:
+            self._evict(digest)
+        log.info(
+            "key rotated",
+            extra={
+                "org_id": org_id,
+                "key_id": key_id,
+                "key_prefix": rotated.previous.prefix,
+                "rotated_to": rotated.key.id,
+                "actor": actor.user_id,
+            },
+        )
+        return RotatedKey(key=rotated.key, secret=issued.secret, previous=rotated.previous)
+
+    async def update_key(
+        self,
+        org_id: str,
+        actor: Actor,
+        key_id: str,
+        fields: Sequence[str],
+        name: str = "",
+        labels: Mapping[str, str] | None = None,
+        *,
+        caller: Caller = ANONYMOUS,
+    ) -> ApiKey:
+        """Rename a key or replace its labels; what a key may do (scopes, expiry, rate limit) never changes."""
+        org_id = self._check_org(org_id)
+        actor = self._check_actor(actor, caller)
+        key_id = validation.key_id(key_id)
+        wanted = validation.update_mask(fields)
+        new_name = self._no_key_in("name", validation.name(name)) if "name" in wanted else None
+        new_labels = self._check_labels(labels or {}) if "labels" in wanted else None
+        await self._require_org(caller, actor, "key.update", org_id, key_id)
+        await self._require_manager(actor, "key.update", org_id, key_id)
+
+        def change(current: ApiKey) -> KeyUpdate:
+            if current.revoke_time is not None:
+                raise FailedPrecondition(f"key {current.id} is revoked; a revoked key cannot be updated")
+            return KeyUpdate(
+                name=new_name if new_name is not None else current.name,
+                labels=new_labels if new_labels is not None else current.labels,
+            )
+
+        try:
+            updated = await self.store.update_key(org_id, key_id, actor, self.now(), change)
+        except FailedPrecondition:
+            await self.store.audit("key.update", org_id, actor, key_id, "failed_precondition", {})
+            raise
+        if updated is None:
+            await self.store.audit("key.update", org_id, actor, key_id, "not_found", {})
+            raise NotFound(f"no key {key_id} in organization {org_id}")
+        key, digest = updated
+        self._evict(digest)  # the Principal (name, labels) of every cached answer changed
+        log.info(
+            "key updated",
+            extra={"org_id": org_id, "key_id": key.id, "key_prefix": key.prefix, "actor": actor.user_id},
+        )
+        return key
+
+    async def revoke_keys(
+        self, org_id: str, actor: Actor, created_by: str, reason: str, *, caller: Caller = ANONYMOUS
+    ) -> list[ApiKey]:
+        """Offboarding: every active key one user created in the org goes, in one transaction."""
+        org_id = self._check_org(org_id)
+        actor = self._check_actor(actor, caller)
+        created_by = self._no_key_in("created_by", validation.created_by(created_by))
+        reason = self._no_key_in("reason", validation.reason(reason))
+        await self._require_org(caller, actor, "key.revoke_created_by", org_id)
+        await self._require_manager(actor, "key.revoke_created_by", org_id)
+        revoked = await self.store.revoke_keys_created_by(org_id, created_by, actor, reason, self.now())
+        for _, digest in revoked:
+            self._evict(digest)
+        log.info(
+            "keys revoked",
+            extra={"org_id": org_id, "created_by": created_by, "count": len(revoked), "actor": actor.user_id},
+        )
+        return [key for key, _ in revoked]
+
+    def _check_labels(self, labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+        checked = validation.labels(labels)
+        for key, value in checked:
+            self._no_key_in("labels", key)
+            self._no_key_in(f"labels[{key}]", value)
+        return checked
+
     def _check_org(self, org_id: str) -> str:
         return self._no_key_in("org_id", validation.org_id(org_id))
 
@@ -208,4 +382,4 @@ class KeyManager:
     async def _require_manager(self, actor: Actor, action: str, org_id: str, key_id: str | None = None) -> None:
         if not actor.role.may_manage:
             await self.store.audit(action, org_id, actor, key_id, "denied", {})
-            raise PermissionDenied("only ROLE_ADMIN or ROLE_OWNER may create or revoke keys")
+            raise PermissionDenied("only ROLE_ADMIN or ROLE_OWNER may create, rotate, update or revoke keys")

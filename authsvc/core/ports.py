@@ -43,6 +43,34 @@ class NewKey:
     created_by: str
     expire_time: datetime | None
     rate_limit: int
+    labels: tuple[tuple[str, str], ...] = ()
+    #: Set by a rotation: the id of the key this one replaces.
+    rotated_from: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """What a rotation writes, decided by the core from the old key as the store read it (locked)."""
+
+    successor: NewKey
+    #: When the old key stops working: the end of the grace period, or its own expiry if earlier.
+    old_expire_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Rotated:
+    key: ApiKey
+    previous: ApiKey
+    #: Both digests, for cache eviction: the old key's expiry changed, and the new one may be cached as unknown.
+    digests: tuple[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUpdate:
+    """A key's new name and labels, decided by the core from the key as the store read it (locked)."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +92,10 @@ class Found(NamedTuple):
 
 
 class TooManyActiveKeys(Exception):
-    """Raised by ``create_key`` when the organization is at its limit; nothing was written."""
+    """Raised by ``create_key`` when the organization is at its limit; nothing was written.
+
+    Active keys in a rotation's grace period (``rotated_to`` set) do not count.
+    """
 
 
 class KeyStore(Protocol):
@@ -72,7 +103,8 @@ class KeyStore(Protocol):
 
     Every method either completes or leaves nothing behind. Connection
     failures and timeouts surface as ``authsvc.core.errors.Unavailable``.
-    Every write that can change an Authorize answer (create, revoke) is
+    Every write that can change an Authorize answer (create, revoke, rotate,
+    update, bulk revoke) is
     published to the store's ``InvalidationFeed`` as part of the write itself.
     Every audit row a method writes (``create_key``, ``revoke_key``,
     ``audit``) records ``actor.caller``, the authenticated caller's name,
@@ -93,6 +125,38 @@ class KeyStore(Protocol):
         """Revoke once; a revoked key is returned unchanged, with its digest for cache eviction.
 
         ``None``: no such key in the organization.
+        """
+        ...
+
+    async def rotate_key(
+        self, org_id: str, key_id: str, actor: Actor, now: datetime, plan: Callable[[ApiKey], Rotation], reason: str
+    ) -> Rotated | None:
+        """Replace a key, atomically: the old key is read and locked, ``plan(old)`` decides (or raises,
+        and nothing is written), then the successor is inserted with ``rotated_from``, the old key gets
+        ``rotated_to`` and its new expiry, an audit row is written and both digests are published.
+
+        A rotated key no longer counts toward ``create_key``'s ``max_active``.
+        ``None``: no such key in the organization.
+        """
+        ...
+
+    async def update_key(
+        self, org_id: str, key_id: str, actor: Actor, now: datetime, change: Callable[[ApiKey], KeyUpdate]
+    ) -> tuple[ApiKey, bytes] | None:
+        """Rename or relabel a key, atomically: read and locked, ``change(key)`` decides (or raises),
+        written with its audit row, and its digest published (the Principal changed).
+
+        ``None``: no such key in the organization.
+        """
+        ...
+
+    async def revoke_keys_created_by(
+        self, org_id: str, created_by: str, actor: Actor, reason: str, now: datetime
+    ) -> list[tuple[ApiKey, bytes]]:
+        """Revoke every active key ``created_by`` made in the organization, in one transaction.
+
+        Each key gets its audit row and its published digest; the call one
+        summary row. Returns the keys revoked now (none on a repeat).
         """
         ...
 

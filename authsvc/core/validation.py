@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 
 from authsvc.core.errors import InvalidArgument
 from authsvc.core.keys import KeyState, Role, ScopeCatalog
@@ -22,6 +22,11 @@ MAX_SCOPES_IN_REQUEST = 64
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 20
 MAX_PAGE = 1_000_000
+MAX_LABELS = 16
+MAX_LABEL_VALUE_LENGTH = 256
+_LABEL_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,62}", re.ASCII)
+#: The fields UpdateKey may change; everything else about a key is fixed (rotate instead).
+UPDATABLE_FIELDS = ("name", "labels")
 _ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 # The canonical 8-4-4-4-12 form only: uuid.UUID() also takes braces, "urn:uuid:",
 # no dashes, stray underscores and non-ASCII digits, which would make two
@@ -140,3 +145,67 @@ def rate_limit(value: int) -> int:
     if value < 0 or value > 1_000_000_000:
         raise InvalidArgument("rate_limit must be between 0 (the deployment default) and 1000000000")
     return value
+
+
+def labels(values: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Labels as sorted ``(name, value)`` pairs.
+
+    Names become HTTP header names (``x-authsvc-label-<name>``), hence the
+    strict shape; values become header values, hence no control characters.
+    """
+    if len(values) > MAX_LABELS:
+        raise InvalidArgument(f"labels: at most {MAX_LABELS} per key, got {len(values)}")
+    for key, value in values.items():
+        if not _LABEL_KEY.fullmatch(key):
+            raise InvalidArgument(
+                f"labels: name {describe_label(key)} must be 1-63 characters of a-z, 0-9, _ . -, "
+                "starting with a letter, e.g. 'tier'"
+            )
+        if len(value) > MAX_LABEL_VALUE_LENGTH:
+            raise InvalidArgument(
+                f"labels[{key}]: value must be at most {MAX_LABEL_VALUE_LENGTH} characters, got {len(value)}"
+            )
+        if _has_control(value):
+            raise InvalidArgument(f"labels[{key}]: value must not contain control characters (newlines, tabs, escapes)")
+    return tuple(sorted(values.items()))
+
+
+def describe_label(name: str) -> str:
+    """A refused label name for an error message: quoted only when short and printable (it may be a pasted key)."""
+    if len(name) <= 63 and name.isascii() and name.isprintable() and not re.search(r"[A-Za-z0-9]{16,}", name):
+        return repr(name)
+    return f"(a value of {len(name)} characters)"
+
+
+def grace_period(value: timedelta, maximum: timedelta) -> timedelta:
+    if value < timedelta(0):
+        raise InvalidArgument("grace_period must not be negative; 0 (or unset) ends the old key at once")
+    if value > maximum:
+        raise InvalidArgument(
+            f"grace_period must be at most {int(maximum.total_seconds())}s (AUTHSVC_MAX_ROTATION_GRACE), "
+            f"got {int(value.total_seconds())}s"
+        )
+    return value
+
+
+def created_by(value: str) -> str:
+    if not value or not value.strip():
+        raise InvalidArgument("created_by is required: the user id whose keys are to be revoked")
+    if len(value) > MAX_ID_LENGTH or _has_control(value) or value != value.strip():
+        raise InvalidArgument(
+            f"created_by must be at most {MAX_ID_LENGTH} characters, without control characters or surrounding spaces"
+        )
+    return value
+
+
+def update_mask(paths: Sequence[str]) -> frozenset[str]:
+    if not paths:
+        raise InvalidArgument(f"update_mask must name the fields to change: {' and/or '.join(UPDATABLE_FIELDS)}")
+    for path in paths:
+        if path not in UPDATABLE_FIELDS:
+            shown = repr(path) if len(path) <= 40 and path.isprintable() else f"(a path of {len(path)} characters)"
+            raise InvalidArgument(
+                f"update_mask: {shown} cannot be changed; only {' and '.join(UPDATABLE_FIELDS)} can "
+                "(scopes, expiry and the rate limit are fixed: rotate or create a new key)"
+            )
+    return frozenset(paths)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from authsvc_client.v1 import authsvc_pb2 as pb
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from authsvc.core import validation
@@ -27,6 +28,16 @@ def from_timestamp(ts: Timestamp, field: str) -> datetime:
         raise InvalidArgument(f"{field} is not a valid timestamp") from None
 
 
+def from_duration(value: Duration, field: str) -> timedelta:
+    # A Duration's seconds and nanos must agree in sign; a mixed one is not a duration.
+    if (value.seconds < 0 < value.nanos) or (value.nanos < 0 < value.seconds) or abs(value.nanos) > 999_999_999:
+        raise InvalidArgument(f"{field} is not a valid duration")
+    try:
+        return value.ToTimedelta()
+    except (ValueError, OverflowError):
+        raise InvalidArgument(f"{field} is not a valid duration") from None
+
+
 def actor(message: pb.Actor) -> Actor:
     return Actor(user_id=message.user_id, role=validation.role(message.role))
 
@@ -47,6 +58,9 @@ def api_key(key: ApiKey, now: datetime) -> pb.ApiKey:
         last_used_time=timestamp(key.last_used_time),
         state=int(key.state(now)),  # type: ignore[arg-type]  # IntEnum values match the proto enum
         rate_limit=key.rate_limit,
+        labels=dict(key.labels),
+        rotated_to=key.rotated_to,
+        rotated_from=key.rotated_from,
     )
 
 
@@ -58,6 +72,7 @@ def principal(value: Principal) -> pb.Principal:
         scopes=value.scopes,
         key_prefix=value.key_prefix,
         key_name=value.key_name,
+        labels=dict(value.labels),
     )
 
 

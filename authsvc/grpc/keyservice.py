@@ -32,6 +32,7 @@ class KeyServiceAdapter:
             list(request.scopes),
             expire,
             request.rate_limit,
+            dict(request.labels),
             caller=caller,
         )
         return pb.CreateKeyResponse(key=convert.api_key(created.key, self._manager.now()), secret=created.secret)
@@ -55,6 +56,38 @@ class KeyServiceAdapter:
             request.org_id, convert.actor(request.actor), request.key_id, request.reason, caller=caller
         )
         return pb.RevokeKeyResponse(key=convert.api_key(key, self._manager.now()))
+
+    async def RotateKey(self, request: pb.RotateKeyRequest, caller: Caller) -> pb.RotateKeyResponse:
+        grace = convert.from_duration(request.grace_period, "grace_period")
+        expire = convert.from_timestamp(request.expire_time, "expire_time") if request.HasField("expire_time") else None
+        rotated = await self._manager.rotate_key(
+            request.org_id, convert.actor(request.actor), request.key_id, grace, request.reason, expire, caller=caller
+        )
+        now = self._manager.now()
+        return pb.RotateKeyResponse(
+            key=convert.api_key(rotated.key, now),
+            secret=rotated.secret,
+            previous=convert.api_key(rotated.previous, now),
+        )
+
+    async def UpdateKey(self, request: pb.UpdateKeyRequest, caller: Caller) -> pb.UpdateKeyResponse:
+        key = await self._manager.update_key(
+            request.org_id,
+            convert.actor(request.actor),
+            request.key_id,
+            list(request.update_mask.paths),
+            request.name,
+            dict(request.labels),
+            caller=caller,
+        )
+        return pb.UpdateKeyResponse(key=convert.api_key(key, self._manager.now()))
+
+    async def RevokeKeys(self, request: pb.RevokeKeysRequest, caller: Caller) -> pb.RevokeKeysResponse:
+        keys = await self._manager.revoke_keys(
+            request.org_id, convert.actor(request.actor), request.created_by, request.reason, caller=caller
+        )
+        now = self._manager.now()
+        return pb.RevokeKeysResponse(keys=[convert.api_key(k, now) for k in keys])
 
     async def Authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
         answer = self._authorizer.check(request.key, request.required_scope)

@@ -29,7 +29,9 @@ from authsvc.core.keys import ANONYMOUS, Caller
 from authsvc.grpc.status import to_status
 
 KEY_SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["KeyService"]
-MANAGEMENT_METHODS = frozenset({"CreateKey", "GetKey", "ListKeys", "RevokeKey"})
+# Every KeyService method but Authorize is a management call behind the admin
+# tokens: derived from the contract, so a method added later is guarded by default.
+MANAGEMENT_METHODS = frozenset(m.name for m in KEY_SERVICE.methods if m.name != "Authorize")
 _UNDECODABLE = object()
 
 Behavior = Callable[..., Awaitable[Any]]

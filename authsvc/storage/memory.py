@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
 from authsvc.core.keys import Actor, ApiKey, KeyState
-from authsvc.core.ports import FeedSubscriber, Found, NewKey, Page, TooManyActiveKeys
+from authsvc.core.ports import FeedSubscriber, Found, KeyUpdate, NewKey, Page, Rotated, Rotation, TooManyActiveKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +88,11 @@ class InMemoryStore:
 
     async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:
         async with self._lock:  # the limit is checked and the key inserted as one step
-            active = sum(1 for k in self._keys.values() if k.org_id == new.org_id and k.state(now) is KeyState.ACTIVE)
+            active = sum(
+                1
+                for k in self._keys.values()
+                if k.org_id == new.org_id and k.state(now) is KeyState.ACTIVE and not k.rotated_to
+            )
             if active >= max_active:
                 raise TooManyActiveKeys
             key = self.insert(new, now)
@@ -99,7 +103,7 @@ class InMemoryStore:
                     actor,
                     key.id,
                     "ok",
-                    {"name": new.name, "scopes": list(new.scopes), "prefix": new.prefix},
+                    {"name": new.name, "scopes": list(new.scopes), "prefix": new.prefix, "labels": dict(new.labels)},
                 )
             )
             return key
@@ -116,6 +120,8 @@ class InMemoryStore:
             create_time=now,
             expire_time=new.expire_time,
             rate_limit=new.rate_limit,
+            labels=new.labels,
+            rotated_from=new.rotated_from,
         )
         self._keys[key.id] = key
         self._digests[key.id] = new.digest
@@ -150,6 +156,93 @@ class InMemoryStore:
             self.audit_rows.append(AuditRow("key.revoke", org_id, actor, key_id, "ok", {"reason": reason}))
             self.feed.publish(key_digest)
             return key, key_digest
+
+    async def rotate_key(
+        self, org_id: str, key_id: str, actor: Actor, now: datetime, plan: Callable[[ApiKey], Rotation], reason: str
+    ) -> Rotated | None:
+        async with self._lock:
+            old = await self.get_key(org_id, key_id)
+            if old is None:
+                return None
+            rotation = plan(old)  # raises before anything is written
+            key = self.insert(rotation.successor, now)
+            previous = replace(old, rotated_to=key.id, expire_time=rotation.old_expire_time)
+            self._keys[key_id] = previous
+            self.audit_rows.append(
+                AuditRow(
+                    "key.rotate",
+                    org_id,
+                    actor,
+                    key_id,
+                    "ok",
+                    {
+                        "rotated_to": key.id,
+                        "prefix": key.prefix,
+                        "old_expire_time": rotation.old_expire_time.isoformat(),
+                        "reason": reason,
+                    },
+                )
+            )
+            self.audit_rows.append(
+                AuditRow(
+                    "key.create",
+                    org_id,
+                    actor,
+                    key.id,
+                    "ok",
+                    {"name": key.name, "scopes": list(key.scopes), "prefix": key.prefix, "rotated_from": key_id},
+                )
+            )
+            old_digest = self._digests[key_id]
+            self.feed.publish(old_digest)
+            return Rotated(key=key, previous=previous, digests=(old_digest, rotation.successor.digest))
+
+    async def update_key(
+        self, org_id: str, key_id: str, actor: Actor, now: datetime, change: Callable[[ApiKey], KeyUpdate]
+    ) -> tuple[ApiKey, bytes] | None:
+        async with self._lock:
+            current = await self.get_key(org_id, key_id)
+            if current is None:
+                return None
+            update = change(current)
+            key = replace(current, name=update.name, labels=update.labels)
+            self._keys[key_id] = key
+            self.audit_rows.append(
+                AuditRow(
+                    "key.update", org_id, actor, key_id, "ok", {"name": update.name, "labels": dict(update.labels)}
+                )
+            )
+            digest = self._digests[key_id]
+            self.feed.publish(digest)
+            return key, digest
+
+    async def revoke_keys_created_by(
+        self, org_id: str, created_by: str, actor: Actor, reason: str, now: datetime
+    ) -> list[tuple[ApiKey, bytes]]:
+        async with self._lock:
+            revoked: list[tuple[ApiKey, bytes]] = []
+            for key in list(self._keys.values()):
+                if key.org_id == org_id and key.created_by == created_by and key.state(now) is KeyState.ACTIVE:
+                    key = replace(key, revoke_time=now, revoked_by=actor.user_id, revoke_reason=reason)
+                    self._keys[key.id] = key
+                    revoked.append((key, self._digests[key.id]))
+            revoked.sort(key=lambda pair: (pair[0].create_time, pair[0].id), reverse=True)
+            for key, digest in revoked:
+                self.audit_rows.append(
+                    AuditRow("key.revoke", org_id, actor, key.id, "ok", {"reason": reason, "created_by": created_by})
+                )
+                self.feed.publish(digest)
+            self.audit_rows.append(
+                AuditRow(
+                    "key.revoke_created_by",
+                    org_id,
+                    actor,
+                    None,
+                    "ok",
+                    {"created_by": created_by, "reason": reason, "revoked": [key.id for key, _ in revoked]},
+                )
+            )
+            return revoked
 
     async def find_by_digest(self, digest: bytes) -> Found:
         key_id = self._by_digest.get(digest)

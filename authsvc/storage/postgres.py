@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -25,7 +25,7 @@ import asyncpg
 from authsvc.config import scrub
 from authsvc.core.errors import ConfigError, Unavailable
 from authsvc.core.keys import Actor, ApiKey, KeyState
-from authsvc.core.ports import Found, NewKey, Page, TooManyActiveKeys
+from authsvc.core.ports import Found, KeyUpdate, NewKey, Page, Rotated, Rotation, TooManyActiveKeys
 from authsvc.storage.migrate import migrate
 from authsvc.storage.topology import NOT_WRITABLE, IdentifiedConnection, NotPrimary, connect_options, init_pooled
 
@@ -35,7 +35,13 @@ NOTIFY_CHANNEL = "authsvc_keys"
 
 _COLUMNS = (
     "id, org_id, name, prefix, scopes, created_by, create_time, expire_time, "
-    "revoke_time, revoked_by, revoke_reason, last_used_time, rate_limit"
+    "revoke_time, revoked_by, revoke_reason, last_used_time, rate_limit, labels, rotated_to, rotated_from"
+)
+# Active keys that hold a slot of the org's limit: a key in a rotation's grace
+# period (rotated_to set) does not. $1 = org, $2 = now.
+_COUNTED_ACTIVE = (
+    "SELECT count(*) FROM api_keys WHERE org_id = $1 AND revoke_time IS NULL "
+    "AND (expire_time IS NULL OR expire_time > $2) AND rotated_to IS NULL"
 )
 _STATE_FILTERS = {
     KeyState.ACTIVE: "AND revoke_time IS NULL AND (expire_time IS NULL OR expire_time > $2)",
@@ -138,6 +144,29 @@ def _to_key(row: Mapping[str, Any]) -> ApiKey:
         revoke_reason=row["revoke_reason"],
         last_used_time=row["last_used_time"],
         rate_limit=row["rate_limit"],
+        labels=_labels(row["labels"]),
+        rotated_to=str(row["rotated_to"]) if row["rotated_to"] else "",
+        rotated_from=str(row["rotated_from"]) if row["rotated_from"] else "",
+    )
+
+
+def _labels(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """asyncpg hands jsonb over as text; labels are sorted pairs in the domain."""
+    if not raw or raw == "{}":
+        return ()
+    decoded: dict[str, str] = json.loads(raw)
+    return tuple(sorted(decoded.items()))
+
+
+async def _lock_org(conn: asyncpg.Connection, org_id: str) -> None:
+    """Serialise writes that change an org's count of active keys: concurrent calls cannot all see 9 and add a 10th."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('authsvc.org:' || $1, 0))", org_id)
+
+
+async def _notify(conn: asyncpg.Connection, digests: list[bytes]) -> None:
+    """Publish changed keys in the writing transaction: delivered exactly when (and if) it commits."""
+    await conn.execute(
+        "SELECT pg_notify($1, d) FROM unnest($2::text[]) AS d", NOTIFY_CHANNEL, [d.hex() for d in digests]
     )
 
 
@@ -201,32 +230,11 @@ class PostgresStore:
 
     async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:
         async with self._connection(self._write_timeout) as conn, conn.transaction():
-            # Serialise creates per org so concurrent calls cannot all see
-            # "9 active" and each insert a 10th.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('authsvc.org:' || $1, 0))", new.org_id)
-            active = await conn.fetchval(
-                "SELECT count(*) FROM api_keys WHERE org_id = $1 AND revoke_time IS NULL "
-                "AND (expire_time IS NULL OR expire_time > $2)",
-                new.org_id,
-                now,
-            )
+            await _lock_org(conn, new.org_id)
+            active = await conn.fetchval(_COUNTED_ACTIVE, new.org_id, now)
             if active >= max_active:
                 raise TooManyActiveKeys
-            row = await conn.fetchrow(
-                f"INSERT INTO api_keys (id, org_id, name, prefix, key_hash, scopes, created_by, create_time, "
-                f"expire_time, rate_limit) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {_COLUMNS}",
-                uuid.uuid4(),
-                new.org_id,
-                new.name,
-                new.prefix,
-                new.digest,
-                list(new.scopes),
-                new.created_by,
-                now,
-                new.expire_time,
-                new.rate_limit,
-            )
-            key = _to_key(row)
+            key = await self._insert_key(conn, new, now)
             await self._insert_audit(
                 conn,
                 "key.create",
@@ -234,11 +242,157 @@ class PostgresStore:
                 actor,
                 key.id,
                 "ok",
-                {"name": new.name, "scopes": list(new.scopes), "prefix": new.prefix},
+                {"name": new.name, "scopes": list(new.scopes), "prefix": new.prefix, "labels": dict(new.labels)},
             )
             # A negative cache entry for this digest may exist somewhere.
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, new.digest.hex())
             return key
+
+    @staticmethod
+    async def _insert_key(conn: asyncpg.Connection, new: NewKey, now: datetime) -> ApiKey:
+        row = await conn.fetchrow(
+            f"INSERT INTO api_keys (id, org_id, name, prefix, key_hash, scopes, created_by, create_time, "
+            f"expire_time, rate_limit, labels, rotated_from) "
+            f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12) RETURNING {_COLUMNS}",
+            uuid.uuid4(),
+            new.org_id,
+            new.name,
+            new.prefix,
+            new.digest,
+            list(new.scopes),
+            new.created_by,
+            now,
+            new.expire_time,
+            new.rate_limit,
+            json.dumps(dict(new.labels)),
+            uuid.UUID(new.rotated_from) if new.rotated_from else None,
+        )
+        return _to_key(row)
+
+    async def _locked_key(self, conn: asyncpg.Connection, org_id: str, key_id: str) -> tuple[ApiKey, bytes] | None:
+        row = await conn.fetchrow(
+            f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE org_id = $1 AND id = $2 FOR UPDATE",
+            org_id,
+            uuid.UUID(key_id),
+        )
+        return (_to_key(row), bytes(row["key_hash"])) if row is not None else None
+
+    async def rotate_key(
+        self, org_id: str, key_id: str, actor: Actor, now: datetime, plan: Callable[[ApiKey], Rotation], reason: str
+    ) -> Rotated | None:
+        async with self._connection(self._write_timeout) as conn, conn.transaction():
+            # The same lock as create_key: the org's count of keys holding a
+            # slot is the same before and after, and no create sees it halfway.
+            await _lock_org(conn, org_id)
+            found = await self._locked_key(conn, org_id, key_id)
+            if found is None:
+                return None
+            old, old_digest = found
+            rotation = plan(old)  # raises (and rolls back) when the key cannot be rotated
+            key = await self._insert_key(conn, rotation.successor, now)
+            row = await conn.fetchrow(
+                f"UPDATE api_keys SET rotated_to = $3, expire_time = $4 WHERE org_id = $1 AND id = $2 "
+                f"RETURNING {_COLUMNS}",
+                org_id,
+                uuid.UUID(key_id),
+                uuid.UUID(key.id),
+                rotation.old_expire_time,
+            )
+            previous = _to_key(row)
+            await self._insert_audit(
+                conn,
+                "key.rotate",
+                org_id,
+                actor,
+                key_id,
+                "ok",
+                {
+                    "rotated_to": key.id,
+                    "prefix": key.prefix,
+                    "old_expire_time": rotation.old_expire_time.isoformat(),
+                    "reason": reason,
+                },
+            )
+            await self._insert_audit(
+                conn,
+                "key.create",
+                org_id,
+                actor,
+                key.id,
+                "ok",
+                {"name": key.name, "scopes": list(key.scopes), "prefix": key.prefix, "rotated_from": key_id},
+            )
+            digests = (old_digest, rotation.successor.digest)
+            await _notify(conn, list(digests))
+            return Rotated(key=key, previous=previous, digests=digests)
+
+    async def update_key(
+        self, org_id: str, key_id: str, actor: Actor, now: datetime, change: Callable[[ApiKey], KeyUpdate]
+    ) -> tuple[ApiKey, bytes] | None:
+        async with self._connection(self._write_timeout) as conn, conn.transaction():
+            found = await self._locked_key(conn, org_id, key_id)
+            if found is None:
+                return None
+            current, digest = found
+            update = change(current)  # raises (and rolls back) when the key cannot be changed
+            row = await conn.fetchrow(
+                f"UPDATE api_keys SET name = $3, labels = $4::jsonb WHERE org_id = $1 AND id = $2 RETURNING {_COLUMNS}",
+                org_id,
+                uuid.UUID(key_id),
+                update.name,
+                json.dumps(dict(update.labels)),
+            )
+            await self._insert_audit(
+                conn, "key.update", org_id, actor, key_id, "ok", {"name": update.name, "labels": dict(update.labels)}
+            )
+            await _notify(conn, [digest])
+            return _to_key(row), digest
+
+    async def revoke_keys_created_by(
+        self, org_id: str, created_by: str, actor: Actor, reason: str, now: datetime
+    ) -> list[tuple[ApiKey, bytes]]:
+        async with self._connection(self._write_timeout) as conn, conn.transaction():
+            # Serialised with creates and rotations in the org: a key one of
+            # them commits while this runs is either revoked here or created after.
+            await _lock_org(conn, org_id)
+            rows = await conn.fetch(
+                f"UPDATE api_keys SET revoke_time = $2, revoked_by = $3, revoke_reason = $4 "
+                f"WHERE org_id = $1 AND created_by = $5 AND revoke_time IS NULL "
+                f"AND (expire_time IS NULL OR expire_time > $2) RETURNING {_COLUMNS}, key_hash",
+                org_id,
+                now,
+                actor.user_id,
+                reason,
+                created_by,
+            )
+            revoked = [(_to_key(r), bytes(r["key_hash"])) for r in rows]
+            revoked.sort(key=lambda pair: (pair[0].create_time, pair[0].id), reverse=True)
+            await conn.executemany(
+                "INSERT INTO audit_events (org_id, actor_user_id, actor_role, action, key_id, outcome, detail) "
+                "VALUES ($1, $2, $3, 'key.revoke', $4, 'ok', $5::jsonb)",
+                [
+                    (
+                        org_id,
+                        actor.user_id,
+                        actor.role.name.lower(),
+                        uuid.UUID(key.id),
+                        json.dumps({"reason": reason, "created_by": created_by}),
+                    )
+                    for key, _ in revoked
+                ],
+            )
+            await self._insert_audit(
+                conn,
+                "key.revoke_created_by",
+                org_id,
+                actor,
+                None,
+                "ok",
+                {"created_by": created_by, "reason": reason, "revoked": [key.id for key, _ in revoked]},
+            )
+            if revoked:
+                await _notify(conn, [digest for _, digest in revoked])
+            return revoked
 
     async def get_key(self, org_id: str, key_id: str) -> ApiKey | None:
         async with self._connection(self._write_timeout) as conn:
@@ -291,7 +445,7 @@ class PostgresStore:
                 )
                 return _to_key(existing), bytes(existing["key_hash"])
             await self._insert_audit(conn, "key.revoke", org_id, actor, key_id, "ok", {"reason": reason})
-            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, bytes(row["key_hash"]).hex())
+            await _notify(conn, [bytes(row["key_hash"])])
             return _to_key(row), bytes(row["key_hash"])
 
     async def find_by_digest(self, digest: bytes) -> Found:

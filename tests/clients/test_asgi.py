@@ -118,6 +118,24 @@ async def test_allowed_request_reaches_the_app_with_principal_and_without_the_ke
     assert current_principal() is None  # nothing left behind after the request
 
 
+async def test_the_principal_the_app_sees_carries_the_keys_labels(
+    protected: AuthsvcMiddleware, upstream: Recorder, stub: Stub
+) -> None:
+    """Issue 13: labels reach the protected application on its principal."""
+    from authsvc_client.v1 import authsvc_pb2 as pb
+
+    from tests.support import ADMIN
+
+    created = await stub.CreateKey(
+        pb.CreateKeyRequest(org_id=new_org(), actor=ADMIN, name="asgi", scopes=["read"], labels={"tier": "gold"})
+    )
+    response = await request(protected, "GET", "/projects", [("x-api-key", created.secret)])
+    assert response.status == 200
+    [seen] = upstream.calls
+    assert seen["state"]["authsvc_principal"].labels == (("tier", "gold"),)
+    assert seen["contextvar"].label("tier") == "gold"
+
+
 async def test_authorization_apikey_is_accepted_and_stripped_but_other_authorization_is_kept(
     protected: AuthsvcMiddleware, upstream: Recorder, keys: Keys
 ) -> None:

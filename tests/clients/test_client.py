@@ -51,6 +51,28 @@ async def test_async_allowed_returns_the_principal(target: str, keys: Keys) -> N
     )
 
 
+async def test_async_principal_carries_the_keys_labels_frozen_and_hashable(target: str, stub: Stub) -> None:
+    """Issue 13: ``Principal.labels`` as sorted (name, value) pairs, read by name with ``label()``."""
+    from authsvc_client.v1 import authsvc_pb2 as pb
+
+    from tests.support import ADMIN
+
+    created = await stub.CreateKey(
+        pb.CreateKeyRequest(
+            org_id=new_org(), actor=ADMIN, name="labelled", scopes=["read"], labels={"tier": "gold", "env": "prod"}
+        )
+    )
+    async with AsyncClient(target) as client:
+        decision = await client.authorize(created.secret, "read")
+    principal = decision.principal
+    assert principal is not None and principal.labels == (("env", "prod"), ("tier", "gold"))
+    assert (principal.label("tier"), principal.label("missing"), principal.label("missing", "-")) == ("gold", None, "-")
+    assert dict(principal.labels) == {"env": "prod", "tier": "gold"}
+    assert hash(principal) == hash(decision.principal)  # frozen: usable as a cache key
+    with pytest.raises(AttributeError):
+        principal.labels = ()  # type: ignore[misc]
+
+
 async def test_async_authenticate_checks_only_the_key_and_expands_implied_scopes(target: str, keys: Keys) -> None:
     async with AsyncClient(target) as client:
         decision = await client.authenticate(keys.writer)

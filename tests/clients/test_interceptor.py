@@ -22,9 +22,10 @@ from authsvc_client import (
     Client,
     current_principal,
 )
+from authsvc_client.v1 import authsvc_pb2 as pb
 
 from tests.clients.conftest import Keys, create_key
-from tests.support import Stub, new_org
+from tests.support import ADMIN, Stub, new_org
 
 SCOPES = {
     "/demo.Echo/Whoami": "read",
@@ -40,7 +41,12 @@ METHODS = ["Whoami", "Admin", "Ping", "Unlisted", "Misconfigured", "AnyKey"]
 
 def _seen() -> bytes:
     principal = current_principal()
-    return json.dumps(None if principal is None else {"key_id": principal.key_id, "org_id": principal.org_id}).encode()
+    if principal is None:
+        return b"null"
+    seen: dict[str, object] = {"key_id": principal.key_id, "org_id": principal.org_id}
+    if principal.labels:
+        seen["labels"] = dict(principal.labels)
+    return json.dumps(seen).encode()
 
 
 def _sync_service() -> grpc.GenericRpcHandler:
@@ -134,6 +140,15 @@ async def status_of(
 async def test_allowed_call_reaches_the_handler_with_its_principal(service: grpc.aio.Channel, keys: Keys) -> None:
     seen = await call(service, "Whoami", (("x-api-key", keys.reader),))
     assert seen == {"key_id": keys.reader_id, "org_id": keys.org}
+
+
+async def test_the_handler_sees_the_keys_labels_on_its_principal(service: grpc.aio.Channel, stub: Stub) -> None:
+    """Issue 13: the interceptor's principal carries the key's labels."""
+    created = await stub.CreateKey(
+        pb.CreateKeyRequest(org_id=new_org(), actor=ADMIN, name="labelled", scopes=["read"], labels={"tier": "gold"})
+    )
+    seen = await call(service, "Whoami", (("x-api-key", created.secret),))
+    assert seen["labels"] == {"tier": "gold"}
 
 
 async def test_authorization_apikey_form_is_accepted(service: grpc.aio.Channel, keys: Keys) -> None:

@@ -425,6 +425,29 @@ def test_forged_identity_headers_never_reach_the_upstream(stack: Stack) -> None:
     assert sorted(name for name in seen if name.startswith("x-authsvc-")) == sorted(IDENTITY)
 
 
+def test_labels_reach_the_upstream_as_identity_headers_and_forged_ones_never_do(stack: Stack) -> None:
+    """Issue 13: a header `x-authsvc-label-<name>` per label; a client's own `x-authsvc-label-*` never gets through."""
+    org = new_org()
+    reply = stack.keys.CreateKey(
+        pb.CreateKeyRequest(
+            org_id=org, actor=ADMIN, name="e2e", scopes=["read"], labels={"tier": "gold", "env": "prod zürich"}
+        ),
+        timeout=5,
+    )
+    seen = stack.request(
+        "GET",
+        "/items",
+        {"x-api-key": reply.secret, "x-authsvc-label-tier": "platinum", "x-authsvc-label-admin": "true"},
+    ).seen_by_upstream()
+    assert seen["x-authsvc-label-tier"] == "gold"
+    # Non-ASCII values travel as their UTF-8 bytes (the echo upstream reads header bytes as latin-1).
+    assert seen["x-authsvc-label-env"].encode("latin-1").decode() == "prod zürich"
+    assert "x-authsvc-label-admin" not in seen
+    assert sorted(name for name in seen if name.startswith("x-authsvc-")) == sorted(
+        (*IDENTITY, "x-authsvc-label-env", "x-authsvc-label-tier")
+    )
+
+
 def test_revoked_through_keyservice_the_very_next_request_is_401(stack: Stack) -> None:
     org = new_org()
     secret, key_id = stack.create_key(org, ["read"])

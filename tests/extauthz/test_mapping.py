@@ -191,6 +191,23 @@ def test_allowed_sets_identity_headers_metadata_and_strips_what_it_is_told() -> 
     }
 
 
+def test_labels_become_identity_headers_under_the_prefix() -> None:
+    labelled = Principal(
+        key_id="key-1",
+        org_id="acme",
+        user_id="alice",
+        scopes=("read",),
+        key_prefix="authsvc_abcd",
+        key_name="ci",
+        labels=(("env", "prod"), ("tier", "gold")),
+    )
+    ok = make_adapter().allowed(Decision(Reason.OK, labelled), ["x-authsvc-label-tier", "x-authsvc-label-x"])
+    headers = header_dict(ok.ok_response.headers)
+    assert (headers["x-authsvc-label-env"], headers["x-authsvc-label-tier"]) == ("prod", "gold")
+    # The forged label of the same name is overwritten; another forged label is removed.
+    assert list(ok.ok_response.headers_to_remove) == ["x-authsvc-label-x"]
+
+
 def test_identity_header_names_follow_the_configured_prefix() -> None:
     adapter = make_adapter(Settings(identity_header_prefix="x-auth-"))
     ok = adapter.allowed(Decision(Reason.OK, PRINCIPAL), []).ok_response

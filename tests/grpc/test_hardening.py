@@ -179,6 +179,16 @@ async def test_admin_token_guards_management_but_not_authorize(guarded: App) -> 
         assert code == grpc.StatusCode.UNAUTHENTICATED
         created = await stub.CreateKey(request, metadata=[("authorization", "Bearer s3cret-admin-token-0123")])
         assert (await authorize(stub, created.secret)).allowed  # Authorize needs no admin token
+        # Issue 13's calls are management calls too (every KeyService method but Authorize is).
+        org, key_id = request.org_id, created.key.id
+        for call in (
+            stub.RotateKey(pb.RotateKeyRequest(org_id=org, key_id=key_id, actor=ADMIN)),
+            stub.UpdateKey(pb.UpdateKeyRequest(org_id=org, key_id=key_id, actor=ADMIN, name="x")),
+            stub.RevokeKeys(pb.RevokeKeysRequest(org_id=org, actor=ADMIN, created_by=ADMIN.user_id)),
+        ):
+            code, _ = await code_of(call)
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert (await authorize(stub, created.secret)).allowed  # none of them did anything
 
 
 # 14. Fail closed ------------------------------------------------------------

@@ -44,13 +44,16 @@ async def until(predicate: Any, within: float = 3.0) -> None:
 
 
 async def kill_listener(app: App, db: asyncpg.Connection) -> int:
-    """Terminate the listener's backend and wait until the replica has seen the loss; returns the old pid."""
+    """Terminate the listener's backend and wait until the replica has seen the loss; returns the old pid.
+
+    A listener still reconnecting from an earlier kill has no backend yet:
+    wait for it first (on a loaded machine that takes longer than a test's loop turn).
+    """
 
     async def subscribed() -> bool:
-        # After an earlier kill the listener may still be between connections (its backoff).
         return app.feed.connected.is_set() and app.feed.backend_pid is not None
 
-    await until(subscribed)
+    await until(subscribed, within=10.0)
     old_pid = app.feed.backend_pid
     assert old_pid is not None
     await db.execute("SELECT pg_terminate_backend($1)", old_pid)
@@ -75,6 +78,67 @@ async def test_revocation_on_one_replica_reaches_the_others_cache(
             return (await authorize(replica, created.secret)).reason == pb.REASON_REVOKED
 
         await until(denied)
+
+
+async def test_a_zero_grace_rotation_on_one_replica_reaches_the_others_cache(
+    stub: Stub, settings: Settings, database_url: str
+) -> None:
+    """Rotation shortens the old key's expiry: every replica's cached allow for it must go."""
+    async with running(settings, database_url) as (_, replica):
+        org = new_org()
+        old = await create(stub, org)
+        assert (await authorize(replica, old.secret)).allowed  # cached on the replica
+        rotated = await stub.RotateKey(pb.RotateKeyRequest(org_id=org, key_id=old.key.id, actor=ADMIN))
+
+        async def expired() -> bool:
+            return (await authorize(replica, old.secret)).reason == pb.REASON_EXPIRED
+
+        await until(expired)
+        assert (await authorize(replica, rotated.secret)).allowed
+
+
+async def test_a_label_update_on_one_replica_reaches_the_others_cache(
+    stub: Stub, settings: Settings, database_url: str
+) -> None:
+    from google.protobuf.field_mask_pb2 import FieldMask
+
+    async with running(settings, database_url) as (_, replica):
+        org = new_org()
+        created = await create(stub, org, labels={"tier": "free"})
+        assert dict((await authorize(replica, created.secret)).principal.labels) == {"tier": "free"}  # cached
+        await stub.UpdateKey(
+            pb.UpdateKeyRequest(
+                org_id=org,
+                key_id=created.key.id,
+                actor=ADMIN,
+                name="renamed",
+                labels={"tier": "gold"},
+                update_mask=FieldMask(paths=["name", "labels"]),
+            )
+        )
+
+        async def relabelled() -> bool:
+            principal = (await authorize(replica, created.secret)).principal
+            return principal.key_name == "renamed" and dict(principal.labels) == {"tier": "gold"}
+
+        await until(relabelled)
+
+
+async def test_a_bulk_revocation_on_one_replica_reaches_the_others_cache(
+    stub: Stub, settings: Settings, database_url: str
+) -> None:
+    async with running(settings, database_url) as (_, replica):
+        org = new_org()
+        keys = [await create(stub, org) for _ in range(4)]
+        for key in keys:
+            assert (await authorize(replica, key.secret)).allowed  # cached on the replica
+        await stub.RevokeKeys(pb.RevokeKeysRequest(org_id=org, actor=ADMIN, created_by=ADMIN.user_id))
+
+        async def all_revoked() -> bool:
+            answers = [await authorize(replica, key.secret) for key in keys]
+            return all(a.reason == pb.REASON_REVOKED for a in answers)
+
+        await until(all_revoked)
 
 
 async def test_a_cached_unknown_key_is_evicted_when_the_key_is_created(

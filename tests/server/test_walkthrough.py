@@ -26,15 +26,22 @@ def test_readme_walkthrough_works_as_printed(tmp_path: Path, database_url: str) 
         "KEY_ID",
         "grpcurl",
         "grpcurl",
+        "NEW_KEY",
+        "grpcurl",
+        "grpcurl",
+        "grpcurl",
         "grpcurl",
         "grpcurl",
     ]
-    with serve_process({"AUTHSVC_DATABASE_URL": database_url}, tmp_path) as server:
+    # The commands are under test here, not the lookup budget (test_hardening's test_14_* are): a first
+    # lookup on a loaded 2-core machine can pass the default 100 ms and turn an allow into UNAVAILABLE.
+    env_vars = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_STORE_TIMEOUT_MS": "2000"}
+    with serve_process(env_vars, tmp_path) as server:
         env = {**os.environ}
         outputs: list[str] = []
         for line in lines:
-            if line.startswith(("KEY=", "KEY_ID=")):
-                continue  # the reader pastes these from CreateKey's answer; so do we, below
+            if line.startswith(("KEY=", "KEY_ID=", "NEW_KEY=")):
+                continue  # the reader pastes these from CreateKey's and RotateKey's answers; so do we, below
             command = line.replace("localhost:50051", server.target)
             result = subprocess.run(
                 ["bash", "-c", command],
@@ -48,16 +55,28 @@ def test_readme_walkthrough_works_as_printed(tmp_path: Path, database_url: str) 
             if "CreateKey" in command:
                 created = json.loads(result.stdout)
                 env["KEY"], env["KEY_ID"] = created["secret"], created["key"]["id"]
+            if "RotateKey" in command:
+                env["NEW_KEY"] = json.loads(result.stdout)["secret"]
 
-    listed, created_out, allowed, revoked, denied, keys = outputs
+    listed, created_out, allowed, rotated_out, new_allowed, old_in_grace, revoked, denied, keys = outputs
     assert {"authsvc.v1.KeyService", "envoy.service.auth.v3.Authorization", "grpc.health.v1.Health"} <= set(
         listed.split()
     )
     assert re.fullmatch(r"authsvc_[0-9A-Za-z]{49}", json.loads(created_out)["secret"])
     assert json.loads(allowed)["allowed"] is True
     assert json.loads(allowed)["principal"]["scopes"] == ["read", "write"]
+    rotated = json.loads(rotated_out)
+    new_id = rotated["key"]["id"]
+    assert rotated["key"]["rotated_from"] == env["KEY_ID"] and rotated["key"]["created_by"] == "bob"
+    assert rotated["previous"]["rotated_to"] == new_id and rotated["previous"]["state"] == "KEY_STATE_ACTIVE"
+    assert json.loads(new_allowed)["allowed"] is True and json.loads(new_allowed)["principal"]["key_id"] == new_id
+    assert json.loads(old_in_grace)["allowed"] is True
+    assert json.loads(old_in_grace)["principal"]["key_id"] == env["KEY_ID"]
     assert json.loads(revoked)["key"]["state"] == "KEY_STATE_REVOKED"
     assert (json.loads(denied)["reason"], json.loads(denied)["http_status"]) == ("REASON_REVOKED", 401)
     listed_keys = json.loads(keys)["data"]
-    assert any(k["id"] == env["KEY_ID"] and k["revoked_by"] == "alice" for k in listed_keys)
-    assert env["KEY"] not in keys
+    assert any(
+        k["id"] == env["KEY_ID"] and k["revoked_by"] == "alice" and k["rotated_to"] == new_id for k in listed_keys
+    )
+    assert any(k["id"] == new_id and k["rotated_from"] == env["KEY_ID"] for k in listed_keys)
+    assert env["KEY"] not in keys and env["NEW_KEY"] not in keys

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -20,11 +20,11 @@ from authsvc_client._cache import DecisionCache
 
 from authsvc.config import DEFAULT_CATALOG, load_catalog
 from authsvc.core.authorizer import Authorizer
-from authsvc.core.errors import PermissionDenied
+from authsvc.core.errors import FailedPrecondition, PermissionDenied
 from authsvc.core.keyformat import KeyFormat
 from authsvc.core.keys import Actor, ApiKey, Caller, KeyGrant, KeyState, Reason, Role
 from authsvc.core.manager import KeyManager
-from authsvc.core.ports import Found, InvalidationFeed, KeyStore, NewKey, Page, TooManyActiveKeys
+from authsvc.core.ports import Found, InvalidationFeed, KeyStore, KeyUpdate, NewKey, Page, Rotation, TooManyActiveKeys
 from authsvc.storage.memory import InMemoryStore
 from authsvc.storage.notify import PostgresFeed
 from authsvc.storage.postgres import PostgresStore, create_pool, run_migrations
@@ -357,6 +357,114 @@ async def test_a_lookup_that_started_before_a_revocation_never_leaves_an_allow_c
     decision = await authorizer.authorize(secret, "read")
     assert decision.reason is Reason.REVOKED
     assert not isinstance(cache.get(new.digest), KeyGrant) or cache.get(new.digest).revoked  # type: ignore[union-attr]
+
+
+# -- rotation, updates, offboarding (issue 13) ---------------------------------------
+
+
+def successor_of(old: ApiKey, grace_until: datetime) -> tuple[Rotation, NewKey]:
+    issued = FORMAT.generate()
+    new = NewKey(
+        old.org_id, old.name, issued.display_prefix, issued.digest, old.scopes, "bob", None, 0, old.labels, old.id
+    )
+    return Rotation(successor=new, old_expire_time=grace_until), new
+
+
+async def test_a_rotation_links_both_keys_and_ends_the_old_one_at_the_given_time(backend: Backend) -> None:
+    recorder = await subscribed(backend)
+    org = new_org()
+    old, old_new, _ = await create(backend.store, org)
+    until = NOW + timedelta(hours=1)
+    rotation, successor = successor_of(old, until)
+    rotated = await backend.store.rotate_key(org, old.id, ADMIN, NOW, lambda _: rotation, "yearly")
+    assert rotated is not None
+    assert rotated.key.rotated_from == old.id and rotated.key.created_by == "bob" and not rotated.key.rotated_to
+    assert rotated.previous.rotated_to == rotated.key.id and rotated.previous.expire_time == until
+    assert rotated.digests == (old_new.digest, successor.digest)
+    assert (await backend.store.find_by_digest(old_new.digest)).key == rotated.previous
+    assert (await backend.store.find_by_digest(successor.digest)).key == rotated.key
+    await recorder.wait_for(lambda: old_new.digest in recorder.evicted and successor.digest in recorder.evicted)
+
+
+async def test_a_rotation_the_plan_refuses_writes_nothing(backend: Backend) -> None:
+    org = new_org()
+    old, _, _ = await create(backend.store, org)
+
+    def refuse(_: ApiKey) -> Rotation:
+        raise FailedPrecondition("no")
+
+    with pytest.raises(FailedPrecondition):
+        await backend.store.rotate_key(org, old.id, ADMIN, NOW, refuse, "")
+    assert await backend.store.get_key(org, old.id) == old
+    assert (await backend.store.list_keys(org, None, NOW, 0, 10)).total == 1
+    assert await backend.store.rotate_key(new_org(), old.id, ADMIN, NOW, refuse, "") is None
+
+
+async def test_keys_in_their_grace_period_do_not_hold_a_slot(backend: Backend) -> None:
+    org = new_org()
+    store = backend.store
+    first = await store.create_key(new_key(org)[0], ADMIN, 2, NOW)
+    await store.create_key(new_key(org)[0], ADMIN, 2, NOW)
+    rotation, _ = successor_of(first, NOW + timedelta(days=1))
+    await store.rotate_key(org, first.id, ADMIN, NOW, lambda _: rotation, "")
+    with pytest.raises(TooManyActiveKeys):  # 2 hold a slot, the third is in its grace period
+        await store.create_key(new_key(org)[0], ADMIN, 2, NOW)
+    assert (await store.list_keys(org, KeyState.ACTIVE, NOW, 0, 10)).total == 3
+
+
+async def test_the_key_limit_holds_under_concurrent_rotations_and_creates(backend: Backend) -> None:
+    org = new_org()
+    keys = [await backend.store.create_key(new_key(org)[0], ADMIN, 3, NOW) for _ in range(2)]
+
+    async def attempt() -> ApiKey | None:
+        try:
+            return await backend.store.create_key(new_key(org)[0], ADMIN, 3, NOW)
+        except TooManyActiveKeys:
+            return None
+
+    async def rotate(key: ApiKey) -> object:
+        rotation, _ = successor_of(key, NOW + timedelta(days=1))
+        return await backend.store.rotate_key(org, key.id, ADMIN, NOW, lambda _: rotation, "")
+
+    results = await asyncio.gather(*(attempt() for _ in range(6)), *(rotate(k) for k in keys))
+    assert sum(r is not None for r in results[:6]) == 1 and all(r is not None for r in results[6:])
+    active = (await backend.store.list_keys(org, KeyState.ACTIVE, NOW, 0, 20)).keys
+    assert sum(not k.rotated_to for k in active) == 3 and len(active) == 5
+
+
+async def test_an_update_changes_name_and_labels_only_and_reaches_the_feed(backend: Backend) -> None:
+    recorder = await subscribed(backend)
+    org = new_org()
+    key, new, _ = await create(backend.store, org)
+    recorder.evicted.clear()
+    updated = await backend.store.update_key(
+        org, key.id, ADMIN, NOW, lambda current: KeyUpdate(name="billing", labels=(("tier", "gold"),))
+    )
+    assert updated is not None and updated[1] == new.digest
+    assert (updated[0].name, updated[0].labels, updated[0].scopes) == ("billing", (("tier", "gold"),), key.scopes)
+    assert (await backend.store.find_by_digest(new.digest)).key == updated[0]
+    await recorder.wait_for(lambda: new.digest in recorder.evicted)
+    assert await backend.store.update_key(new_org(), key.id, ADMIN, NOW, lambda c: KeyUpdate("x", ())) is None
+
+
+async def test_revoking_a_creators_keys_takes_only_theirs_once(backend: Backend) -> None:
+    recorder = await subscribed(backend)
+    org = new_org()
+    store = backend.store
+    mine = [await create(store, org) for _ in range(2)]
+    expired, _, _ = await create(store, org, expire=NOW - timedelta(seconds=1))
+    bobs_new, _ = new_key(org)
+    bobs = await store.create_key(replace(bobs_new, created_by="bob"), ADMIN, 10, NOW)
+    elsewhere, _, _ = await create(store, new_org())
+    recorder.evicted.clear()
+    revoked = await store.revoke_keys_created_by(org, "alice", Actor("olivia", Role.OWNER), "left", NOW)
+    assert {k.id for k, _ in revoked} == {key.id for key, _, _ in mine}
+    assert all(k.revoke_time == NOW and k.revoked_by == "olivia" and k.revoke_reason == "left" for k, _ in revoked)
+    await recorder.wait_for(lambda: all(new.digest in recorder.evicted for _, new, _ in mine))
+    for key_id, org_id in ((expired.id, org), (bobs.id, org), (elsewhere.id, elsewhere.org_id)):
+        found = await store.get_key(org_id, key_id)
+        assert found is not None and found.revoke_time is None
+    assert await store.revoke_keys_created_by(org, "alice", ADMIN, "again", NOW) == []
 
 
 def test_both_stores_are_under_contract() -> None:

@@ -35,6 +35,10 @@ from authsvc.core.errors import ConfigError
         ({"AUTHSVC_DRAIN_SECONDS": "soon"}, "AUTHSVC_DRAIN_SECONDS"),
         ({"AUTHSVC_DRAIN_SECONDS": "-1"}, "AUTHSVC_DRAIN_SECONDS"),
         ({"AUTHSVC_INSECURE_MANAGEMENT": "yes"}, "AUTHSVC_INSECURE_MANAGEMENT"),
+        ({"AUTHSVC_MAX_ROTATION_GRACE": "a week"}, "AUTHSVC_MAX_ROTATION_GRACE"),
+        ({"AUTHSVC_MAX_ROTATION_GRACE": "7w"}, "AUTHSVC_MAX_ROTATION_GRACE"),
+        ({"AUTHSVC_MAX_ROTATION_GRACE": "-1d"}, "AUTHSVC_MAX_ROTATION_GRACE"),
+        ({"AUTHSVC_MAX_ROTATION_GRACE": "400d"}, "AUTHSVC_MAX_ROTATION_GRACE"),
     ],
 )
 def test_invalid_setting_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -82,6 +86,15 @@ def test_effective_config_redacts_passwords_and_tokens() -> None:
     for secret in ("hunter2", "tok-very-secret", "tok-other", "redispass"):
         assert secret not in shown
     assert "db:5432" in shown
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [(None, 7 * 86_400), ("0", 0), ("90", 90), ("90s", 90), ("30m", 1800), ("12h", 43_200), ("14d", 1_209_600)],
+)
+def test_max_rotation_grace_takes_seconds_or_a_unit(raw: str | None, seconds: int) -> None:
+    env = {} if raw is None else {"AUTHSVC_MAX_ROTATION_GRACE": raw}
+    assert Settings.from_env(env).max_rotation_grace_seconds == seconds
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ def decision_from_proto(reply: pb.AuthorizeResponse) -> Decision:
             scopes=tuple(p.scopes),
             key_prefix=p.key_prefix,
             key_name=p.key_name,
+            labels=tuple(sorted(p.labels.items())) if p.labels else (),
         )
     rate_limit = None
     if reply.HasField("rate_limit"):

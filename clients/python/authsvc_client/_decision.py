@@ -93,6 +93,18 @@ class Principal:
     #: The first 12 characters of the key: safe to log, useless to authenticate.
     key_prefix: str
     key_name: str
+    #: The key's labels (a customer tier, a deployment stage) as ``(name, value)``
+    #: pairs sorted by name: a tuple keeps the principal frozen and hashable,
+    #: and lets cached keys share one copy of a common label set.
+    #: ``dict(principal.labels)`` or ``principal.label("tier")`` to read them.
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def label(self, name: str, default: str | None = None) -> str | None:
+        """The value of label ``name``, or ``default`` when the key has no such label."""
+        for key, value in self.labels:
+            if key == name:
+                return value
+        return default
 
 
 @dataclass(frozen=True, slots=True)

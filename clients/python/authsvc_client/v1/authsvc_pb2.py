@@ -22,50 +22,80 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthsvc/v1/authsvc.proto\x12\nauthsvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x05\x41\x63tor\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.authsvc.v1.Role\"\x91\x03\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x12\n\ncreated_by\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrevoked_by\x18\n \x01(\t\x12\x15\n\rrevoke_reason\x18\x0b \x01(\t\x12\x32\n\x0elast_used_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05state\x18\r \x01(\x0e\x32\x14.authsvc.v1.KeyState\x12\x12\n\nrate_limit\x18\x0e \x01(\x05\"r\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x12\n\nkey_prefix\x18\x05 \x01(\t\x12\x10\n\x08key_name\x18\x06 \x01(\t\"\xa7\x01\n\x10\x43reateKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrate_limit\x18\x06 \x01(\x05\"D\n\x11\x43reateKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"Q\n\rGetKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.authsvc.v1.Actor\"1\n\x0eGetKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\"\x94\x01\n\x0fListKeysRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0c\n\x04page\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x05\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x14.authsvc.v1.KeyStateH\x00\x88\x01\x01\x42\x08\n\x06_state\"`\n\x10ListKeysResponse\x12 \n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x12.authsvc.v1.ApiKey\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0c\n\x04page\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x05\"d\n\x10RevokeKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0e\n\x06reason\x18\x04 \x01(\t\"4\n\x11RevokeKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\"7\n\x10\x41uthorizeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x16\n\x0erequired_scope\x18\x02 \x01(\t\"\xc9\x01\n\x11\x41uthorizeResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\"\n\x06reason\x18\x02 \x01(\x0e\x32\x12.authsvc.v1.Reason\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12(\n\tprincipal\x18\x05 \x01(\x0b\x32\x15.authsvc.v1.Principal\x12/\n\nrate_limit\x18\x06 \x01(\x0b\x32\x1b.authsvc.v1.RateLimitStatus\"J\n\x0fRateLimitStatus\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x11\n\tremaining\x18\x02 \x01(\x05\x12\x15\n\rreset_seconds\x18\x03 \x01(\x05*M\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_MEMBER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x12\x0e\n\nROLE_OWNER\x10\x03*i\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_STATE_ACTIVE\x10\x01\x12\x15\n\x11KEY_STATE_EXPIRED\x10\x02\x12\x15\n\x11KEY_STATE_REVOKED\x10\x03*\xd9\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x16\n\x12REASON_MISSING_KEY\x10\x02\x12\x18\n\x14REASON_MALFORMED_KEY\x10\x03\x12\x16\n\x12REASON_UNKNOWN_KEY\x10\x04\x12\x12\n\x0eREASON_REVOKED\x10\x05\x12\x12\n\x0eREASON_EXPIRED\x10\x06\x12\x1d\n\x19REASON_INSUFFICIENT_SCOPE\x10\x07\x12\x17\n\x13REASON_RATE_LIMITED\x10\x08\x32\xf2\x02\n\nKeyService\x12H\n\tCreateKey\x12\x1c.authsvc.v1.CreateKeyRequest\x1a\x1d.authsvc.v1.CreateKeyResponse\x12?\n\x06GetKey\x12\x19.authsvc.v1.GetKeyRequest\x1a\x1a.authsvc.v1.GetKeyResponse\x12\x45\n\x08ListKeys\x12\x1b.authsvc.v1.ListKeysRequest\x1a\x1c.authsvc.v1.ListKeysResponse\x12H\n\tRevokeKey\x12\x1c.authsvc.v1.RevokeKeyRequest\x1a\x1d.authsvc.v1.RevokeKeyResponse\x12H\n\tAuthorize\x12\x1c.authsvc.v1.AuthorizeRequest\x1a\x1d.authsvc.v1.AuthorizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61uthsvc/v1/authsvc.proto\x12\nauthsvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x05\x41\x63tor\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.authsvc.v1.Role\"\x9a\x04\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x12\n\ncreated_by\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrevoked_by\x18\n \x01(\t\x12\x15\n\rrevoke_reason\x18\x0b \x01(\t\x12\x32\n\x0elast_used_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05state\x18\r \x01(\x0e\x32\x14.authsvc.v1.KeyState\x12\x12\n\nrate_limit\x18\x0e \x01(\x05\x12.\n\x06labels\x18\x0f \x03(\x0b\x32\x1e.authsvc.v1.ApiKey.LabelsEntry\x12\x12\n\nrotated_to\x18\x10 \x01(\t\x12\x14\n\x0crotated_from\x18\x11 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd4\x01\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x12\n\nkey_prefix\x18\x05 \x01(\t\x12\x10\n\x08key_name\x18\x06 \x01(\t\x12\x31\n\x06labels\x18\x07 \x03(\x0b\x32!.authsvc.v1.Principal.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x90\x02\n\x10\x43reateKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrate_limit\x18\x06 \x01(\x05\x12\x38\n\x06labels\x18\x07 \x03(\x0b\x32(.authsvc.v1.CreateKeyRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x11\x43reateKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"Q\n\rGetKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.authsvc.v1.Actor\"1\n\x0eGetKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\"\x94\x01\n\x0fListKeysRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0c\n\x04page\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x05\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x14.authsvc.v1.KeyStateH\x00\x88\x01\x01\x42\x08\n\x06_state\"`\n\x10ListKeysResponse\x12 \n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x12.authsvc.v1.ApiKey\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0c\n\x04page\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x05\"d\n\x10RevokeKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0e\n\x06reason\x18\x04 \x01(\t\"4\n\x11RevokeKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\"7\n\x10\x41uthorizeRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x16\n\x0erequired_scope\x18\x02 \x01(\t\"\xc9\x01\n\x11\x41uthorizeResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\"\n\x06reason\x18\x02 \x01(\x0e\x32\x12.authsvc.v1.Reason\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12(\n\tprincipal\x18\x05 \x01(\x0b\x32\x15.authsvc.v1.Principal\x12/\n\nrate_limit\x18\x06 \x01(\x0b\x32\x1b.authsvc.v1.RateLimitStatus\"J\n\x0fRateLimitStatus\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x11\n\tremaining\x18\x02 \x01(\x05\x12\x15\n\rreset_seconds\x18\x03 \x01(\x05\"\xc6\x01\n\x10RotateKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12/\n\x0cgrace_period\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"j\n\x11RotateKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12$\n\x08previous\x18\x03 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\"\xfc\x01\n\x10UpdateKeyRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x38\n\x06labels\x18\x05 \x03(\x0b\x32(.authsvc.v1.UpdateKeyRequest.LabelsEntry\x12/\n\x0bupdate_mask\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x11UpdateKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.authsvc.v1.ApiKey\"i\n\x11RevokeKeysRequest\x12\x0e\n\x06org_id\x18\x01 \x01(\t\x12 \n\x05\x61\x63tor\x18\x02 \x01(\x0b\x32\x11.authsvc.v1.Actor\x12\x12\n\ncreated_by\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"6\n\x12RevokeKeysResponse\x12 \n\x04keys\x18\x01 \x03(\x0b\x32\x12.authsvc.v1.ApiKey*M\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_MEMBER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x12\x0e\n\nROLE_OWNER\x10\x03*i\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_STATE_ACTIVE\x10\x01\x12\x15\n\x11KEY_STATE_EXPIRED\x10\x02\x12\x15\n\x11KEY_STATE_REVOKED\x10\x03*\xd9\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\r\n\tREASON_OK\x10\x01\x12\x16\n\x12REASON_MISSING_KEY\x10\x02\x12\x18\n\x14REASON_MALFORMED_KEY\x10\x03\x12\x16\n\x12REASON_UNKNOWN_KEY\x10\x04\x12\x12\n\x0eREASON_REVOKED\x10\x05\x12\x12\n\x0eREASON_EXPIRED\x10\x06\x12\x1d\n\x19REASON_INSUFFICIENT_SCOPE\x10\x07\x12\x17\n\x13REASON_RATE_LIMITED\x10\x08\x32\xd3\x04\n\nKeyService\x12H\n\tCreateKey\x12\x1c.authsvc.v1.CreateKeyRequest\x1a\x1d.authsvc.v1.CreateKeyResponse\x12?\n\x06GetKey\x12\x19.authsvc.v1.GetKeyRequest\x1a\x1a.authsvc.v1.GetKeyResponse\x12\x45\n\x08ListKeys\x12\x1b.authsvc.v1.ListKeysRequest\x1a\x1c.authsvc.v1.ListKeysResponse\x12H\n\tRevokeKey\x12\x1c.authsvc.v1.RevokeKeyRequest\x1a\x1d.authsvc.v1.RevokeKeyResponse\x12H\n\tAuthorize\x12\x1c.authsvc.v1.AuthorizeRequest\x1a\x1d.authsvc.v1.AuthorizeResponse\x12H\n\tRotateKey\x12\x1c.authsvc.v1.RotateKeyRequest\x1a\x1d.authsvc.v1.RotateKeyResponse\x12H\n\tUpdateKey\x12\x1c.authsvc.v1.UpdateKeyRequest\x1a\x1d.authsvc.v1.UpdateKeyResponse\x12K\n\nRevokeKeys\x12\x1d.authsvc.v1.RevokeKeysRequest\x1a\x1e.authsvc.v1.RevokeKeysResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'authsvc.v1.authsvc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1767
-  _globals['_ROLE']._serialized_end=1844
-  _globals['_KEYSTATE']._serialized_start=1846
-  _globals['_KEYSTATE']._serialized_end=1951
-  _globals['_REASON']._serialized_start=1954
-  _globals['_REASON']._serialized_end=2171
-  _globals['_ACTOR']._serialized_start=73
-  _globals['_ACTOR']._serialized_end=129
-  _globals['_APIKEY']._serialized_start=132
-  _globals['_APIKEY']._serialized_end=533
-  _globals['_PRINCIPAL']._serialized_start=535
-  _globals['_PRINCIPAL']._serialized_end=649
-  _globals['_CREATEKEYREQUEST']._serialized_start=652
-  _globals['_CREATEKEYREQUEST']._serialized_end=819
-  _globals['_CREATEKEYRESPONSE']._serialized_start=821
-  _globals['_CREATEKEYRESPONSE']._serialized_end=889
-  _globals['_GETKEYREQUEST']._serialized_start=891
-  _globals['_GETKEYREQUEST']._serialized_end=972
-  _globals['_GETKEYRESPONSE']._serialized_start=974
-  _globals['_GETKEYRESPONSE']._serialized_end=1023
-  _globals['_LISTKEYSREQUEST']._serialized_start=1026
-  _globals['_LISTKEYSREQUEST']._serialized_end=1174
-  _globals['_LISTKEYSRESPONSE']._serialized_start=1176
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1272
-  _globals['_REVOKEKEYREQUEST']._serialized_start=1274
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1374
-  _globals['_REVOKEKEYRESPONSE']._serialized_start=1376
-  _globals['_REVOKEKEYRESPONSE']._serialized_end=1428
-  _globals['_AUTHORIZEREQUEST']._serialized_start=1430
-  _globals['_AUTHORIZEREQUEST']._serialized_end=1485
-  _globals['_AUTHORIZERESPONSE']._serialized_start=1488
-  _globals['_AUTHORIZERESPONSE']._serialized_end=1689
-  _globals['_RATELIMITSTATUS']._serialized_start=1691
-  _globals['_RATELIMITSTATUS']._serialized_end=1765
-  _globals['_KEYSERVICE']._serialized_start=2174
-  _globals['_KEYSERVICE']._serialized_end=2544
+  _globals['_APIKEY_LABELSENTRY']._loaded_options = None
+  _globals['_APIKEY_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_PRINCIPAL_LABELSENTRY']._loaded_options = None
+  _globals['_PRINCIPAL_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_CREATEKEYREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_UPDATEKEYREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_UPDATEKEYREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_ROLE']._serialized_start=2955
+  _globals['_ROLE']._serialized_end=3032
+  _globals['_KEYSTATE']._serialized_start=3034
+  _globals['_KEYSTATE']._serialized_end=3139
+  _globals['_REASON']._serialized_start=3142
+  _globals['_REASON']._serialized_end=3359
+  _globals['_ACTOR']._serialized_start=139
+  _globals['_ACTOR']._serialized_end=195
+  _globals['_APIKEY']._serialized_start=198
+  _globals['_APIKEY']._serialized_end=736
+  _globals['_APIKEY_LABELSENTRY']._serialized_start=691
+  _globals['_APIKEY_LABELSENTRY']._serialized_end=736
+  _globals['_PRINCIPAL']._serialized_start=739
+  _globals['_PRINCIPAL']._serialized_end=951
+  _globals['_PRINCIPAL_LABELSENTRY']._serialized_start=691
+  _globals['_PRINCIPAL_LABELSENTRY']._serialized_end=736
+  _globals['_CREATEKEYREQUEST']._serialized_start=954
+  _globals['_CREATEKEYREQUEST']._serialized_end=1226
+  _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_start=691
+  _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_end=736
+  _globals['_CREATEKEYRESPONSE']._serialized_start=1228
+  _globals['_CREATEKEYRESPONSE']._serialized_end=1296
+  _globals['_GETKEYREQUEST']._serialized_start=1298
+  _globals['_GETKEYREQUEST']._serialized_end=1379
+  _globals['_GETKEYRESPONSE']._serialized_start=1381
+  _globals['_GETKEYRESPONSE']._serialized_end=1430
+  _globals['_LISTKEYSREQUEST']._serialized_start=1433
+  _globals['_LISTKEYSREQUEST']._serialized_end=1581
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1583
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1679
+  _globals['_REVOKEKEYREQUEST']._serialized_start=1681
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1781
+  _globals['_REVOKEKEYRESPONSE']._serialized_start=1783
+  _globals['_REVOKEKEYRESPONSE']._serialized_end=1835
+  _globals['_AUTHORIZEREQUEST']._serialized_start=1837
+  _globals['_AUTHORIZEREQUEST']._serialized_end=1892
+  _globals['_AUTHORIZERESPONSE']._serialized_start=1895
+  _globals['_AUTHORIZERESPONSE']._serialized_end=2096
+  _globals['_RATELIMITSTATUS']._serialized_start=2098
+  _globals['_RATELIMITSTATUS']._serialized_end=2172
+  _globals['_ROTATEKEYREQUEST']._serialized_start=2175
+  _globals['_ROTATEKEYREQUEST']._serialized_end=2373
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=2375
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=2481
+  _globals['_UPDATEKEYREQUEST']._serialized_start=2484
+  _globals['_UPDATEKEYREQUEST']._serialized_end=2736
+  _globals['_UPDATEKEYREQUEST_LABELSENTRY']._serialized_start=691
+  _globals['_UPDATEKEYREQUEST_LABELSENTRY']._serialized_end=736
+  _globals['_UPDATEKEYRESPONSE']._serialized_start=2738
+  _globals['_UPDATEKEYRESPONSE']._serialized_end=2790
+  _globals['_REVOKEKEYSREQUEST']._serialized_start=2792
+  _globals['_REVOKEKEYSREQUEST']._serialized_end=2897
+  _globals['_REVOKEKEYSRESPONSE']._serialized_start=2899
+  _globals['_REVOKEKEYSRESPONSE']._serialized_end=2953
+  _globals['_KEYSERVICE']._serialized_start=3362
+  _globals['_KEYSERVICE']._serialized_end=3957
 # @@protoc_insertion_point(module_scope)

@@ -61,6 +61,21 @@ class KeyServiceStub:
                 request_serializer=authsvc_dot_v1_dot_authsvc__pb2.AuthorizeRequest.SerializeToString,
                 response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.AuthorizeResponse.FromString,
                 _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/authsvc.v1.KeyService/RotateKey',
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.RotateKeyResponse.FromString,
+                _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/authsvc.v1.KeyService/UpdateKey',
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.UpdateKeyResponse.FromString,
+                _registered_method=True)
+        self.RevokeKeys = channel.unary_unary(
+                '/authsvc.v1.KeyService/RevokeKeys',
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -110,6 +125,34 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKey(self, request, context):
+        """RotateKey replaces a key without downtime: a new key with the old one's
+        name, scopes, labels, rate limit and expiry, while the old key keeps
+        working until the end of `grace_period`. The response carries the new
+        secret: the only time it is shown. A key in its grace period does not
+        count toward the active-key limit. Requires ROLE_ADMIN or ROLE_OWNER.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateKey(self, request, context):
+        """UpdateKey renames a key or replaces its labels (`update_mask`). Scopes,
+        expiry and the rate limit never change. Requires ROLE_ADMIN or ROLE_OWNER.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKeys(self, request, context):
+        """RevokeKeys revokes every active key one user created in the
+        organization, in one transaction (offboarding). Idempotent: a second
+        call revokes, and returns, nothing. Requires ROLE_ADMIN or ROLE_OWNER.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +180,21 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.Authorize,
                     request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.AuthorizeRequest.FromString,
                     response_serializer=authsvc_dot_v1_dot_authsvc__pb2.AuthorizeResponse.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.RotateKeyRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.RotateKeyResponse.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.UpdateKeyResponse.SerializeToString,
+            ),
+            'RevokeKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKeys,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -276,6 +334,87 @@ class KeyService:
             '/authsvc.v1.KeyService/Authorize',
             authsvc_dot_v1_dot_authsvc__pb2.AuthorizeRequest.SerializeToString,
             authsvc_dot_v1_dot_authsvc__pb2.AuthorizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.KeyService/RotateKey',
+            authsvc_dot_v1_dot_authsvc__pb2.RotateKeyRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.RotateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.KeyService/UpdateKey',
+            authsvc_dot_v1_dot_authsvc__pb2.UpdateKeyRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.UpdateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.KeyService/RevokeKeys',
+            authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

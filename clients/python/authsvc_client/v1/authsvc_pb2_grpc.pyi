@@ -61,6 +61,22 @@ class KeyServiceStub:
     kept for caller bugs (INVALID_ARGUMENT) and an unreachable store
     (UNAVAILABLE: fail closed).
     """
+    RotateKey: _grpc.UnaryUnaryMultiCallable[_authsvc_pb2.RotateKeyRequest, _authsvc_pb2.RotateKeyResponse]
+    """RotateKey replaces a key without downtime: a new key with the old one's
+    name, scopes, labels, rate limit and expiry, while the old key keeps
+    working until the end of `grace_period`. The response carries the new
+    secret: the only time it is shown. A key in its grace period does not
+    count toward the active-key limit. Requires ROLE_ADMIN or ROLE_OWNER.
+    """
+    UpdateKey: _grpc.UnaryUnaryMultiCallable[_authsvc_pb2.UpdateKeyRequest, _authsvc_pb2.UpdateKeyResponse]
+    """UpdateKey renames a key or replaces its labels (`update_mask`). Scopes,
+    expiry and the rate limit never change. Requires ROLE_ADMIN or ROLE_OWNER.
+    """
+    RevokeKeys: _grpc.UnaryUnaryMultiCallable[_authsvc_pb2.RevokeKeysRequest, _authsvc_pb2.RevokeKeysResponse]
+    """RevokeKeys revokes every active key one user created in the
+    organization, in one transaction (offboarding). Idempotent: a second
+    call revokes, and returns, nothing. Requires ROLE_ADMIN or ROLE_OWNER.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -90,6 +106,22 @@ class KeyServiceAsyncStub(KeyServiceStub):
     is an answer (allowed = false with a reason), not an error; errors are
     kept for caller bugs (INVALID_ARGUMENT) and an unreachable store
     (UNAVAILABLE: fail closed).
+    """
+    RotateKey: _aio.UnaryUnaryMultiCallable[_authsvc_pb2.RotateKeyRequest, _authsvc_pb2.RotateKeyResponse]  # type: ignore[assignment]
+    """RotateKey replaces a key without downtime: a new key with the old one's
+    name, scopes, labels, rate limit and expiry, while the old key keeps
+    working until the end of `grace_period`. The response carries the new
+    secret: the only time it is shown. A key in its grace period does not
+    count toward the active-key limit. Requires ROLE_ADMIN or ROLE_OWNER.
+    """
+    UpdateKey: _aio.UnaryUnaryMultiCallable[_authsvc_pb2.UpdateKeyRequest, _authsvc_pb2.UpdateKeyResponse]  # type: ignore[assignment]
+    """UpdateKey renames a key or replaces its labels (`update_mask`). Scopes,
+    expiry and the rate limit never change. Requires ROLE_ADMIN or ROLE_OWNER.
+    """
+    RevokeKeys: _aio.UnaryUnaryMultiCallable[_authsvc_pb2.RevokeKeysRequest, _authsvc_pb2.RevokeKeysResponse]  # type: ignore[assignment]
+    """RevokeKeys revokes every active key one user created in the
+    organization, in one transaction (offboarding). Idempotent: a second
+    call revokes, and returns, nothing. Requires ROLE_ADMIN or ROLE_OWNER.
     """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -147,6 +179,40 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         is an answer (allowed = false with a reason), not an error; errors are
         kept for caller bugs (INVALID_ARGUMENT) and an unreachable store
         (UNAVAILABLE: fail closed).
+        """
+
+    @_abc_1.abstractmethod
+    def RotateKey(
+        self,
+        request: _authsvc_pb2.RotateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authsvc_pb2.RotateKeyResponse, _abc.Awaitable[_authsvc_pb2.RotateKeyResponse]]:
+        """RotateKey replaces a key without downtime: a new key with the old one's
+        name, scopes, labels, rate limit and expiry, while the old key keeps
+        working until the end of `grace_period`. The response carries the new
+        secret: the only time it is shown. A key in its grace period does not
+        count toward the active-key limit. Requires ROLE_ADMIN or ROLE_OWNER.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateKey(
+        self,
+        request: _authsvc_pb2.UpdateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authsvc_pb2.UpdateKeyResponse, _abc.Awaitable[_authsvc_pb2.UpdateKeyResponse]]:
+        """UpdateKey renames a key or replaces its labels (`update_mask`). Scopes,
+        expiry and the rate limit never change. Requires ROLE_ADMIN or ROLE_OWNER.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeKeys(
+        self,
+        request: _authsvc_pb2.RevokeKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authsvc_pb2.RevokeKeysResponse, _abc.Awaitable[_authsvc_pb2.RevokeKeysResponse]]:
+        """RevokeKeys revokes every active key one user created in the
+        organization, in one transaction (offboarding). Idempotent: a second
+        call revokes, and returns, nothing. Requires ROLE_ADMIN or ROLE_OWNER.
         """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
