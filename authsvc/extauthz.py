@@ -193,7 +193,24 @@ def rate_limit_headers(decision: Decision) -> list[HeaderValueOption]:
     ]
 
 
-def _deny(status: int, code: str, message: str, headers: list[HeaderValueOption]) -> ext.CheckResponse:
+def _metadata(principal: Principal) -> Struct:
+    """Who called, for Envoy's access log and later filters: never the key."""
+    metadata = Struct()
+    metadata.update(
+        {
+            "org_id": principal.org_id,
+            "key_id": principal.key_id,
+            "user_id": principal.user_id,
+            "scopes": " ".join(principal.scopes),
+        }
+    )
+    return metadata
+
+
+def _deny(
+    status: int, code: str, message: str, headers: list[HeaderValueOption], principal: Principal | None = None
+) -> ext.CheckResponse:
+    """A denial; with ``principal`` (the key was identified: revoked, expired, scope, rate) it names the caller too."""
     return ext.CheckResponse(
         status=status_pb2.Status(code=RPC_CODE[status], message=message),
         denied_response=ext.DeniedHttpResponse(
@@ -201,6 +218,7 @@ def _deny(status: int, code: str, message: str, headers: list[HeaderValueOption]
             headers=[_header("content-type", "application/json"), *headers],
             body=error_body(code, message),
         ),
+        dynamic_metadata=_metadata(principal) if principal is not None else None,
     )
 
 
@@ -255,10 +273,7 @@ class AuthorizationAdapter:
             f"{prefix}user-id": principal.user_id,
             f"{prefix}scopes": scopes,
         }
-        metadata = Struct()
-        metadata.update(
-            {"org_id": principal.org_id, "key_id": principal.key_id, "user_id": principal.user_id, "scopes": scopes}
-        )
+        metadata = _metadata(principal)
         return ext.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=ext.OkHttpResponse(
@@ -282,7 +297,7 @@ class AuthorizationAdapter:
             # Every 429 says when to retry, even if the limiter gave no window.
             reset = decision.rate_limit.reset_seconds if decision.rate_limit is not None else 1
             headers.append(_header("retry-after", str(reset)))
-        return _deny(status, decision.reason.code, decision.message, headers)
+        return _deny(status, decision.reason.code, decision.message, headers, decision.principal)
 
     @staticmethod
     def misconfigured(scope: str) -> ext.CheckResponse:
