@@ -10,7 +10,7 @@ import re
 import unicodedata
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from authsvc.errors import InvalidArgument
 from authsvc.keys import KeyState, Role, ScopeCatalog
@@ -31,6 +31,11 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 # Unicode line and paragraph separators: all of them break log lines and
 # dashboards, or hide what a name really says.
 _UNPRINTABLE = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+# The driver's stand-ins for -infinity and infinity: only the instants strictly
+# between them can be stored and read back unchanged.
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+TIMESTAMP_RANGE = "must be after 0001-01-01T00:00:00Z and before 9999-12-31T23:59:59.999999Z"
 
 
 def _has_control(text: str) -> bool:
@@ -113,7 +118,26 @@ def scopes(values: Sequence[str], catalog: ScopeCatalog) -> tuple[str, ...]:
     return tuple(sorted(unique))
 
 
+def timestamp(value: datetime, field: str) -> datetime:
+    """Refuse an instant that would not read back as itself.
+
+    asyncpg writes ``datetime.max`` and ``datetime.min`` as PostgreSQL's
+    ``infinity`` and ``-infinity``, and reads those back as *naive*
+    datetimes that no aware instant compares with: one such ``expire_time``
+    made every ListKeys and GetKey of its organization fail. The schema
+    refuses infinite timestamps too (migration 0004). Everything strictly
+    between them is stored exactly, to the microsecond.
+    """
+    if value.tzinfo is None:
+        raise InvalidArgument(f"{field} must carry a time zone")
+    if not _EARLIEST < value < _LATEST:
+        raise InvalidArgument(f"{field} {TIMESTAMP_RANGE}")
+    return value
+
+
 def expire_time(value: datetime | None, now: datetime) -> datetime | None:
+    if value is not None:
+        timestamp(value, "expire_time")
     if value is not None and value <= now:
         raise InvalidArgument("expire_time must be in the future; leave it unset for a key that never expires")
     return value
