@@ -197,9 +197,8 @@ async def test_nothing_else_of_the_org_is_touched_by_a_refused_timestamp(stub: S
     """The reported sequence, end to end: the bad create is refused and the org's existing key keeps working."""
     org = new_org()
     kept = await create(stub, org)
-    request = pb.CreateKeyRequest(
-        org_id=org, actor=ADMIN, name="forever", scopes=["read"], expire_time=Timestamp(seconds=MAX_SECONDS, nanos=999_999_000)
-    )
+    forever = Timestamp(seconds=MAX_SECONDS, nanos=999_999_000)
+    request = pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="forever", scopes=["read"], expire_time=forever)
     code, _ = await code_of(stub.CreateKey(request))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert (await authorize(stub, kept.secret, "read")).allowed
