@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -26,6 +25,8 @@ _ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 # The canonical 8-4-4-4-12 form only: uuid.UUID() also takes braces, "urn:uuid:",
 # no dashes, stray underscores and non-ASCII digits, which would make two
 # spellings of one id (or a mistyped id silently naming another key).
+# Upper-case hex digits match here so that the caller is told the one fix
+# (lower-case) rather than that the id is no id at all.
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
 # Control, format, private-use, unassigned and surrogate characters, and the
 # Unicode line and paragraph separators: all of them break log lines and
@@ -79,7 +80,11 @@ def key_id(value: str) -> str:
             "key_id must be a key id as returned by CreateKey: a UUID in its 36-character form, "
             "e.g. 3f2c8a1e-5b7d-4e0a-9c61-2d8f4b7a9e13"
         )
-    return str(uuid.UUID(value))
+    if value != value.lower():
+        raise InvalidArgument(
+            f"key_id must be in the lower-case canonical form returned by CreateKey: use {value.lower()}"
+        )
+    return value
 
 
 def name(value: str) -> str:
