@@ -13,6 +13,7 @@ A denied Authorize is *not* an error: it is a ``Decision``.
      ├── Unauthenticated      missing or wrong admin token
      ├── ResourceExhausted    e.g. the organization's active-key limit
      ├── Unavailable          the store cannot be reached: fail closed, retry later
+     ├── Aborted              the store gave up on a conflict (serialization, deadlock): retry now
      └── ConfigError          a start-up setting is wrong (names the variable)
 """
 
@@ -52,6 +53,10 @@ class ResourceExhausted(AuthsvcError):
 
 class Unavailable(AuthsvcError):
     """The store could not be reached in time; nothing was decided or written."""
+
+
+class Aborted(AuthsvcError):
+    """The store rolled the call back to resolve a conflict with another; nothing was written, a retry may succeed."""
 
 
 class ConfigError(AuthsvcError):
