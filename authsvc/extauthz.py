@@ -49,7 +49,7 @@ from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]  # g
 from authsvc.config import Settings
 from authsvc.core.authorizer import Authorizer, Pending
 from authsvc.core.errors import InvalidArgument
-from authsvc.core.keys import Decision
+from authsvc.core.keys import Decision, Principal
 from authsvc.grpc.server import service_handler
 from authsvc.memo import ResponseMemo
 
@@ -143,8 +143,25 @@ def _header(name: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=name, value=value), append_action=_OVERWRITE)
 
 
-def denied_response(answer: Answer) -> ext.CheckResponse:
-    """Envoy's form of an HTTP policy answer (Envoy answers 403 to a denial without a status: it is always set)."""
+def metadata(principal: Principal) -> Struct:
+    """Who called, for Envoy's access log and later filters (allowed or denied alike): never the key."""
+    fields = Struct()
+    fields.update(
+        {
+            "org_id": principal.org_id,
+            "key_id": principal.key_id,
+            "user_id": principal.user_id,
+            "scopes": " ".join(principal.scopes),
+        }
+    )
+    return fields
+
+
+def denied_response(answer: Answer, principal: Principal | None = None) -> ext.CheckResponse:
+    """Envoy's form of an HTTP policy answer (Envoy answers 403 to a denial without a status: it is always set).
+
+    With ``principal`` (the key was identified: revoked, expired, scope, rate) it names the caller too.
+    """
     return ext.CheckResponse(
         status=status_pb2.Status(code=int(answer.grpc_code), message=answer.message),
         denied_response=ext.DeniedHttpResponse(
@@ -152,6 +169,7 @@ def denied_response(answer: Answer) -> ext.CheckResponse:
             headers=[_header(name, value) for name, value in answer.headers],
             body=answer.body.decode(),
         ),
+        dynamic_metadata=metadata(principal) if principal is not None else None,
     )
 
 
@@ -202,15 +220,6 @@ class AuthorizationAdapter:
         principal = decision.principal
         assert principal is not None  # an allow always identifies the key
         identity = self._routes.identity(decision)
-        metadata = Struct()
-        metadata.update(
-            {
-                "org_id": principal.org_id,
-                "key_id": principal.key_id,
-                "user_id": principal.user_id,
-                "scopes": " ".join(principal.scopes),
-            }
-        )
         return ext.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=ext.OkHttpResponse(
@@ -221,11 +230,11 @@ class AuthorizationAdapter:
                 headers_to_remove=[h for h in strip if h not in identity],
                 response_headers_to_add=[_header(k, v) for k, v in rate_limit_headers(decision)],
             ),
-            dynamic_metadata=metadata,
+            dynamic_metadata=metadata(principal),
         )
 
     def _build_denied(self, decision: Decision, _variant: None) -> ext.CheckResponse:
-        return denied_response(self._http.denial(decision))
+        return denied_response(self._http.denial(decision), decision.principal)
 
     def misconfigured(self, scope: str) -> ext.CheckResponse:
         """A route requires a scope the catalog lacks, or none: a deployment bug, loud in the log, never an allow.

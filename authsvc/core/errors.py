@@ -14,6 +14,7 @@ A denied Authorize is *not* an error: it is a ``Decision``.
      ├── ResourceExhausted    e.g. the organization's active-key limit
  ├── FailedPrecondition   the key's state forbids it (rotating a revoked key); message says why
      ├── Unavailable          the store cannot be reached: fail closed, retry later
+     ├── Aborted              the store gave up on a conflict (serialization, deadlock): retry now
      └── ConfigError          a start-up setting is wrong (names the variable)
 """
 
@@ -57,6 +58,10 @@ class FailedPrecondition(AuthsvcError):
 
 class Unavailable(AuthsvcError):
     """The store could not be reached in time; nothing was decided or written."""
+
+
+class Aborted(AuthsvcError):
+    """The store rolled the call back to resolve a conflict with another; nothing was written, a retry may succeed."""
 
 
 class ConfigError(AuthsvcError):

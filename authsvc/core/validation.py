@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from authsvc.core.errors import InvalidArgument
 from authsvc.core.keys import KeyState, Role, ScopeCatalog
@@ -31,11 +30,18 @@ _ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 # The canonical 8-4-4-4-12 form only: uuid.UUID() also takes braces, "urn:uuid:",
 # no dashes, stray underscores and non-ASCII digits, which would make two
 # spellings of one id (or a mistyped id silently naming another key).
+# Upper-case hex digits match here so that the caller is told the one fix
+# (lower-case) rather than that the id is no id at all.
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
 # Control, format, private-use, unassigned and surrogate characters, and the
 # Unicode line and paragraph separators: all of them break log lines and
 # dashboards, or hide what a name really says.
 _UNPRINTABLE = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+# The driver's stand-ins for -infinity and infinity: only the instants strictly
+# between them can be stored and read back unchanged.
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+TIMESTAMP_RANGE = "must be after 0001-01-01T00:00:00Z and before 9999-12-31T23:59:59.999999Z"
 
 
 def _has_control(text: str) -> bool:
@@ -79,7 +85,11 @@ def key_id(value: str) -> str:
             "key_id must be a key id as returned by CreateKey: a UUID in its 36-character form, "
             "e.g. 3f2c8a1e-5b7d-4e0a-9c61-2d8f4b7a9e13"
         )
-    return str(uuid.UUID(value))
+    if value != value.lower():
+        raise InvalidArgument(
+            f"key_id must be in the lower-case canonical form returned by CreateKey: use {value.lower()}"
+        )
+    return value
 
 
 def name(value: str) -> str:
@@ -118,7 +128,26 @@ def scopes(values: Sequence[str], catalog: ScopeCatalog) -> tuple[str, ...]:
     return tuple(sorted(unique))
 
 
+def timestamp(value: datetime, field: str) -> datetime:
+    """Refuse an instant that would not read back as itself.
+
+    asyncpg writes ``datetime.max`` and ``datetime.min`` as PostgreSQL's
+    ``infinity`` and ``-infinity``, and reads those back as *naive*
+    datetimes that no aware instant compares with: one such ``expire_time``
+    made every ListKeys and GetKey of its organization fail. The schema
+    refuses infinite timestamps too (migration 0007). Everything strictly
+    between them is stored exactly, to the microsecond.
+    """
+    if value.tzinfo is None:
+        raise InvalidArgument(f"{field} must carry a time zone")
+    if not _EARLIEST < value < _LATEST:
+        raise InvalidArgument(f"{field} {TIMESTAMP_RANGE}")
+    return value
+
+
 def expire_time(value: datetime | None, now: datetime) -> datetime | None:
+    if value is not None:
+        timestamp(value, "expire_time")
     if value is not None and value <= now:
         raise InvalidArgument("expire_time must be in the future; leave it unset for a key that never expires")
     return value

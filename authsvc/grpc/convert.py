@@ -12,6 +12,13 @@ from authsvc.core import validation
 from authsvc.core.errors import InvalidArgument
 from authsvc.core.keys import Actor, ApiKey, Decision, Principal
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# google.protobuf.Timestamp's own range, 0001-01-01T00:00:00Z to
+# 9999-12-31T23:59:59.999999999Z: exactly what datetime can hold.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+_MAX_NANOS = 999_999_999
+
 
 def timestamp(value: datetime | None) -> Timestamp | None:
     if value is None:
@@ -22,10 +29,21 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 
 
 def from_timestamp(ts: Timestamp, field: str) -> datetime:
-    try:
-        return ts.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument(f"{field} is not a valid timestamp") from None
+    """The instant ``ts`` names, truncated to whole microseconds (what PostgreSQL keeps).
+
+    Checked here, before the core sees it, because protobuf's own conversion
+    normalises nanos outside 0..999,999,999 into the seconds (a different
+    instant than the client meant) and fails with assorted errors outside
+    datetime's range. Truncating rather than refusing sub-microsecond digits
+    lets a client send its nanosecond clock as it is. Whether the instant can
+    be stored at all (not ±infinity to the driver) is
+    ``validation.timestamp``'s call.
+    """
+    if not 0 <= ts.nanos <= _MAX_NANOS:
+        raise InvalidArgument(f"{field}.nanos must be between 0 and {_MAX_NANOS}, got {ts.nanos}")
+    if not _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS:
+        raise InvalidArgument(f"{field} {validation.TIMESTAMP_RANGE}, got seconds={ts.seconds}")
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def from_duration(value: Duration, field: str) -> timedelta:

@@ -1,7 +1,11 @@
 """The PostgreSQL store (asyncpg): ``authsvc.core.ports.KeyStore``.
 
-Driver errors never leave this module raw: lost connections and timeouts
-become ``Unavailable`` (the caller fails closed); anything else propagates and
+Driver errors never leave this module raw, and they are sorted in one place
+(``PostgresStore._connection``, with the tuples below): the database being
+away, overloaded, shutting down, read-only (a standby) or the driver's
+connection state broken by a killed backend become ``Unavailable`` (the
+caller fails closed), logged as one line; a serialization failure or deadlock
+becomes ``Aborted`` (retry). Anything else is a bug of ours, propagates, and
 is reported to callers as a generic INTERNAL error by the transport.
 
 Every write that changes an Authorize answer publishes the key's digest on
@@ -14,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -23,11 +29,13 @@ from typing import Any
 import asyncpg
 
 from authsvc.config import scrub
-from authsvc.core.errors import ConfigError, Unavailable
+from authsvc.core.errors import Aborted, ConfigError, Unavailable
 from authsvc.core.keys import Actor, ApiKey, KeyState
 from authsvc.core.ports import Found, KeyUpdate, NewKey, Page, Rotated, Rotation, TooManyActiveKeys
 from authsvc.storage.migrate import migrate
 from authsvc.storage.topology import NOT_WRITABLE, IdentifiedConnection, NotPrimary, connect_options, init_pooled
+
+log = logging.getLogger(__name__)
 
 # Create and revoke publish the key's digest here, in the same transaction,
 # so every process can evict its cached copy (see authsvc.storage.notify).
@@ -54,14 +62,28 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
+    # The protocol's state machine tripped, e.g. "cannot switch to state 12;
+    # another operation is in progress" when pg_terminate_backend kills a
+    # connection mid-call. The connection is unusable, not our code wrong.
+    asyncpg.InternalClientError,
+    # Server-side conditions of the infrastructure, not of the request:
+    # shutting down or cancelled by an operator (class 57, with
+    # CannotConnectNow, AdminShutdown, CrashShutdown), out of connections,
+    # memory or disk (53), I/O errors (58). (A read-only server, 25006, is
+    # handled on its own in PostgresStore._connection: the pool must look
+    # for the writable primary again.)
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.PostgresSystemError,
     asyncpg.TargetServerAttributeNotMatched,  # every listed host is down or a standby
     NotPrimary,
 )
+# The server rolled the transaction back to resolve a conflict; the same call
+# again may well succeed (class 40: serialization failure, deadlock).
+RETRY_ERRORS: tuple[type[BaseException], ...] = (asyncpg.TransactionRollbackError,)
 _UNAVAILABLE = "the key store is unavailable; retry shortly"
 _READ_ONLY = "the database is read-only (no writable primary reached); retry shortly"
+_ABORTED = "the key store aborted the call on a conflict with another; nothing was written, retry it"
 # Lookup queries one process keeps in flight; lookups arriving meanwhile wait
 # and go together in the next batch. Measured with h2load on one worker and
 # the cache off: 1 in flight gave 3500 req/s, 2 gave 2670 (bigger batches,
@@ -71,6 +93,41 @@ _LOOKUPS_IN_FLIGHT = 1
 # connection to the pool, may each take before the connection is closed
 # instead (see PostgresStore._connection). Normally instant.
 _CLEANUP_TIMEOUT = 1.0
+
+
+class _FaultLog:
+    """One warning line per kind of database fault and second, never a traceback.
+
+    An outage fails every call; a line for each (thousands a second on the
+    hot path) would bury everything else. Only the exception's type and
+    SQLSTATE are logged: a driver message may quote values from the query.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def report(self, exc: BaseException) -> None:
+        kind = type(exc).__name__
+        sqlstate = getattr(exc, "sqlstate", None)
+        if sqlstate:
+            kind = f"{kind} (SQLSTATE {sqlstate})"
+        now = time.monotonic()
+        if now - self._last.get(kind, -self._interval) < self._interval:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        more = self._suppressed.pop(kind, 0)
+        log.warning(
+            "database call failed: %s; answered %s%s",
+            kind,
+            "ABORTED" if isinstance(exc, RETRY_ERRORS) else "UNAVAILABLE",
+            f" ({more} more like it since the last line)" if more else "",
+        )
+
+
+_faults = _FaultLog()
 
 
 async def _no_reset(connection: asyncpg.Connection) -> None:
@@ -200,13 +257,23 @@ class PostgresStore:
             async with guard, asyncio.timeout(budget):  # one budget for acquiring and using it
                 connection = await self._pool.acquire()
                 yield connection
-        except CONNECTION_ERRORS:
+        except CONNECTION_ERRORS as exc:
+            if connection is not None and isinstance(exc, asyncpg.InternalClientError):
+                # Its protocol state is unknown: it must not serve the next call. (A proxy
+                # the pool has already detached from a lost connection refuses the call.)
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    connection.terminate()
+            _faults.report(exc)
             raise Unavailable(_UNAVAILABLE) from None
-        except asyncpg.ReadOnlySQLTransactionError:
+        except asyncpg.ReadOnlySQLTransactionError as exc:
             # A server that turned read-only under us: have every pooled
             # connection find the writable primary again.
+            _faults.report(exc)
             await self._pool.expire_connections()
             raise Unavailable(_READ_ONLY) from None
+        except RETRY_ERRORS as exc:
+            _faults.report(exc)
+            raise Aborted(_ABORTED) from None
         finally:
             if connection is not None:
                 await self._release(connection)

@@ -459,17 +459,33 @@ def test_revoked_through_keyservice_the_very_next_request_is_401(stack: Stack) -
 
 
 def test_access_log_records_the_caller_from_dynamic_metadata_and_never_the_key(stack: Stack) -> None:
+    """Allowed, 403 and revoked 401 lines all name the org and key; an unknown key's line names none."""
     org = new_org()
     secret, key_id = stack.create_key(org, ["read"])
-    path = f"/items/{key_id}"
-    assert stack.request("GET", path, {"x-api-key": secret}).status == 200
+    unknown = KeyFormat("authsvc").generate().secret
     wanted = f"org={org} key_id={key_id}"
+    requests = [  # (method, path, key, status, what the line must say after the status)
+        ("GET", f"/items/{key_id}/allowed", secret, 200, wanted),
+        ("POST", f"/items/{key_id}/forbidden", secret, 403, wanted),  # a read key may not POST
+        ("GET", f"/items/{key_id}/unknown", unknown, 401, "org=- key_id=-"),
+    ]
+    for method, path, key, status, _ in requests:
+        assert stack.request(method, path, {"x-api-key": key}).status == status
+    stack.keys.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=key_id, actor=ADMIN, reason="leaked"), timeout=5)
+    revoked = ("GET", f"/items/{key_id}/revoked", secret, 401, wanted)
+    reply = stack.request(revoked[0], revoked[1], {"x-api-key": secret})
+    assert (reply.status, reply.error_code()) == (401, "revoked")
+    requests.append(revoked)
 
-    def logged() -> bool:
-        return any(path in line and wanted in line for line in stack.envoy_log.read_text().splitlines())
+    def line_for(method: str, path: str) -> str | None:
+        found = [line for line in stack.envoy_log.read_text().splitlines() if f'"{method} {path}"' in line]
+        return found[-1] if found else None
 
-    wait_until(logged, "the access log line for the request")
-    assert secret not in stack.envoy_log.read_text()
+    wait_until(lambda: all(line_for(m, p) for m, p, *_ in requests), "the access log lines for the requests")
+    for method, path, _, status, says in requests:
+        line = line_for(method, path)
+        assert line is not None and line.endswith(f'"{method} {path}" {status} {says}'), line
+    assert secret not in stack.envoy_log.read_text() and unknown not in stack.envoy_log.read_text()
     assert secret not in stack.authsvc.log()
 
 
