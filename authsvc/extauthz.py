@@ -50,6 +50,7 @@ from authsvc.config import Settings
 from authsvc.core.authorizer import Authorizer, Pending
 from authsvc.core.errors import InvalidArgument
 from authsvc.core.keys import Decision, Principal
+from authsvc.grpc.admission import Admission
 from authsvc.grpc.server import service_handler
 from authsvc.memo import ResponseMemo
 
@@ -254,6 +255,8 @@ class AuthorizationAdapter:
         return self._misconfigured
 
 
-def service(authorizer: Authorizer, settings: Settings) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
+def service(
+    authorizer: Authorizer, settings: Settings, admission: Admission | None = None
+) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
     adapter = AuthorizationAdapter(authorizer, settings.http_policy, RoutePolicy.from_settings(settings))
-    return AUTHORIZATION_SERVICE, service_handler(AUTHORIZATION_SERVICE, adapter)
+    return AUTHORIZATION_SERVICE, service_handler(AUTHORIZATION_SERVICE, adapter, admission=admission)

@@ -52,8 +52,17 @@ from authsvc.core.keys import KeyGrant
 from authsvc.core.manager import KeyManager
 from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import UsageRecorder
+from authsvc.fdlimit import connection_cap, raise_open_file_limit
+from authsvc.grpc.admission import Admission
 from authsvc.grpc.keyservice import KeyServiceAdapter
-from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
+from authsvc.grpc.server import (
+    KEY_SERVICE,
+    MANAGEMENT_METHODS,
+    AdminTokens,
+    ConnectionLimits,
+    build_server,
+    service_handler,
+)
 from authsvc.grpc.tls import ReloadingCredentials
 from authsvc.storage import audit, embedded
 from authsvc.storage.notify import FRESHNESS, PostgresFeed
@@ -180,14 +189,22 @@ class App:
             self._pool = await create_pool(self.dsn)
         with _setting("AUTHSVC_REDIS_URL"):
             shared = RedisCounter(s.redis_url.value) if s.redis_url else None
-        self.store = PostgresStore(self._pool, lookup_timeout=s.store_timeout_ms / 1000)
+        self.store = PostgresStore(
+            self._pool, lookup_timeout=s.store_timeout_ms / 1000, max_waiting_lookups=s.max_waiting_lookups
+        )
         cache: DecisionCache[KeyGrant] = DecisionCache(s.cache_size, FRESHNESS, time.monotonic)
         self.feed = PostgresFeed(self.dsn)
         self.feed.subscribe(cache)
         await self.feed.start()
         self.usage = UsageRecorder(self.store, s.last_used_flush_seconds)
         self.usage.start()
-        self.limiter = RateLimiter(s.rate_limit, s.rate_limit_window_seconds, shared, monotonic=time.monotonic)
+        self.limiter = RateLimiter(
+            s.rate_limit,
+            s.rate_limit_window_seconds,
+            shared,
+            monotonic=time.monotonic,
+            breaker_seconds=s.redis_breaker_ms / 1000,
+        )
         key_format = KeyFormat(s.key_prefix)
         self.authorizer = Authorizer(
             self.store, s.catalog, key_format, clock=time.time, cache=cache, usage=self.usage, limiter=self.limiter
@@ -202,6 +219,8 @@ class App:
             evict=self.authorizer.evict,
         )
         admin = AdminTokens(s.admin_tokens, s.admin_client_names)
+        #: One bound for every service of the process: Authorize and Check compete for the same capacity.
+        self.admission = Admission(s.max_concurrent_calls)
         services = [
             (
                 KEY_SERVICE,
@@ -210,12 +229,18 @@ class App:
                     KeyServiceAdapter(self.manager, self.authorizer),
                     admin=admin,
                     protected=MANAGEMENT_METHODS,
+                    admission=self.admission,
                 ),
             ),
-            extauthz.service(self.authorizer, s),
+            extauthz.service(self.authorizer, s, self.admission),
         ]
         self.health = HealthServicer()
-        self._server = build_server(services, self.health, reuse_port=self.reuse_port)
+        limits = ConnectionLimits(
+            max_connections=connection_cap(s.max_connections, raise_open_file_limit()),
+            handshake_timeout_ms=s.handshake_timeout_ms,
+            max_connection_idle_ms=s.max_connection_idle_seconds * 1000,
+        )
+        self._server = build_server(services, self.health, reuse_port=self.reuse_port, limits=limits)
         # Every listener, the per-worker ports included, speaks TLS when it is configured.
         self.tls = ReloadingCredentials(s.tls) if s.tls is not None else None
         failed = next((a for a in (self.listen, *self.extra_listen) if not self._bind(a)), None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -26,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from authsvc.access import AdminClient, AdminToken
 from authsvc.core.errors import Unauthenticated
 from authsvc.core.keys import ANONYMOUS, Caller
+from authsvc.grpc.admission import AT_CAPACITY, Admission
 from authsvc.grpc.status import to_status
 
 KEY_SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["KeyService"]
@@ -103,11 +105,21 @@ def _certificate_names(auth: Mapping[str, Iterable[bytes]]) -> list[str]:
 
 
 def _wrap(
-    behavior: Behavior, method: str, admin: AdminTokens | None
+    behavior: Behavior, method: str, admin: AdminTokens | None, admission: Admission | None
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     """``admin`` set: a management method, called as ``behavior(request, caller)``."""
 
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if admission is None:
+            return await admitted(request, context)
+        if not admission.try_enter():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, AT_CAPACITY)
+        try:
+            return await admitted(request, context)
+        finally:
+            admission.leave()
+
+    async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNDECODABLE:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -130,11 +142,13 @@ def service_handler(
     *,
     admin: AdminTokens | None = None,
     protected: frozenset[str] = frozenset(),
+    admission: Admission | None = None,
 ) -> grpc.GenericRpcHandler:
     """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``.
 
     ``protected`` methods are called as ``servicer.<Method>(request, caller)``,
-    with the ``Caller`` that ``admin`` authenticated.
+    with the ``Caller`` that ``admin`` authenticated. ``admission`` (shared
+    by every service of a process) bounds the calls in flight.
     """
     handlers = {}
     for method in descriptor.methods:
@@ -145,6 +159,7 @@ def service_handler(
                 getattr(servicer, method.name),
                 f"/{descriptor.full_name}/{method.name}",
                 admin if method.name in protected else None,
+                admission,
             ),
             request_deserializer=_lenient(request_class.FromString),
             response_serializer=response_class.SerializeToString,
@@ -152,11 +167,39 @@ def service_handler(
     return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one process's gRPC core allows its connections (enforced in C, before any Python runs)."""
+
+    max_connections: int = 4000
+    """Open connections; more are closed as they arrive. Kept below the open-file limit."""
+    handshake_timeout_ms: int = 5000
+    """A connection that has not completed TLS and the HTTP/2 preface by then is closed."""
+    max_connection_idle_ms: int = 300_000
+    """A connection with no call for this long is closed (GOAWAY); clients reconnect on demand."""
+    max_concurrent_streams: int = 1000
+    """Calls one connection may have open at once (HTTP/2 SETTINGS); the rest wait in the client."""
+
+    def channel_args(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.server_handshake_timeout_ms", self.handshake_timeout_ms),
+            ("grpc.max_connection_idle_ms", self.max_connection_idle_ms),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+        ]
+
+
 def build_server(
-    services: list[tuple[ServiceDescriptor, grpc.GenericRpcHandler]], health: HealthServicer, *, reuse_port: bool
+    services: list[tuple[ServiceDescriptor, grpc.GenericRpcHandler]],
+    health: HealthServicer,
+    *,
+    reuse_port: bool,
+    limits: ConnectionLimits | None = None,
 ) -> grpc.aio.Server:
+    limits = limits or ConnectionLimits()
     server = grpc.aio.server(
         options=[
+            *limits.channel_args(),
             # Without SO_REUSEPORT a second server on the same port fails to
             # bind (a clear start-up error) instead of silently sharing it.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
