@@ -158,7 +158,7 @@ def _redis(cfg: BenchConfig, procs: Processes, log: Any) -> dict[str, Any]:
 
         def serial() -> h2load.LoadResult:
             return h2load.run([server.port], PATH, body, connections=1, streams=1, duration=cfg.serial_duration,
-                              warmup=0.5, log_dir=work)
+                              warmup=1, log_dir=work)
 
         up = serial()
         hop.hung = True
