@@ -177,24 +177,19 @@ class ConnectionLimits:
     """A connection that has not completed TLS and the HTTP/2 preface by then is closed."""
     max_connection_idle_ms: int = 300_000
     """A connection with no call for this long is closed (GOAWAY); clients reconnect on demand."""
-    max_concurrent_streams: int = 100
-    """Calls one connection may have open at once (HTTP/2 SETTINGS); the rest wait in the client.
-    Measured with h2load at 10x capacity: 100 halved the mean wait of 1000 (the server's queue
-    is then spread over the clients, which can spread it over connections or replicas)."""
-    max_pending_calls: int = 256
-    """Calls the core holds before Python has taken them; past it the core refuses some with
-    CANCELLED (the Python client reads that as Unavailable, Envoy as a 503), past twice it all.
-    Bounds the wait that no Python code can shed: Python takes calls one at a time, and at
-    10x capacity it cannot even refuse as fast as they arrive."""
+
+    # Left at gRPC's defaults: the streams per connection (HTTP/2
+    # SETTINGS_MAX_CONCURRENT_STREAMS) and the queue of calls the core holds
+    # before Python takes them (grpc.server.max_pending_requests, 1000; past it
+    # the core refuses with CANCELLED, which clients read as Unavailable). Tried
+    # at 100 and 256: a 300-call burst on one channel then had calls fail with
+    # RST_STREAM REFUSED_STREAM, and the worst wait at 10x capacity was no shorter.
 
     def channel_args(self) -> list[tuple[str, int]]:
         return [
             ("grpc.max_allowed_incoming_connections", self.max_connections),
             ("grpc.server_handshake_timeout_ms", self.handshake_timeout_ms),
             ("grpc.max_connection_idle_ms", self.max_connection_idle_ms),
-            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
-            ("grpc.server.max_pending_requests", self.max_pending_calls),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * self.max_pending_calls),
         ]
 
 
