@@ -379,6 +379,7 @@ def serve(settings: Settings) -> int:
             "(AUTHSVC_INSECURE_MANAGEMENT=true); set AUTHSVC_ADMIN_TOKENS",
             settings.listen,
         )
+    raise_open_file_limit()  # here too, so the supervisor and every worker it spawns inherit it
     install_event_loop()
     dsn = database_dsn(settings)
     migrate(settings, dsn)  # once, before any process serves: the schema is at head for all of them

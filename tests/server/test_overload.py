@@ -221,12 +221,15 @@ def test_each_workers_open_file_limit_is_raised_to_the_hard_limit_and_the_connec
     tmp_path: Path, database_url: str
 ) -> None:
     """Started with a soft limit of 256 under a hard one of 1024: every worker runs at 1024, its cap at 896."""
-    port = free_port()
+    base, port = free_port(), free_port()
+    while base >= 65535 or port in (base, base + 1):
+        base, port = free_port(), free_port()
     env = {
         **os.environ,
         "AUTHSVC_DATABASE_URL": database_url,
         "AUTHSVC_LISTEN": f"127.0.0.1:{port}",
         "AUTHSVC_WORKERS": "2",
+        "AUTHSVC_WORKER_BASE_PORT": str(base),
         "AUTHSVC_DRAIN_SECONDS": "0",
     }
     hard = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
@@ -241,7 +244,8 @@ def test_each_workers_open_file_limit_is_raised_to_the_hard_limit_and_the_connec
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
         )
     try:
-        wait_serving(f"127.0.0.1:{port}", proc=proc)
+        for target in (port, base, base + 1):  # both workers have started
+            wait_serving(f"127.0.0.1:{target}", proc=proc)
         deadline = time.monotonic() + 10
         while len(workers := workers_of(proc.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
