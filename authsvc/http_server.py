@@ -192,6 +192,7 @@ class HttpConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._pending: collections.deque[_Pending] = collections.deque()
         self._closing = False
+        self._eof = False
         self._paused = False
         self._reading_request = False
         self._in_head = False
@@ -254,7 +255,7 @@ class HttpConnection(asyncio.Protocol):
                 self._refuse(_too_large_headers().response)
 
     def eof_received(self) -> bool | None:
-        self._closing = True
+        self._eof = self._closing = True
         if not self._pending and self._transport is not None:
             self._transport.close()
         return True  # half-close: answers still outstanding go out, then the connection closes
@@ -298,6 +299,11 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        parser = self._parser
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            raise _bad("only HTTP/1.1 and HTTP/1.0 are served")
+        if parser.should_upgrade() or parser.get_method() == b"CONNECT":
+            raise _bad("protocol upgrades and CONNECT are not supported")
         headers = self._headers
         if "transfer-encoding" in headers and "content-length" in headers:
             raise _bad("both Content-Length and Transfer-Encoding")
@@ -380,7 +386,7 @@ class HttpConnection(asyncio.Protocol):
                 break
             pending.popleft()
         if self._closing and not pending:
-            transport.close()
+            self._finish(transport)
             return
         if self._paused and len(pending) < self._limits.max_pipeline:
             self._paused = False
@@ -388,13 +394,27 @@ class HttpConnection(asyncio.Protocol):
         if not pending and not self._reading_request:
             self.deadline = self._loop.time() + self._limits.idle_timeout
 
+    def _finish(self, transport: asyncio.Transport) -> None:
+        """Send FIN after the last answer, and drop what the client still sends until it closes too.
+
+        Closing a socket with unread input makes the kernel send a reset,
+        which can destroy the answer before the client reads it (a 431 to a
+        client still sending its endless header). The linger is bounded by
+        the deadline: the sweep aborts a client that never closes.
+        """
+        self.deadline = min(self.deadline, self._loop.time() + 1.0)
+        if self._eof or not transport.can_write_eof():
+            transport.close()
+        else:
+            transport.write_eof()
+
     def _refuse(self, response: Response) -> None:
         """Answer after everything already accepted, then close: nothing after a bad request is read."""
         if self._closing:
             return  # already closing: its last answer is queued
         self._closing = True
         self._reading_request = False
-        self.deadline = self._loop.time() + 1.0  # a client that never reads its refusal is cut off
+        self.deadline = self._loop.time() + self._limits.request_timeout  # bounds answers still in flight
         self._send(response.encode(close=True))
         self._flush()
 
@@ -415,7 +435,7 @@ class HttpConnection(asyncio.Protocol):
     def close_when_idle(self) -> None:
         self._closing = True
         if not self._pending and not self._reading_request and self._transport is not None:
-            self._transport.close()
+            self._finish(self._transport)
 
     def abort(self) -> None:
         if self._transport is not None:
