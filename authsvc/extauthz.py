@@ -182,15 +182,97 @@ def error_body(code: str, message: str) -> str:
     return json.dumps({"error": {"code": code, "message": message}})
 
 
-def rate_limit_headers(decision: Decision) -> list[HeaderValueOption]:
+def rate_limit_fields(decision: Decision) -> list[tuple[str, str]]:
+    """``RateLimit-*`` for the client, allowed or denied: one rule for both Envoy protocols."""
     rl = decision.rate_limit
     if rl is None:
         return []
     return [
-        _header("ratelimit-limit", str(rl.limit)),
-        _header("ratelimit-remaining", str(rl.remaining)),
-        _header("ratelimit-reset", str(rl.reset_seconds)),
+        ("ratelimit-limit", str(rl.limit)),
+        ("ratelimit-remaining", str(rl.remaining)),
+        ("ratelimit-reset", str(rl.reset_seconds)),
     ]
+
+
+def rate_limit_headers(decision: Decision) -> list[HeaderValueOption]:
+    return [_header(name, value) for name, value in rate_limit_fields(decision)]
+
+
+def denial_fields(decision: Decision, policy: HttpPolicy) -> list[tuple[str, str]]:
+    """The client's headers on a denial (besides content-type): the challenge on 401, when to retry on 429."""
+    status = decision.http_status
+    fields: list[tuple[str, str]] = []
+    if status == 401:
+        fields.append(("www-authenticate", policy.challenge()))
+    fields += rate_limit_fields(decision)
+    if status == 429:
+        # Every 429 says when to retry, even if the limiter gave no window.
+        reset = decision.rate_limit.reset_seconds if decision.rate_limit is not None else 1
+        fields.append(("retry-after", str(reset)))
+    return fields
+
+
+def identity_fields(principal: Principal, prefix: str) -> dict[str, str]:
+    """The headers that tell the upstream who is calling."""
+    return {
+        f"{prefix}org-id": principal.org_id,
+        f"{prefix}key-id": principal.key_id,
+        f"{prefix}user-id": principal.user_id,
+        f"{prefix}scopes": " ".join(principal.scopes),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One HTTP request's answer before any protocol: what both Envoy adapters translate.
+
+    ``decision`` is None for a public route (allowed, no identity);
+    ``misconfigured`` is the route's unusable scope ("" for none) when the
+    route itself is wrong. ``strip``: headers the upstream must not see.
+    """
+
+    strip: tuple[str, ...]
+    decision: Decision | None = None
+    misconfigured: str | None = None
+
+
+async def evaluate(
+    service: KeyService, policy: HttpPolicy, method: str, headers: Headers, context: Mapping[str, str]
+) -> Outcome:
+    """The rules of an HTTP request, once for gRPC ``Check`` and the HTTP protocol alike.
+
+    ``context`` is the route's settings (``scope``, ``public``): Check's
+    ``context_extensions``, or the HTTP protocol's route headers. Raises
+    ``Unavailable`` when the key cannot be verified.
+    """
+    credentials = policy.credentials(headers)
+    strip = (*policy.forged(headers), *credentials.carriers)
+    if policy.is_public(context):
+        return Outcome(strip)
+    if credentials.conflicting:
+        return Outcome(strip, Decision(Reason.MALFORMED_KEY))
+    scope = policy.required_scope(method, context)
+    if not scope:
+        return Outcome(strip, misconfigured=scope)
+    try:
+        decision = await service.authorize(credentials.key, scope)
+    except InvalidArgument:
+        return Outcome(strip, misconfigured=scope)
+    return Outcome(strip, decision)
+
+
+def log_misconfigured(scope: str) -> None:
+    """A route requires a scope the catalog lacks, or none: a deployment bug, loud in the operator's log."""
+    if scope:
+        log.error("an Envoy route requires scope %r, which is not in the scope catalog (AUTHSVC_SCOPES_FILE)", scope)
+    else:
+        log.error(
+            "an Envoy route requires no scope (an empty context_extensions scope, or a method without a rule "
+            "in AUTHSVC_METHOD_SCOPES); name a scope, or mark the route public"
+        )
+
+
+MISCONFIGURED_MESSAGE = "this route is misconfigured; the authsvc log says why"
 
 
 def _deny(status: int, code: str, message: str, headers: list[HeaderValueOption]) -> ext.CheckResponse:
@@ -215,26 +297,18 @@ class AuthorizationAdapter:
     async def Check(self, request: ext.CheckRequest) -> ext.CheckResponse:
         http = request.attributes.request.http
         context = request.attributes.context_extensions
-        policy = self._policy
-        headers = request_headers(http)
-        credentials = policy.credentials(headers)
-        strip = (*policy.forged(headers), *credentials.carriers)
-        if policy.is_public(context):
+        outcome = await evaluate(self._service, self._policy, http.method, request_headers(http), context)
+        decision = outcome.decision
+        if outcome.misconfigured is not None:
+            return self.misconfigured(outcome.misconfigured)
+        if decision is None:
             return ext.CheckResponse(
-                status=status_pb2.Status(code=code_pb2.OK), ok_response=ext.OkHttpResponse(headers_to_remove=strip)
+                status=status_pb2.Status(code=code_pb2.OK),
+                ok_response=ext.OkHttpResponse(headers_to_remove=outcome.strip),
             )
-        if credentials.conflicting:
-            return self.denied(Decision(Reason.MALFORMED_KEY))
-        scope = policy.required_scope(http.method, context)
-        if not scope:
-            return self.misconfigured(scope)
-        try:
-            decision = await self._service.authorize(credentials.key, scope)
-        except InvalidArgument:
-            return self.misconfigured(scope)
         if not decision.allowed:
             return self.denied(decision)
-        return self.allowed(decision, strip)
+        return self.allowed(decision, outcome.strip)
 
     def allowed(self, decision: Decision, strip: Sequence[str]) -> ext.CheckResponse:
         strip = tuple(strip)
@@ -247,14 +321,8 @@ class AuthorizationAdapter:
         )
 
     def _build_allowed(self, decision: Decision, principal: Principal, strip: Sequence[str]) -> ext.CheckResponse:
-        prefix = self._policy.identity_prefix
         scopes = " ".join(principal.scopes)
-        identity = {
-            f"{prefix}org-id": principal.org_id,
-            f"{prefix}key-id": principal.key_id,
-            f"{prefix}user-id": principal.user_id,
-            f"{prefix}scopes": scopes,
-        }
+        identity = identity_fields(principal, self._policy.identity_prefix)
         metadata = Struct()
         metadata.update(
             {"org_id": principal.org_id, "key_id": principal.key_id, "user_id": principal.user_id, "scopes": scopes}
@@ -273,16 +341,8 @@ class AuthorizationAdapter:
         )
 
     def denied(self, decision: Decision) -> ext.CheckResponse:
-        status = decision.http_status
-        headers: list[HeaderValueOption] = []
-        if status == 401:
-            headers.append(_header("www-authenticate", self._policy.challenge()))
-        headers += rate_limit_headers(decision)
-        if status == 429:
-            # Every 429 says when to retry, even if the limiter gave no window.
-            reset = decision.rate_limit.reset_seconds if decision.rate_limit is not None else 1
-            headers.append(_header("retry-after", str(reset)))
-        return _deny(status, decision.reason.code, decision.message, headers)
+        headers = [_header(name, value) for name, value in denial_fields(decision, self._policy)]
+        return _deny(decision.http_status, decision.reason.code, decision.message, headers)
 
     @staticmethod
     def misconfigured(scope: str) -> ext.CheckResponse:
@@ -291,16 +351,8 @@ class AuthorizationAdapter:
         The client gets a generic message; the scope name and the catalog stay
         in the operator's log.
         """
-        if scope:
-            log.error(
-                "an Envoy route requires scope %r, which is not in the scope catalog (AUTHSVC_SCOPES_FILE)", scope
-            )
-        else:
-            log.error(
-                "an Envoy route requires no scope (an empty context_extensions scope, or a method without a rule "
-                "in AUTHSVC_METHOD_SCOPES); name a scope, or mark the route public"
-            )
-        return _deny(500, MISCONFIGURED_ROUTE, "this route is misconfigured; the authsvc log says why", [])
+        log_misconfigured(scope)
+        return _deny(500, MISCONFIGURED_ROUTE, MISCONFIGURED_MESSAGE, [])
 
 
 def service(key_service: KeyService, settings: Settings) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
