@@ -11,12 +11,13 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from authsvc import extauthz
+from authsvc import extauthz, extauthz_http
 from authsvc.cache import KeyCache
 from authsvc.config import Settings
 from authsvc.errors import ConfigError, Unavailable
 from authsvc.grpc.keyservice import KeyServiceAdapter
 from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
+from authsvc.http_server import HttpServer
 from authsvc.invalidation import InvalidationListener
 from authsvc.keyformat import KeyFormat
 from authsvc.ratelimit import RateLimiter, RedisCounter
@@ -63,6 +64,8 @@ class App:
     migrate: bool = True
     """Workers skip this: their supervisor has migrated once already."""
     port: int = 0
+    http_port: int = 0
+    """The ext_authz HTTP listener's port; 0 while it is off (``AUTHSVC_HTTP_AUTHZ_LISTEN=""``)."""
     service: KeyService = field(init=False)
     listener: InvalidationListener = field(init=False)
     health: HealthServicer = field(init=False)
@@ -72,6 +75,8 @@ class App:
     _usage: UsageRecorder = field(init=False)
     _limiter: RateLimiter = field(init=False)
     _monitor: asyncio.Task[None] | None = None
+    _http: HttpServer | None = None
+    _http_adapter: extauthz_http.HttpAuthorizationAdapter | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -128,10 +133,31 @@ class App:
                 "set AUTHSVC_LISTEN (or AUTHSVC_WORKER_BASE_PORT)"
             )
         await self._server.start()
+        if s.http_authz_listen:
+            await self._start_http(s.http_authz_listen)
         await self._set_health(True)
         self._monitor = asyncio.create_task(self._watch_store(), name="authsvc-health")
 
+    async def _start_http(self, listen: str) -> None:
+        """Envoy's ext_authz HTTP protocol, on the same KeyService and policy as Check."""
+        self._http_adapter = extauthz_http.HttpAuthorizationAdapter(
+            self.service, extauthz.HttpPolicy.from_settings(self.settings)
+        )
+        self._http = HttpServer(self._http_adapter)
+        try:
+            self.http_port = await self._http.start(listen, reuse_port=self.reuse_port)
+        except (OSError, ValueError) as exc:
+            self._http = None
+            await self._server.stop(0)
+            await self._shutdown_internals()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(
+                f"cannot listen on {listen} ({reason}); set AUTHSVC_HTTP_AUTHZ_LISTEN (empty turns it off)"
+            ) from None
+
     async def _set_health(self, serving: bool) -> None:
+        if self._http_adapter is not None:
+            self._http_adapter.serving = serving
         status = SERVING if serving else NOT_SERVING
         for name in ("", KEY_SERVICE.full_name, extauthz.AUTHORIZATION_SERVICE.full_name):
             await self.health.set(name, status)
@@ -154,7 +180,12 @@ class App:
         if self._monitor is not None:
             self._monitor.cancel()
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        if self._http_adapter is not None:
+            self._http_adapter.serving = False
+        if self._http is not None:
+            await asyncio.gather(self._http.stop(grace), self._server.stop(grace))
+        else:
+            await self._server.stop(grace)
         await self._shutdown_internals()
 
     async def _shutdown_internals(self) -> None:

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         workers = workers or (os.cpu_count() or 1)
         for address in (listen, *worker_addresses(listen, settings.worker_base_port, workers)):
             ensure_can_listen(address)
+        if settings.http_authz_listen:
+            ensure_can_listen(settings.http_authz_listen, "AUTHSVC_HTTP_AUTHZ_LISTEN (empty turns it off)")
         settings = dataclasses.replace(settings, workers=workers, listen=listen)
         install_event_loop()
         if workers == 1:
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def ensure_can_listen(address: str) -> None:
+def ensure_can_listen(address: str, setting: str = "AUTHSVC_LISTEN (or AUTHSVC_WORKER_BASE_PORT)") -> None:
     """Fail before anything starts when a port is taken, in our one line.
 
     gRPC would find out too, but only after the database is up, and its core
@@ -80,7 +82,7 @@ def ensure_can_listen(address: str) -> None:
             probe.bind(sockaddr)
     except OSError as exc:
         raise ConfigError(
-            f"cannot listen on {address} ({exc.strerror or exc}); set AUTHSVC_LISTEN (or AUTHSVC_WORKER_BASE_PORT)"
+            f"cannot listen on {address} ({exc.strerror or exc}); set {setting}"
         ) from None
 
 
@@ -159,7 +161,9 @@ async def _serve(
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 1000)
-    extra = {"listen": " ".join((listen, *extra_listen))} | ({"worker": worker} if worker is not None else {})
+    http_host = settings.http_authz_listen.rpartition(":")[0]
+    http = {"http_authz_listen": f"{http_host}:{app.http_port}"} if app.http_port else {}
+    extra = {"listen": " ".join((listen, *extra_listen))} | http | ({"worker": worker} if worker is not None else {})
     if worker is None:
         log.info("effective configuration: %s", " ".join(f"{k}={v}" for k, v in settings.redacted().items()))
     log.info("authsvc serving", extra=extra)

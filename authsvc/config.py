@@ -40,6 +40,8 @@ class Settings:
     """Where the embedded PostgreSQL keeps its data when no database URL is set."""
     listen: str = "127.0.0.1:50051"
     """host:port of the gRPC server (KeyService, Envoy Check, health, reflection)."""
+    http_authz_listen: str = "127.0.0.1:50061"
+    """host:port of Envoy's ext_authz HTTP protocol (every worker, SO_REUSEPORT); "" turns it off."""
     workers: int = 0
     """Server processes; 0 (the default) means one per core."""
     worker_base_port: int = 0
@@ -128,6 +130,9 @@ class Settings:
             )
         listen = get("LISTEN") or cls.listen
         check_listen(listen, "AUTHSVC_LISTEN")
+        http_authz_listen = env.get("AUTHSVC_HTTP_AUTHZ_LISTEN", cls.http_authz_listen).strip()
+        if http_authz_listen:
+            check_listen(http_authz_listen, "AUTHSVC_HTTP_AUTHZ_LISTEN")
         database_url = get("DATABASE_URL")
         if database_url is not None:
             if not database_url.startswith(("postgres://", "postgresql://")):
@@ -162,6 +167,7 @@ class Settings:
             database_url=Secret(database_url) if database_url else None,
             data_dir=Path(get("DATA_DIR") or cls.data_dir),
             listen=listen,
+            http_authz_listen=http_authz_listen,
             workers=integer("WORKERS", cls.workers, 0, 64),
             worker_base_port=integer("WORKER_BASE_PORT", cls.worker_base_port, 0, 65535),
             key_prefix=prefix,

@@ -236,14 +236,28 @@ class Outcome:
     misconfigured: str | None = None
 
 
-async def evaluate(
-    service: KeyService, policy: HttpPolicy, method: str, headers: Headers, context: Mapping[str, str]
-) -> Outcome:
-    """The rules of an HTTP request, once for gRPC ``Check`` and the HTTP protocol alike.
+@dataclass(frozen=True, slots=True)
+class Question:
+    """What ``authorize`` must answer for a request whose route needs a key."""
+
+    strip: tuple[str, ...]
+    key: str
+    scope: str
+
+    def answered(self, decision: Decision) -> Outcome:
+        return Outcome(self.strip, decision)
+
+    def misconfigured(self) -> Outcome:
+        """``authorize`` refused the scope (InvalidArgument): the route names one the catalog lacks."""
+        return Outcome(self.strip, misconfigured=self.scope)
+
+
+def route_question(policy: HttpPolicy, method: str, headers: Headers, context: Mapping[str, str]) -> Outcome | Question:
+    """The rules of an HTTP request up to ``authorize``, once for gRPC ``Check`` and the HTTP protocol alike.
 
     ``context`` is the route's settings (``scope``, ``public``): Check's
-    ``context_extensions``, or the HTTP protocol's route headers. Raises
-    ``Unavailable`` when the key cannot be verified.
+    ``context_extensions``, or the HTTP protocol's route headers. Either the
+    outcome already, or the question for ``authorize``.
     """
     credentials = policy.credentials(headers)
     strip = (*policy.forged(headers), *credentials.carriers)
@@ -254,11 +268,20 @@ async def evaluate(
     scope = policy.required_scope(method, context)
     if not scope:
         return Outcome(strip, misconfigured=scope)
+    return Question(strip, credentials.key, scope)
+
+
+async def evaluate(
+    service: KeyService, policy: HttpPolicy, method: str, headers: Headers, context: Mapping[str, str]
+) -> Outcome:
+    """``route_question`` answered by ``authorize``. Raises ``Unavailable`` when the key cannot be verified."""
+    question = route_question(policy, method, headers, context)
+    if isinstance(question, Outcome):
+        return question
     try:
-        decision = await service.authorize(credentials.key, scope)
+        return question.answered(await service.authorize(question.key, question.scope))
     except InvalidArgument:
-        return Outcome(strip, misconfigured=scope)
-    return Outcome(strip, decision)
+        return question.misconfigured()
 
 
 def log_misconfigured(scope: str) -> None:

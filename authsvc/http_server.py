@@ -23,9 +23,9 @@ responses in order and closes connections that misbehave:
   every connection, so a request costs no timer of its own.
 
 Handlers are synchronous on the fast path: a handler returns a ``Response``
-or, when it has to wait (a cache miss reads the database), an awaitable of
-one. ``eager`` turns a coroutine into exactly that, so a cache hit runs
-without a task or a suspension.
+or, only when it has to wait (a cache miss reads the database), an
+awaitable of one, which runs as a task. A cache hit costs no task and no
+suspension.
 """
 
 from __future__ import annotations
@@ -37,15 +37,13 @@ import http
 import json
 import logging
 import math
-import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import cast
 
 import httptools
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,43 +120,6 @@ def _reason(status: int) -> str:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "Unknown"
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> Generator[Any, Any, T]:
-    """Carry on a coroutine that ``eager`` started and that suspended on ``yielded``.
-
-    What ``yield from`` does, for a coroutine whose first step already ran:
-    the event loop's task sees the same futures the coroutine awaits.
-    """
-    try:
-        while True:
-            try:
-                sent = yield yielded
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:
-                yielded = coro.throw(exc)
-            else:
-                yielded = coro.send(sent)
-    except StopIteration as stop:
-        return cast(T, stop.value)
-
-
-def eager(coro: Coroutine[Any, Any, T]) -> T | Awaitable[T]:
-    """Run ``coro`` up to its first suspension now: its result if it never suspends, else an awaitable of it.
-
-    A cache hit in ``KeyService.authorize`` never awaits anything that
-    suspends, so the HTTP handler answers it synchronously, in the same
-    ``data_received`` call, with no task created (Python 3.12's eager tasks,
-    for this one call site).
-    """
-    try:
-        yielded = coro.send(None)
-    except StopIteration as stop:
-        return cast(T, stop.value)
-    return _resume(coro, yielded)
 
 
 class _Refused(Exception):

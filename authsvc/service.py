@@ -199,12 +199,10 @@ class KeyService:
         bug) and ``Unavailable`` when the key is not cached and the store
         cannot be reached: never an allow for a key that was not verified.
         """
-        self.catalog.check_required(required_scope)
-        if not key:
-            return Decision(Reason.MISSING_KEY)
-        if not self.key_format.is_well_formed(key):
-            return Decision(Reason.MALFORMED_KEY)
-        key_digest = digest(key)
+        early = self._before_lookup(key, required_scope)
+        if isinstance(early, Decision):
+            return early
+        key_digest = early
         cache = self.cache
         grant: KeyGrant | None
         cached = cache.get(key_digest) if cache is not None else MISS
@@ -217,12 +215,52 @@ class KeyService:
         else:
             grant = cached  # type: ignore[assignment]  # MISS ruled out above
         now = time.time()
+        decision = self._decide(grant, required_scope, now)
+        limiter = self.limiter
+        if grant is not None and limiter is not None and self._rate_limited(grant, decision):
+            return await limiter.apply(decision, grant.rate_limit, now)
+        return decision
+
+    def authorize_cached(self, key: str, required_scope: str) -> Decision | None:
+        """``authorize``'s answer when it needs no I/O, else None (then await ``authorize``).
+
+        No I/O: a missing or malformed key, or a cached key without a rate
+        limit. Lets a transport answer its fast path without a task or a
+        suspension (Envoy's HTTP listener); same rules, same side effects.
+        """
+        early = self._before_lookup(key, required_scope)
+        if isinstance(early, Decision):
+            return early
+        cached = self.cache.get(early) if self.cache is not None else MISS
+        if cached is MISS:
+            return None
+        grant: KeyGrant | None = cached  # type: ignore[assignment]  # MISS ruled out above
+        now = time.time()
         decision = decide(grant, required_scope, now)
+        if grant is not None and self._rate_limited(grant, decision):
+            return None  # the limiter may wait on Redis: authorize() counts it
+        return self._decide(grant, required_scope, now, decision)
+
+    def _before_lookup(self, key: str, required_scope: str) -> Decision | bytes:
+        """What needs no lookup: a Decision for a missing or malformed key, else the digest to look up."""
+        self.catalog.check_required(required_scope)
+        if not key:
+            return Decision(Reason.MISSING_KEY)
+        if not self.key_format.is_well_formed(key):
+            return Decision(Reason.MALFORMED_KEY)
+        return digest(key)
+
+    def _decide(
+        self, grant: KeyGrant | None, required_scope: str, now: float, decision: Decision | None = None
+    ) -> Decision:
+        if decision is None:
+            decision = decide(grant, required_scope, now)
         if grant is None or decision.reason in (Reason.REVOKED, Reason.EXPIRED):
             return decision
         if self.usage is not None:
             self.usage.touch(grant.principal.key_id, now)
-        limiter = self.limiter
-        if decision.allowed and limiter is not None and (grant.rate_limit or limiter.default_limit):
-            return await limiter.apply(decision, grant.rate_limit, now)
         return decision
+
+    def _rate_limited(self, grant: KeyGrant, decision: Decision) -> bool:
+        limiter = self.limiter
+        return decision.allowed and limiter is not None and bool(grant.rate_limit or limiter.default_limit)

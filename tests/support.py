@@ -77,6 +77,8 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     target: str
     log_path: Path
+    http_target: str = ""
+    """The ext_authz HTTP listener's host:port ("" when off)."""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -98,7 +100,15 @@ def serve_process(
     port = port or free_port()
     log_path = tmp / f"authsvc-{port}.log"
     # One process unless a test asks for workers: quicker to start, same code.
-    full_env = {**os.environ, "AUTHSVC_LISTEN": f"127.0.0.1:{port}", "AUTHSVC_WORKERS": "1", **env}
+    # Its own ext_authz HTTP port too, so that servers of concurrent tests never share the default.
+    http_listen = f"127.0.0.1:{free_port()}"
+    full_env = {
+        **os.environ,
+        "AUTHSVC_LISTEN": f"127.0.0.1:{port}",
+        "AUTHSVC_HTTP_AUTHZ_LISTEN": http_listen,
+        "AUTHSVC_WORKERS": "1",
+        **env,
+    }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "authsvc", "serve", *args],
@@ -107,7 +117,7 @@ def serve_process(
             stderr=subprocess.STDOUT,
             cwd=tmp,
         )
-    server = ServerProcess(proc, f"127.0.0.1:{port}", log_path)
+    server = ServerProcess(proc, f"127.0.0.1:{port}", log_path, full_env["AUTHSVC_HTTP_AUTHZ_LISTEN"])
     try:
         if wait:
             wait_serving(server.target, proc=proc)

@@ -10,12 +10,12 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Iterator
 
 import pytest
 
-from authsvc.http_server import HttpServer, Limits, Request, Response, eager
+from authsvc.http_server import HttpServer, Limits, Request, Response
+from tests.extauthz.rawhttp import DEADLINE, Answer, Client, one
 
 LIMITS = Limits(
     max_request_target=1024,
@@ -26,7 +26,6 @@ LIMITS = Limits(
     idle_timeout=1.0,
     max_pipeline=4,
 )
-DEADLINE = 5.0  # seconds any one read may take before the test fails
 
 
 async def _slow(request: Request) -> Response:
@@ -34,10 +33,10 @@ async def _slow(request: Request) -> Response:
     return Response(201, (("x-path", request.path),))
 
 
-def handler(request: Request) -> Response | object:
+def handler(request: Request) -> Response | Awaitable[Response]:
     """Echoes the path and headers it saw; ``/slow`` answers after a real suspension, ``/boom`` raises."""
     if request.path.startswith("/slow"):
-        return eager(_slow(request))
+        return _slow(request)
     if request.path == "/boom":
         raise RuntimeError("handler bug")
     body = json.dumps({"method": request.method, "headers": dict(request.headers)}).encode()
@@ -46,69 +45,10 @@ def handler(request: Request) -> Response | object:
 
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
-    server = HttpServer(handler, LIMITS)  # type: ignore[arg-type]  # handler returns Response or an awaitable
+    server = HttpServer(handler, LIMITS)
     bound = await server.start("127.0.0.1:0")
     yield bound
     await server.stop(grace=1.0)
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-class Client:
-    """A raw TCP client: bytes out, parsed answers in, and whether the server closed."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, port: int) -> Client:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def answer(self, *, head: bool = False) -> Answer:
-        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), DEADLINE)
-        lines = raw.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.lower()] = value.strip()
-        length = 0 if head else int(headers["content-length"])
-        body = await asyncio.wait_for(self.reader.readexactly(length), DEADLINE)
-        return Answer(status, headers, body)
-
-    async def closed(self) -> bool:
-        """True once the server has closed the connection (EOF), within the deadline."""
-        try:
-            rest = await asyncio.wait_for(self.reader.read(), DEADLINE)
-        except ConnectionResetError:
-            return True
-        return rest == b""
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def one(port: int, data: bytes) -> tuple[Answer, bool]:
-    """Send ``data`` on a fresh connection: the first answer, and whether the server then closed."""
-    client = await Client.connect(port)
-    try:
-        await client.send(data)
-        answer = await client.answer()
-        return answer, await client.closed()
-    finally:
-        client.close()
 
 
 GET = b"GET /a HTTP/1.1\r\nHost: authz\r\n\r\n"
@@ -368,7 +308,7 @@ async def test_reading_pauses_at_the_pipeline_bound_and_every_request_is_still_a
 
 
 async def test_stop_lets_an_answer_in_flight_go_out_then_closes() -> None:
-    server = HttpServer(handler, LIMITS)  # type: ignore[arg-type]  # handler returns Response or an awaitable
+    server = HttpServer(handler, LIMITS)
     port = await server.start("127.0.0.1:0")
     client = await Client.connect(port)
     try:
@@ -385,17 +325,3 @@ async def test_stop_lets_an_answer_in_flight_go_out_then_closes() -> None:
 def test_response_headers_with_line_breaks_are_refused_not_sent() -> None:
     with pytest.raises(ValueError, match="line break"):
         Response(200, (("x-org", "acme\r\nx-admin: 1"),)).encode()
-
-
-async def test_eager_answers_a_coroutine_that_never_suspends_without_a_task() -> None:
-    async def immediate() -> int:
-        return 7
-
-    async def suspending() -> int:
-        await asyncio.sleep(0.01)
-        return 8
-
-    assert eager(immediate()) == 7
-    pending = eager(suspending())
-    assert not isinstance(pending, int)
-    assert await pending == 8
