@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-FIELDS = ("org_id", "key_id", "key_prefix", "actor", "listen", "worker", "pgdata")
+FIELDS = ("org_id", "key_id", "key_prefix", "actor", "listen", "http_authz_listen", "worker", "pgdata")
 
 
 # Libraries whose logged exceptions are about the database being away (asyncpg
