@@ -100,9 +100,11 @@ class Stack:
         warm, _ = self.create_key(new_org(), ["read"])
         wait_until(lambda: self.request("GET", "/warm-up", {"x-api-key": warm}).status == 200, "a keyed request")
 
-    def create_key(self, org: str, scopes: list[str], expire_time: datetime | None = None) -> tuple[str, str]:
+    def create_key(
+        self, org: str, scopes: list[str], expire_time: datetime | None = None, rate_limit: int = 0
+    ) -> tuple[str, str]:
         """A real key from KeyService: (secret, key id)."""
-        request = pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="e2e", scopes=scopes)
+        request = pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="e2e", scopes=scopes, rate_limit=rate_limit)
         if expire_time is not None:
             stamp = Timestamp()
             stamp.FromDatetime(expire_time)
@@ -347,6 +349,20 @@ def test_expired_key_gets_401_once_past_its_expire_time(stack: Stack) -> None:
     assert reply.error_code() == "expired"
     assert "www-authenticate" in reply.headers
     denial_is_clean(reply, secret)
+
+
+def test_over_its_rate_limit_a_key_gets_429_with_when_to_retry(stack: Stack) -> None:
+    """The client sees its budget on every answer, and a 429 that says when to come back."""
+    secret, _ = stack.create_key(new_org(), ["read"], rate_limit=2)
+    first, second, third = (stack.request("GET", "/items", {"x-api-key": secret}) for _ in range(3))
+    assert (first.status, second.status, third.status) == (200, 200, 429)
+    assert (first.headers["ratelimit-limit"], first.headers["ratelimit-remaining"]) == ("2", "1")
+    assert second.headers["ratelimit-remaining"] == "0"
+    assert third.error_code() == "rate_limited"
+    assert int(third.headers["retry-after"]) >= 1
+    assert third.headers["ratelimit-remaining"] == "0"
+    assert "www-authenticate" not in third.headers
+    denial_is_clean(third, secret)
 
 
 def test_method_rules_read_key_may_get_but_not_post(stack: Stack) -> None:
