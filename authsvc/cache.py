@@ -21,11 +21,16 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Final
 
 from authsvc.keys import KeyGrant
 
 MISS: Final = object()
+
+
+def _always() -> bool:
+    return True
 
 
 class KeyCache:
@@ -37,6 +42,7 @@ class KeyCache:
         self._freshness = freshness
         self._fresh_until = 0.0
         self._synced = False
+        self._alive: Callable[[], bool] = _always
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -44,7 +50,7 @@ class KeyCache:
 
     @property
     def serving(self) -> bool:
-        return self._synced and time.monotonic() < self._fresh_until
+        return self._synced and time.monotonic() < self._fresh_until and self._alive()
 
     def get(self, digest: bytes) -> KeyGrant | object | None:
         if not self.serving:
@@ -86,12 +92,21 @@ class KeyCache:
         """The listener proved its connection alive; notifications up to now were delivered."""
         self._fresh_until = time.monotonic() + self._freshness
 
-    def synchronised(self) -> None:
-        """The listener is (again) subscribed: start from empty, missed notifications or not."""
+    def synchronised(self, alive: Callable[[], bool] | None = None) -> None:
+        """The listener is (again) subscribed: start from empty, missed notifications or not.
+
+        ``alive`` says, without waiting for the event loop, whether the
+        listener's connection is still open. The driver reports a closed
+        connection two loop turns after its EOF, and a request read in the
+        same turn (answered synchronously on a hit) must not be answered from
+        a cache whose feed is gone.
+        """
         self.clear()
         self._synced = True
+        self._alive = alive or _always
         self.heard_from_store()
 
     def desynchronised(self) -> None:
         self.clear()
         self._synced = False
+        self._alive = _always

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import asyncpg
 
@@ -68,7 +69,7 @@ class InvalidationListener:
                 connection.add_termination_listener(self._on_lost)
                 await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self._connection = connection
-                self._cache.synchronised()
+                self._cache.synchronised(_open_probe(connection))
                 self.connected.set()
                 if backoff > 0.05:
                     log.info("cache invalidation listener reconnected; cache dropped and resynchronised")
@@ -98,3 +99,18 @@ class InvalidationListener:
                 connection.terminate()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
+
+
+def _open_probe(connection: asyncpg.Connection) -> Callable[[], bool] | None:
+    """Whether the connection's socket is still open, known the moment its EOF is read.
+
+    ``is_closed()`` turns true only once the loop has run the driver's
+    connection-lost callbacks; the transport knows at once. asyncpg keeps
+    it private, hence the guard: without it the cache relies on
+    ``is_closed()`` and the termination callback alone, as before.
+    """
+    transport = getattr(connection, "_transport", None)
+    is_closing = getattr(transport, "is_closing", None)
+    if not callable(is_closing):
+        return None
+    return lambda: not is_closing() and not connection.is_closed()

@@ -262,3 +262,4 @@ async def test_database_down_is_503_fast_for_cached_and_unknown_keys_and_health_
     while (await ask(app.http_port, "GET", "/healthz")).status != 204:
         assert time.monotonic() < deadline, "HTTP health did not recover with the database"
         await asyncio.sleep(0.1)
+
