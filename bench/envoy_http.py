@@ -13,7 +13,7 @@ Issue 11's targets, in one run on one machine with one Envoy build:
 As in ``envoy_path``, the route is a ``direct_response`` 200: the request
 costs Envoy plus one check. HTTP mode lists the one shared port: Envoy's
 HTTP/1.1 pool opens a connection per check in flight and SO_REUSEPORT
-spreads them (the split is recorded from ``ss``). Every answer is checked:
+spreads them (the split is read from ``ss`` halfway through each run). Every answer is checked:
 wrk's non-2xx count, and before and after each run a sample of bodies
 (the direct response for a key, 401 without one for authsvc). Serial p50
 comes from wrk with one connection.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -141,12 +142,18 @@ def run(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
                 envoy_path.wrk(port, key, cfg, cfg.warmup)
                 pids = server.worker_pids()
                 cpu0, envoy0 = cpu_seconds(pids), cpu_seconds([envoy.pid])
+                split: dict[str, int] = {}
+                if name != "ok_check":
+                    # Read mid-run: when wrk stops, Envoy closes the connections whose checks it cancels.
+                    timer = threading.Timer(cfg.duration / 2, _record_split, (server, split))
+                    timer.start()
                 sample = envoy_path.wrk(port, key, cfg, cfg.duration)
                 served = max(1, sample["requests"])
                 sample["server_cpu_us"] = (cpu_seconds(pids) - cpu0) / served * 1e6
                 sample["envoy_cpu_us"] = (cpu_seconds([envoy.pid]) - envoy0) / served * 1e6
                 if name != "ok_check":
-                    sample["connections"] = {str(k): v for k, v in connection_split(server).items()}
+                    timer.join()
+                    sample["connections"] = split
                 _verify(name, port, key)
                 serial = envoy_path.wrk(port, key, _one_connection(cfg), cfg.serial_duration)
                 sample["serial_p50_ms"] = serial["p50_ms"]
@@ -157,6 +164,10 @@ def run(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
                     f"check server {sample['server_cpu_us']:.0f} us/req  envoy {sample['envoy_cpu_us']:.0f} us/req"
                     + (f"  connections {sorted(sample['connections'].values())}" if "connections" in sample else ""))
     return {"envoy_http": results}
+
+
+def _record_split(server: Server, into: dict[str, int]) -> None:
+    into.update({str(pid): count for pid, count in connection_split(server).items()})
 
 
 def _one_connection(cfg: BenchConfig) -> BenchConfig:
