@@ -51,6 +51,8 @@ class Settings:
     """Where the embedded PostgreSQL keeps its data when no database URL is set."""
     listen: str = "127.0.0.1:50051"
     """host:port of the gRPC server (KeyService, Envoy Check, health, reflection)."""
+    http_authz_listen: str = "127.0.0.1:50061"
+    """host:port of Envoy's ext_authz HTTP protocol (every worker, SO_REUSEPORT); "" turns it off."""
     workers: int = 1
     """Server processes (``AUTHSVC_WORKERS``, ``--workers``); 0, the default there, means one per core."""
     worker_base_port: int = 0
@@ -203,6 +205,9 @@ class Settings:
         elif not 0 <= workers <= 64:
             raise ConfigError("--workers must be between 0 and 64")
         workers = workers or (os.cpu_count() or 1)
+        http_authz_listen = env.get("AUTHSVC_HTTP_AUTHZ_LISTEN", cls.http_authz_listen).strip()
+        if http_authz_listen:
+            check_listen(http_authz_listen, "AUTHSVC_HTTP_AUTHZ_LISTEN")
         database_url = get("DATABASE_URL")
         if database_url is not None:
             if not database_url.startswith(("postgres://", "postgresql://")):
@@ -270,6 +275,7 @@ class Settings:
             database_url=Secret(database_url) if database_url else None,
             data_dir=Path(get("DATA_DIR") or cls.data_dir),
             listen=listen,
+            http_authz_listen=http_authz_listen,
             workers=workers,
             worker_base_port=integer("WORKER_BASE_PORT", cls.worker_base_port, 0, 65535),
             key_prefix=prefix,

@@ -19,6 +19,7 @@ FIELDS = (
     "created_by",
     "count",
     "listen",
+    "http_authz_listen",
     "worker",
     "pgdata",
 )

@@ -43,7 +43,7 @@ from authsvc_client._cache import DecisionCache
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from authsvc import extauthz, logs
+from authsvc import extauthz, extauthz_http, logs
 from authsvc.config import Settings
 from authsvc.core.authorizer import Authorizer
 from authsvc.core.errors import ConfigError, Unavailable
@@ -55,6 +55,7 @@ from authsvc.core.usage import UsageRecorder
 from authsvc.grpc.keyservice import KeyServiceAdapter
 from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
 from authsvc.grpc.tls import ReloadingCredentials
+from authsvc.http_server import HttpServer
 from authsvc.storage import audit, embedded
 from authsvc.storage.notify import FRESHNESS, PostgresFeed
 from authsvc.storage.postgres import CONNECTION_ERRORS, PostgresStore, connect, create_pool, run_migrations
@@ -127,7 +128,7 @@ def install_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def ensure_can_listen(address: str) -> None:
+def ensure_can_listen(address: str, setting: str = "AUTHSVC_LISTEN (or AUTHSVC_WORKER_BASE_PORT)") -> None:
     """Fail before anything starts when a port is taken, in our one line.
 
     gRPC would find out too, but only after the database is up, and its core
@@ -143,9 +144,7 @@ def ensure_can_listen(address: str) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(sockaddr)
     except OSError as exc:
-        raise ConfigError(
-            f"cannot listen on {address} ({exc.strerror or exc}); set AUTHSVC_LISTEN (or AUTHSVC_WORKER_BASE_PORT)"
-        ) from None
+        raise ConfigError(f"cannot listen on {address} ({exc.strerror or exc}); set {setting}") from None
 
 
 class App:
@@ -169,6 +168,10 @@ class App:
         #: ``authsvc serve`` migrates once before its processes start; an App on its own (tests) migrates itself.
         self.migrate = migrate
         self.port = 0
+        #: The ext_authz HTTP listener's port; 0 while it is off (``AUTHSVC_HTTP_AUTHZ_LISTEN=""``).
+        self.http_port = 0
+        self._http: HttpServer | None = None
+        self._http_adapter: extauthz_http.HttpAuthorizationAdapter | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._pruner: audit.AuditPruner | None = None
 
@@ -201,6 +204,7 @@ class App:
             max_rotation_grace=timedelta(seconds=s.max_rotation_grace_seconds),
             evict=self.authorizer.evict,
         )
+        self.routes = extauthz.RoutePolicy.from_settings(s)
         admin = AdminTokens(s.admin_tokens, s.admin_client_names)
         services = [
             (
@@ -212,7 +216,7 @@ class App:
                     protected=MANAGEMENT_METHODS,
                 ),
             ),
-            extauthz.service(self.authorizer, s),
+            extauthz.service(self.authorizer, self.routes),
         ]
         self.health = HealthServicer()
         self._server = build_server(services, self.health, reuse_port=self.reuse_port)
@@ -226,10 +230,27 @@ class App:
                 "set AUTHSVC_LISTEN (or AUTHSVC_WORKER_BASE_PORT)"
             )
         await self._server.start()
+        if s.http_authz_listen:
+            await self._start_http(s.http_authz_listen)
         await self._set_health(True)
         self._monitor = asyncio.create_task(self._watch_store(), name="authsvc-health")
         self._pruner = audit.AuditPruner(self._pool, s.audit_retention_days)
         self._pruner.start()
+
+    async def _start_http(self, listen: str) -> None:
+        """Envoy's ext_authz HTTP protocol, on the same Authorizer and route rules as Check."""
+        self._http_adapter = extauthz_http.HttpAuthorizationAdapter(self.authorizer, self.routes)
+        self._http = HttpServer(self._http_adapter)
+        try:
+            self.http_port = await self._http.start(listen, reuse_port=self.reuse_port)
+        except (OSError, ValueError) as exc:
+            self._http = None
+            await self._server.stop(0)
+            await self._shutdown_internals()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(
+                f"cannot listen on {listen} ({reason}); set AUTHSVC_HTTP_AUTHZ_LISTEN (empty turns it off)"
+            ) from None
 
     def _bind(self, address: str) -> bool:
         try:
@@ -244,6 +265,8 @@ class App:
         return port != 0
 
     async def _set_health(self, serving: bool) -> None:
+        if self._http_adapter is not None:
+            self._http_adapter.serving = serving
         status = SERVING if serving else NOT_SERVING
         for name in ("", KEY_SERVICE.full_name, extauthz.AUTHORIZATION_SERVICE.full_name):
             await self.health.set(name, status)
@@ -276,10 +299,15 @@ class App:
         if self._pruner is not None:
             await self._pruner.stop()
         await self.health.enter_graceful_shutdown()
+        if self._http_adapter is not None:
+            self._http_adapter.serving = False  # Envoy's HTTP health check sees the stop too
         if drain > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for((hurry or asyncio.Event()).wait(), drain)
-        await self._server.stop(grace)
+        if self._http is not None:
+            await asyncio.gather(self._http.stop(grace), self._server.stop(grace))
+        else:
+            await self._server.stop(grace)
         await self._shutdown_internals()
 
     async def _shutdown_internals(self) -> None:
@@ -330,7 +358,13 @@ async def serve_process(
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 1000)
-    extra = {"listen": " ".join((settings.listen, *extra_listen))} | ({"worker": worker} if worker is not None else {})
+    http_host = settings.http_authz_listen.rpartition(":")[0]
+    http = {"http_authz_listen": f"{http_host}:{app.http_port}"} if app.http_port else {}
+    extra = (
+        {"listen": " ".join((settings.listen, *extra_listen))}
+        | http
+        | ({"worker": worker} if worker is not None else {})
+    )
     log.info("authsvc serving", extra=extra)
     await stop.wait()
     log.info(
@@ -348,6 +382,8 @@ def serve(settings: Settings) -> int:
     """``authsvc serve``: every port checked first, then one process or a supervisor of ``settings.workers``."""
     for address in (settings.listen, *settings.worker_addresses):
         ensure_can_listen(address)
+    if settings.http_authz_listen:
+        ensure_can_listen(settings.http_authz_listen, "AUTHSVC_HTTP_AUTHZ_LISTEN (empty turns it off)")
     if settings.check_management(settings.listen):
         log.warning(
             "management is open on %s: anyone who reaches it can create and revoke keys "

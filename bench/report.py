@@ -34,7 +34,7 @@ def _verdict(ok: bool) -> str:
 
 
 def targets(r: Results) -> list[tuple[str, bool, str]]:
-    """(target, passed, the numbers) for every target of issue 4 that this run measured."""
+    """(target, passed, the numbers) for every target of issues 4 and 11 that this run measured."""
     out: list[tuple[str, bool, str]] = []
     tp = r.get("throughput")
     if tp:
@@ -59,6 +59,22 @@ def targets(r: Results) -> list[tuple[str, bool, str]]:
         out.append(("Envoy path with authsvc's Check >= 90% of the always-OK Check baseline",
                     au >= 0.9 * ok and bad == 0,
                     f"{au:.0f} vs {ok:.0f} req/s = {au / ok:.1%} ({bad} non-2xx answers)"))
+    eh = r.get("envoy_http")
+    if eh:
+        au = median([s["rps"] for s in eh["authsvc_http"]])
+        ok_http = median([s["rps"] for s in eh["ok_http"]])
+        ok_grpc = median([s["rps"] for s in eh["ok_check"]])
+        bad = sum(s["non_2xx"] + s["serial_non_2xx"] for name in eh for s in eh[name])
+        out.append(("Envoy HTTP mode: authsvc (cache hit) >= 85% of the always-OK HTTP stand-in",
+                    au >= 0.85 * ok_http, f"{au:.0f} vs {ok_http:.0f} req/s = {au / ok_http:.1%}"))
+        out.append(("Envoy HTTP mode: authsvc >= 3x the always-OK gRPC Check stand-in, same run",
+                    au >= 3 * ok_grpc, f"{au:.0f} vs {ok_grpc:.0f} req/s = {au / ok_grpc:.2f}x"))
+        a50 = median([s["serial_p50_ms"] for s in eh["authsvc_http"]])
+        o50 = median([s["serial_p50_ms"] for s in eh["ok_http"]])
+        out.append(("Envoy HTTP mode: serial p50 within 0.1 ms of the HTTP stand-in", a50 - o50 <= 0.1,
+                    f"{a50:.3f} vs {o50:.3f} ms = +{a50 - o50:.3f} ms"))
+        out.append(("Envoy HTTP mode: 0 wrong answers (wrk non-2xx, sampled bodies)", bad == 0,
+                    f"{bad} non-2xx answers; bodies sampled before and after every run"))
     rev = r.get("revocation")
     if rev:
         lat = [s["latency_ms"] for s in rev["samples"] if s["latency_ms"] is not None]
@@ -189,6 +205,27 @@ def markdown(r: Results, command: str) -> str:
                          f"{sum(x['non_2xx'] for x in s)} | {median([x['p50_ms'] for x in s]):.2f} | "
                          f"{median([x['server_cpu_us'] for x in s]):.0f} | "
                          f"{median([x['envoy_cpu_us'] for x in s]):.0f} |")
+    eh = r.get("envoy_http")
+    if eh:
+        lines += [
+            "",
+            f"## Through Envoy, HTTP mode vs gRPC mode (wrk -c{cfg['wrk_connections']}, Envoy --concurrency "
+            f"{cfg['envoy_concurrency']}, direct_response route; serial: wrk -c1)",
+            "",
+            "| ext_authz server | req/s (median) | runs | non-2xx | serial p50 ms | check server CPU us/req | "
+            "Envoy CPU us/req | connections per worker |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, label in (("authsvc_http", "authsvc, HTTP mode"), ("ok_http", "always-OK HTTP stand-in"),
+                            ("ok_check", "always-OK gRPC Check stand-in")):
+            s = eh[name]
+            split = " / ".join(" ".join(str(v) for v in sorted(x["connections"].values())) for x in s
+                               if "connections" in x) or "per-worker endpoints"
+            lines.append(f"| {label} | {median([x['rps'] for x in s]):.0f} | {_runs([x['rps'] for x in s])} | "
+                         f"{sum(x['non_2xx'] + x['serial_non_2xx'] for x in s)} | "
+                         f"{median([x['serial_p50_ms'] for x in s]):.3f} | "
+                         f"{median([x['server_cpu_us'] for x in s]):.0f} | "
+                         f"{median([x['envoy_cpu_us'] for x in s]):.0f} | {split} |")
     rev = r.get("revocation")
     if rev:
         lat = [s["latency_ms"] for s in rev["samples"] if s["latency_ms"] is not None]
@@ -305,10 +342,18 @@ def svg(r: Results) -> str:
             ("always-OK Check", [s["rps"] for s in env["ok_check"]], "#7f8c8d"),
             ("authsvc Check", [s["rps"] for s in env["authsvc"]], "#2980b9"),
         ])
+    eh = r.get("envoy_http")
+    if eh:
+        parts += _bars(60, 320, 420, 220, "Through Envoy, HTTP vs gRPC mode, req/s (wrk)", [
+            ("authsvc HTTP", [s["rps"] for s in eh["authsvc_http"]], "#2980b9"),
+            ("always-OK HTTP", [s["rps"] for s in eh["ok_http"]], "#7f8c8d"),
+            ("always-OK gRPC Check", [s["rps"] for s in eh["ok_check"]], "#95a5a6"),
+        ])
     rev = r.get("revocation")
     if rev:
         parts += _cdf(820, 40, 300, 220, "Revocation: RevokeKey return -> denial elsewhere (CDF)",
                       [s["latency_ms"] for s in rev["samples"] if s["latency_ms"] is not None])
     body = "\n".join(parts)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="1180" height="300" font-family="sans-serif" '
+    height = 600 if eh else 300
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="1180" height="{height}" font-family="sans-serif" '
             f'font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')

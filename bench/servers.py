@@ -73,7 +73,7 @@ def authsvc_env(database_url: str, **extra: str | int) -> dict[str, str]:
 
 def start_authsvc(procs: Processes, name: str, env: Mapping[str, str], workers: int) -> Server:
     port = free_port()
-    full = {**env, "AUTHSVC_LISTEN": f"127.0.0.1:{port}"}
+    full = {"AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{free_port()}", **env, "AUTHSVC_LISTEN": f"127.0.0.1:{port}"}
     worker_ports: list[int] = []
     if workers > 1:
         base = free_port_range(workers)

@@ -191,8 +191,11 @@ class FeedSubscriber(Protocol):
     def alive(self, sent_at: float) -> None:
         """Every change committed before ``sent_at`` (monotonic) has been delivered."""
 
-    def synchronised(self, at: float, source: object = None) -> None:
-        """Subscribed (again) to server ``source`` as of ``at``: changes may have been missed before it."""
+    def synchronised(self, at: float, source: object = None, alive: Callable[[], bool] | None = None) -> None:
+        """Subscribed (again) to server ``source`` as of ``at``: changes may have been missed before it.
+
+        ``alive``, when given, tells at any moment whether the subscription's connection is still open.
+        """
 
     def desynchronised(self) -> None:
         """The feed is lost: nothing it said may be relied on until ``synchronised``."""

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import asyncpg
 
@@ -102,8 +103,9 @@ class PostgresFeed:
                 subscribed_at = time.monotonic()
                 await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self._connection = connection
+                alive = _open_probe(connection)
                 for subscriber in self._subscribers:
-                    subscriber.synchronised(subscribed_at, server)
+                    subscriber.synchronised(subscribed_at, server, alive)
                 self.connected.set()
                 if backoff > 0.05:
                     log.info("cache invalidation listener reconnected; cache dropped and resynchronised")
@@ -141,3 +143,18 @@ class PostgresFeed:
                 connection.terminate()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
+
+
+def _open_probe(connection: asyncpg.Connection) -> Callable[[], bool] | None:
+    """Whether the connection's socket is still open, known the moment its EOF is read.
+
+    ``is_closed()`` turns true only once the loop has run the driver's
+    connection-lost callbacks; the transport knows at once. asyncpg keeps
+    it private, hence the guard: without it the cache relies on
+    ``is_closed()``, the termination callback and the heartbeat alone.
+    """
+    transport = getattr(connection, "_transport", None)
+    is_closing = getattr(transport, "is_closing", None)
+    if not callable(is_closing):
+        return None
+    return lambda: not is_closing() and not connection.is_closed()
