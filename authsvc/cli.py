@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = Settings.from_env()
-        logs.configure(settings.log_level)
+        logs.configure(settings.log_level, settings.log_format)
         if args.command == "migrate":
             return _migrate(settings)
         workers = args.workers if args.workers is not None else settings.workers

@@ -78,6 +78,8 @@ class Settings:
     )
     """Envoy Check: required scope by HTTP method when the route names none."""
     log_level: str = "INFO"
+    log_format: str = "text"
+    """``text`` (one line per event, for people) or ``json`` (one object per line, for log pipelines)."""
 
     @functools.cached_property
     def catalog(self) -> ScopeCatalog:
@@ -141,6 +143,9 @@ class Settings:
         log_level = (get("LOG_LEVEL") or "INFO").upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"AUTHSVC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        log_format = (get("LOG_FORMAT") or cls.log_format).lower()
+        if log_format not in ("text", "json"):
+            raise ConfigError(f"AUTHSVC_LOG_FORMAT must be text or json, got {log_format!r}")
         flush_raw = get("LAST_USED_FLUSH_SECONDS")
         try:
             flush = float(flush_raw) if flush_raw is not None else cls.last_used_flush_seconds
@@ -179,6 +184,7 @@ class Settings:
             identity_header_prefix=(get("IDENTITY_HEADER_PREFIX") or cls.identity_header_prefix).lower(),
             method_scopes=tuple(method_scopes) or cls.method_scopes,
             log_level=log_level,
+            log_format=log_format,
         )
         catalog = settings.catalog  # fail at start-up, not on the first request
         for method, scope in settings.method_scopes:

@@ -34,7 +34,7 @@ def _worker_main(settings: Settings, listen: str, dsn: str, index: int) -> None:
     from authsvc import logs
     from authsvc.cli import _serve, install_event_loop
 
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     # The supervisor handles Ctrl+C for the group; workers drain on SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     install_event_loop()
