@@ -44,6 +44,12 @@ async def until(predicate: Any, within: float = 3.0) -> None:
 
 async def kill_listener(app: App, db: asyncpg.Connection) -> int:
     """Terminate the listener's backend and wait until the replica has seen the loss; returns the old pid."""
+
+    async def subscribed() -> bool:
+        # After an earlier kill the listener may still be between connections (its backoff).
+        return app.listener.connected.is_set() and app.listener.backend_pid is not None
+
+    await until(subscribed)
     old_pid = app.listener.backend_pid
     assert old_pid is not None
     await db.execute("SELECT pg_terminate_backend($1)", old_pid)
