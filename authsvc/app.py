@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -19,6 +22,7 @@ from authsvc.grpc.keyservice import KeyServiceAdapter
 from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
 from authsvc.invalidation import InvalidationListener
 from authsvc.keyformat import KeyFormat
+from authsvc.metrics import NO_METRICS, Metrics, Recorder, flush_forever, write_snapshot
 from authsvc.ratelimit import RateLimiter, RedisCounter
 from authsvc.service import KeyService
 from authsvc.storage import embedded
@@ -63,6 +67,10 @@ class App:
     migrate: bool = True
     """Workers skip this: their supervisor has migrated once already."""
     port: int = 0
+    metrics_dir: Path | None = None
+    """Workers write their metrics here for the supervisor's endpoint (see authsvc.metrics)."""
+    worker: int = 0
+    metrics: Metrics | None = field(init=False, default=None)
     service: KeyService = field(init=False)
     listener: InvalidationListener = field(init=False)
     health: HealthServicer = field(init=False)
@@ -72,15 +80,19 @@ class App:
     _usage: UsageRecorder = field(init=False)
     _limiter: RateLimiter = field(init=False)
     _monitor: asyncio.Task[None] | None = None
+    _flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
         if self.migrate:
             await run_migrations(self.dsn)
         self._pool = await create_pool(self.dsn)
-        self._store = PostgresStore(self._pool, lookup_timeout=s.store_timeout_ms / 1000)
+        if s.metrics_listen:
+            self.metrics = Metrics()
+        recorder: Recorder = self.metrics or NO_METRICS
+        self._store = PostgresStore(self._pool, lookup_timeout=s.store_timeout_ms / 1000, metrics=recorder)
         cache = KeyCache(s.cache_size)
-        self.listener = InvalidationListener(self.dsn, cache)
+        self.listener = InvalidationListener(self.dsn, cache, metrics=recorder)
         self.listener.start()
         self._usage = UsageRecorder(self._store, s.last_used_flush_seconds)
         self._usage.start()
@@ -95,13 +107,20 @@ class App:
             cache=cache,
             usage=self._usage,
             limiter=self._limiter,
+            metrics=recorder,
         )
+        if self.metrics is not None:
+            self.metrics.gauges = self._gauges(cache)
         admin = AdminTokens(t.value for t in s.admin_tokens)
         services = [
             (
                 KEY_SERVICE,
                 service_handler(
-                    KEY_SERVICE, KeyServiceAdapter(self.service), admin=admin, protected=MANAGEMENT_METHODS
+                    KEY_SERVICE,
+                    KeyServiceAdapter(self.service),
+                    admin=admin,
+                    protected=MANAGEMENT_METHODS,
+                    metrics=recorder,
                 ),
             ),
         ]
@@ -130,6 +149,26 @@ class App:
         await self._server.start()
         await self._set_health(True)
         self._monitor = asyncio.create_task(self._watch_store(), name="authsvc-health")
+        if self.metrics is not None and self.metrics_dir is not None:
+            self._flusher = asyncio.create_task(
+                flush_forever(self.metrics, self.metrics_dir, self.worker), name="authsvc-metrics"
+            )
+
+    def _gauges(self, cache: KeyCache) -> Callable[[], dict[str, float]]:
+        """Read at snapshot time from the objects that keep these numbers anyway."""
+        pool, limiter = self._pool, self._limiter
+
+        def gauges() -> dict[str, float]:
+            idle = pool.get_idle_size()
+            return {
+                "cache_entries": len(cache),
+                "feed_up": 1 if cache.serving else 0,
+                "pool_idle": idle,
+                "pool_in_use": pool.get_size() - idle,
+                "ratelimit_fallback": limiter.shared_failures,
+            }
+
+        return gauges
 
     async def _set_health(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
@@ -156,6 +195,12 @@ class App:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await self._shutdown_internals()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        if self.metrics is not None and self.metrics_dir is not None:
+            write_snapshot(self.metrics, self.metrics_dir, self.worker)  # the drained calls count too
 
     async def _shutdown_internals(self) -> None:
         await self.listener.stop()

@@ -229,7 +229,7 @@ class AuthorizationAdapter:
         if not scope:
             return self.misconfigured(scope)
         try:
-            decision = await self._service.authorize(credentials.key, scope)
+            decision = await self._service.authorize(credentials.key, scope, "envoy_grpc")
         except InvalidArgument:
             return self.misconfigured(scope)
         if not decision.allowed:

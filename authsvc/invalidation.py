@@ -1,7 +1,9 @@
 """Listens for key changes on PostgreSQL and keeps this process's cache honest.
 
 Create and revoke publish the key's digest on ``NOTIFY_CHANNEL`` in the same
-transaction. This listener evicts on every notification, proves its
+transaction, as ``<hex digest>:<database clock in epoch microseconds>`` (a
+bare hex digest, from an older authsvc, is understood too); the difference to
+this process's clock at eviction is the invalidation lag. This listener evicts on every notification, proves its
 connection alive with a heartbeat (which also proves every earlier
 notification was delivered), and on any loss desynchronises the cache, so no
 cached decision is served until it is subscribed again (see authsvc.cache).
@@ -12,20 +14,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import asyncpg
 
 from authsvc.cache import KeyCache
+from authsvc.metrics import NO_METRICS, Recorder
 from authsvc.storage.postgres import CONNECTION_ERRORS, NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 
 
 class InvalidationListener:
-    def __init__(self, dsn: str, cache: KeyCache, *, heartbeat: float = 0.2) -> None:
+    def __init__(self, dsn: str, cache: KeyCache, *, heartbeat: float = 0.2, metrics: Recorder = NO_METRICS) -> None:
         self._dsn = dsn
         self._cache = cache
         self._heartbeat = heartbeat
+        self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self._connection: asyncpg.Connection | None = None
         self.connected = asyncio.Event()
@@ -45,8 +50,11 @@ class InvalidationListener:
                 await self._task
 
     def _on_notify(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        hex_digest, _, committed = payload.partition(":")
         try:
-            self._cache.invalidate(bytes.fromhex(payload))
+            self._cache.invalidate(bytes.fromhex(hex_digest))
+            if committed:
+                self._metrics.invalidated(time.time() - int(committed) / 1e6)
         except ValueError:
             # Not ours (anyone may NOTIFY this channel); to be safe, forget
             # everything, but never switch serving back on from here.
@@ -63,11 +71,13 @@ class InvalidationListener:
         backoff = 0.05
         while True:
             connection: asyncpg.Connection | None = None
+            subscribed = False
             try:
                 connection = await asyncpg.connect(self._dsn, timeout=2.0)
                 connection.add_termination_listener(self._on_lost)
                 await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self._connection = connection
+                subscribed = True
                 self._cache.synchronised()
                 self.connected.set()
                 if backoff > 0.05:
@@ -92,6 +102,8 @@ class InvalidationListener:
             except Exception:  # a bug or an odd driver state: keep retrying, loudly, rather than die silently
                 log.exception("cache invalidation listener failed; serving from the database and retrying")
             self._cache.desynchronised()
+            if subscribed:
+                self._metrics.feed_reset()
             self.connected.clear()
             self._connection = None
             if connection is not None:

@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 
 from authsvc import validation
 from authsvc.cache import MISS, KeyCache
-from authsvc.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from authsvc.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from authsvc.keyformat import KeyFormat, digest
 from authsvc.keys import Actor, ApiKey, Decision, KeyGrant, Reason, ScopeCatalog, decide
+from authsvc.metrics import NO_METRICS, Recorder
 from authsvc.ratelimit import RateLimiter
 from authsvc.storage import NewKey, Page, Store, TooManyActiveKeys
 from authsvc.usage import UsageRecorder
@@ -27,6 +28,15 @@ log = logging.getLogger(__name__)
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _failure_reason(exc: Exception) -> str:
+    """An Authorize that raised is counted with the decisions, under its gRPC code's name."""
+    if isinstance(exc, Unavailable):
+        return "unavailable"
+    if isinstance(exc, InvalidArgument):
+        return "invalid_argument"
+    return "internal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +66,7 @@ class KeyService:
         usage: UsageRecorder | None = None,
         limiter: RateLimiter | None = None,
         clock: Callable[[], datetime] = utcnow,
+        metrics: Recorder = NO_METRICS,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -65,6 +76,7 @@ class KeyService:
         self.usage = usage
         self.limiter = limiter
         self._clock = clock
+        self._metrics = metrics
 
     # -- management -------------------------------------------------------
 
@@ -192,23 +204,36 @@ class KeyService:
 
     # -- the hot path -----------------------------------------------------
 
-    async def authorize(self, key: str, required_scope: str) -> Decision:
+    async def authorize(self, key: str, required_scope: str, transport: str = "grpc") -> Decision:
         """Decide whether ``key`` may act with ``required_scope``.
 
         Raises ``InvalidArgument`` for an unknown required scope (a caller
         bug) and ``Unavailable`` when the key is not cached and the store
         cannot be reached: never an allow for a key that was not verified.
+        ``transport`` only labels the metrics (grpc, envoy_grpc, ...).
         """
+        start = time.perf_counter()
+        try:
+            decision, cached = await self._authorize(key, required_scope)
+        except Exception as exc:
+            self._metrics.failed(_failure_reason(exc), transport, time.perf_counter() - start)
+            raise
+        self._metrics.decided(decision.reason, transport, cached, time.perf_counter() - start)
+        return decision
+
+    async def _authorize(self, key: str, required_scope: str) -> tuple[Decision, bool | None]:
+        """The decision, and whether the key came from the cache (None: no lookup was needed)."""
         self.catalog.check_required(required_scope)
         if not key:
-            return Decision(Reason.MISSING_KEY)
+            return Decision(Reason.MISSING_KEY), None
         if not self.key_format.is_well_formed(key):
-            return Decision(Reason.MALFORMED_KEY)
+            return Decision(Reason.MALFORMED_KEY), None
         key_digest = digest(key)
         cache = self.cache
         grant: KeyGrant | None
         cached = cache.get(key_digest) if cache is not None else MISS
-        if cached is MISS:
+        hit = cached is not MISS
+        if not hit:
             epoch = cache.epoch if cache is not None else 0
             record = await self.store.find_by_digest(key_digest)
             grant = KeyGrant.of(record, self.catalog) if record is not None else None
@@ -219,10 +244,10 @@ class KeyService:
         now = time.time()
         decision = decide(grant, required_scope, now)
         if grant is None or decision.reason in (Reason.REVOKED, Reason.EXPIRED):
-            return decision
+            return decision, hit
         if self.usage is not None:
             self.usage.touch(grant.principal.key_id, now)
         limiter = self.limiter
         if decision.allowed and limiter is not None and (grant.rate_limit or limiter.default_limit):
-            return await limiter.apply(decision, grant.rate_limit, now)
-        return decision
+            return await limiter.apply(decision, grant.rate_limit, now), hit
+        return decision, hit

@@ -18,11 +18,15 @@ whole service rather than running degraded unnoticed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import multiprocessing.context
 import signal
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from authsvc.config import Settings, worker_addresses
 from authsvc.errors import ConfigError, Unavailable
@@ -30,7 +34,7 @@ from authsvc.errors import ConfigError, Unavailable
 log = logging.getLogger("authsvc")
 
 
-def _worker_main(settings: Settings, listen: str, dsn: str, index: int) -> None:
+def _worker_main(settings: Settings, listen: str, dsn: str, index: int, metrics_dir: Path | None) -> None:
     from authsvc import logs
     from authsvc.cli import _serve, install_event_loop
 
@@ -40,7 +44,11 @@ def _worker_main(settings: Settings, listen: str, dsn: str, index: int) -> None:
     install_event_loop()
     extra = worker_addresses(listen, settings.worker_base_port, index + 1)[index:]
     try:
-        asyncio.run(_serve(settings, listen, dsn=dsn, reuse_port=True, worker=index, extra_listen=extra))
+        asyncio.run(
+            _serve(
+                settings, listen, dsn=dsn, reuse_port=True, worker=index, extra_listen=extra, metrics_dir=metrics_dir
+            )
+        )
     except (ConfigError, Unavailable) as exc:
         log.error("worker %d: %s", index, exc)
         raise SystemExit(2) from None
@@ -54,6 +62,27 @@ def run(settings: Settings, listen: str, workers: int) -> int:
     asyncio.run(run_migrations(dsn))
     log.info("effective configuration: %s", " ".join(f"{k}={v}" for k, v in settings.redacted().items()))
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold gRPC threads
+    with contextlib.ExitStack() as stack:
+        metrics_dir = None
+        if settings.metrics_listen:
+            from authsvc.metrics import MetricsServer, file_snapshots
+
+            # Private to this run: totals start from zero with the service (see authsvc.metrics).
+            metrics_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="authsvc-metrics-")))
+            exporter = MetricsServer(settings.metrics_listen, file_snapshots(metrics_dir))
+            exporter.start()
+            stack.callback(exporter.stop)
+        return _supervise(context, settings, listen, dsn, workers, metrics_dir)
+
+
+def _supervise(
+    context: multiprocessing.context.SpawnContext,
+    settings: Settings,
+    listen: str,
+    dsn: str,
+    workers: int,
+    metrics_dir: Path | None,
+) -> int:
     procs: list[BaseProcess] = []
     stopping = False
 
@@ -65,7 +94,7 @@ def run(settings: Settings, listen: str, workers: int) -> int:
     signal.signal(signal.SIGINT, request_stop)
     for index in range(workers):
         proc: BaseProcess = context.Process(
-            target=_worker_main, args=(settings, listen, dsn, index), name=f"authsvc-worker-{index}"
+            target=_worker_main, args=(settings, listen, dsn, index, metrics_dir), name=f"authsvc-worker-{index}"
         )
         proc.start()
         procs.append(proc)

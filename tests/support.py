@@ -98,7 +98,14 @@ def serve_process(
     port = port or free_port()
     log_path = tmp / f"authsvc-{port}.log"
     # One process unless a test asks for workers: quicker to start, same code.
-    full_env = {**os.environ, "AUTHSVC_LISTEN": f"127.0.0.1:{port}", "AUTHSVC_WORKERS": "1", **env}
+    # No metrics endpoint unless asked for: the default port would be shared by every test's server.
+    full_env = {
+        **os.environ,
+        "AUTHSVC_LISTEN": f"127.0.0.1:{port}",
+        "AUTHSVC_WORKERS": "1",
+        "AUTHSVC_METRICS_LISTEN": "",
+        **env,
+    }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "authsvc", "serve", *args],

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from authsvc.errors import Unauthenticated
 from authsvc.grpc.status import to_status
+from authsvc.metrics import Recorder
 
 KEY_SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["KeyService"]
 MANAGEMENT_METHODS = frozenset({"CreateKey", "GetKey", "ListKeys", "RevokeKey"})
@@ -65,10 +66,14 @@ class AdminTokens:
 
 
 def _wrap(
-    behavior: Behavior, method: str, admin: AdminTokens | None
+    behavior: Behavior, method: str, admin: AdminTokens | None, metrics: Recorder | None = None
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    name = method.rpartition("/")[2]
+
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNDECODABLE:
+            if metrics is not None:
+                metrics.managed(name, grpc.StatusCode.INVALID_ARGUMENT.name)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the request could not be decoded: string fields must be valid UTF-8",
@@ -76,9 +81,15 @@ def _wrap(
         try:
             if admin:
                 admin.check(context.invocation_metadata())
-            return await behavior(request)
+            response = await behavior(request)
         except Exception as exc:  # mapped in one place; a traceback never reaches the caller
             code, message = to_status(exc, method)
+        else:
+            if metrics is not None:
+                metrics.managed(name, "OK")
+            return response
+        if metrics is not None:
+            metrics.managed(name, code.name)
         await context.abort(code, message)
 
     return handler
@@ -90,8 +101,12 @@ def service_handler(
     *,
     admin: AdminTokens | None = None,
     protected: frozenset[str] = frozenset(),
+    metrics: Recorder | None = None,
 ) -> grpc.GenericRpcHandler:
-    """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``."""
+    """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``.
+
+    ``metrics`` counts the ``protected`` (management) methods' calls by status code.
+    """
     handlers = {}
     for method in descriptor.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
@@ -101,6 +116,7 @@ def service_handler(
                 getattr(servicer, method.name),
                 f"/{descriptor.full_name}/{method.name}",
                 admin if method.name in protected else None,
+                metrics if method.name in protected else None,
             ),
             request_deserializer=_lenient(request_class.FromString),
             response_serializer=response_class.SerializeToString,

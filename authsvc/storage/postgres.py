@@ -20,11 +20,16 @@ import asyncpg
 
 from authsvc.errors import ConfigError, Unavailable
 from authsvc.keys import Actor, ApiKey, KeyState
+from authsvc.metrics import NO_METRICS, Recorder
 from authsvc.storage import NewKey, Page, TooManyActiveKeys
 
 # Create and revoke publish the key's digest here, in the same transaction,
 # so every process can evict its cached copy (see authsvc.cache).
 NOTIFY_CHANNEL = "authsvc_keys"
+# The payload: the digest in hex, then ":" and the database's clock in epoch
+# microseconds, taken by the transaction's last statement, just before its
+# commit (listeners measure the invalidation lag from it; see authsvc.invalidation).
+_NOTIFY = "SELECT pg_notify($1, $2 || ':' || (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)"
 
 _COLUMNS = (
     "id, org_id, name, prefix, scopes, created_by, create_time, expire_time, "
@@ -99,8 +104,16 @@ def _to_key(row: Mapping[str, Any]) -> ApiKey:
 class PostgresStore:
     """``authsvc.storage.Store`` on PostgreSQL."""
 
-    def __init__(self, pool: asyncpg.Pool, *, lookup_timeout: float = 0.1, write_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        lookup_timeout: float = 0.1,
+        write_timeout: float = 5.0,
+        metrics: Recorder = NO_METRICS,
+    ) -> None:
         self._pool = pool
+        self._metrics = metrics
         self._lookup_timeout = lookup_timeout
         self._write_timeout = write_timeout
         # Lookups waiting for the next batch, by digest; see find_by_digest.
@@ -108,7 +121,9 @@ class PostgresStore:
         self._lookups: set[asyncio.Task[None]] = set()  # strong references to running batches
 
     @asynccontextmanager
-    async def _connection(self, budget: float, *, hot: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    async def _connection(
+        self, budget: float, operation: str, *, hot: bool = False
+    ) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection for at most ``budget`` seconds; then ``Unavailable``.
 
         The clean-up is bounded too. When a query times out, asyncpg asks the
@@ -118,7 +133,7 @@ class PostgresStore:
         caller's clean-up (ROLLBACK) gets ``_CLEANUP_TIMEOUT`` past the budget,
         and the release as much again, after which asyncpg closes the
         connection. ``hot``: the lookup path, which runs no transaction and
-        keeps to one timer.
+        keeps to one timer. ``operation`` names the call in the error metric.
         """
         connection: asyncpg.Connection | None = None
         guard = contextlib.nullcontext() if hot else asyncio.timeout(budget + _CLEANUP_TIMEOUT)
@@ -127,7 +142,11 @@ class PostgresStore:
                 connection = await self._pool.acquire()
                 yield connection
         except CONNECTION_ERRORS:
+            self._metrics.store_error(operation)
             raise Unavailable(_UNAVAILABLE) from None
+        except asyncpg.PostgresError:
+            self._metrics.store_error(operation)
+            raise
         finally:
             if connection is not None:
                 await self._release(connection)
@@ -140,14 +159,14 @@ class PostgresStore:
 
     async def ping(self, budget: float = 1.0) -> bool:
         try:
-            async with self._connection(budget) as conn:
+            async with self._connection(budget, "ping") as conn:
                 await conn.fetchval("SELECT 1")
         except Unavailable:
             return False
         return True
 
     async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:
-        async with self._connection(self._write_timeout) as conn, conn.transaction():
+        async with self._connection(self._write_timeout, "create_key") as conn, conn.transaction():
             # Serialise creates per org so concurrent calls cannot all see
             # "9 active" and each insert a 10th.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('authsvc.org:' || $1, 0))", new.org_id)
@@ -184,11 +203,11 @@ class PostgresStore:
                 {"name": new.name, "scopes": list(new.scopes), "prefix": new.prefix},
             )
             # A negative cache entry for this digest may exist somewhere.
-            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, new.digest.hex())
+            await conn.execute(_NOTIFY, NOTIFY_CHANNEL, new.digest.hex())
             return key
 
     async def get_key(self, org_id: str, key_id: str) -> ApiKey | None:
-        async with self._connection(self._write_timeout) as conn:
+        async with self._connection(self._write_timeout, "get_key") as conn:
             row = await conn.fetchrow(
                 f"SELECT {_COLUMNS} FROM api_keys WHERE org_id = $1 AND id = $2", org_id, uuid.UUID(key_id)
             )
@@ -199,7 +218,7 @@ class PostgresStore:
             _STATE_FILTERS[state] if state is not None else "AND $2::timestamptz IS NOT NULL"
         )
         async with (
-            self._connection(self._write_timeout) as conn,
+            self._connection(self._write_timeout, "list_keys") as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             total = await conn.fetchval(f"SELECT count(*) FROM api_keys {where}", org_id, now)
@@ -215,7 +234,7 @@ class PostgresStore:
     async def revoke_key(
         self, org_id: str, key_id: str, actor: Actor, reason: str, now: datetime
     ) -> tuple[ApiKey, bytes] | None:
-        async with self._connection(self._write_timeout) as conn, conn.transaction():
+        async with self._connection(self._write_timeout, "revoke_key") as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"UPDATE api_keys SET revoke_time = $3, revoked_by = $4, revoke_reason = $5 "
                 f"WHERE org_id = $1 AND id = $2 AND revoke_time IS NULL RETURNING {_COLUMNS}, key_hash",
@@ -238,7 +257,7 @@ class PostgresStore:
                 )
                 return _to_key(existing), bytes(existing["key_hash"])
             await self._insert_audit(conn, "key.revoke", org_id, actor, key_id, "ok", {"reason": reason})
-            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, bytes(row["key_hash"]).hex())
+            await conn.execute(_NOTIFY, NOTIFY_CHANNEL, bytes(row["key_hash"]).hex())
             return _to_key(row), bytes(row["key_hash"])
 
     async def find_by_digest(self, digest: bytes) -> ApiKey | None:
@@ -280,8 +299,9 @@ class PostgresStore:
         self._dispatch()  # whatever queued up while this query ran
 
     async def _lookup(self, batch: dict[bytes, asyncio.Future[ApiKey | None]]) -> None:
+        self._metrics.lookup_batch(len(batch))
         try:
-            async with self._connection(self._lookup_timeout, hot=True) as conn:
+            async with self._connection(self._lookup_timeout, "lookup", hot=True) as conn:
                 rows = await conn.fetch(
                     f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ANY($1::bytea[])", list(batch)
                 )
@@ -304,7 +324,7 @@ class PostgresStore:
             return
         ids = [uuid.UUID(k) for k in used]
         times = list(used.values())
-        async with self._connection(self._write_timeout) as conn:
+        async with self._connection(self._write_timeout, "record_last_used") as conn:
             await conn.execute(
                 "UPDATE api_keys AS k SET last_used_time = v.t "
                 "FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, t) "
@@ -316,7 +336,7 @@ class PostgresStore:
     async def audit(
         self, action: str, org_id: str, actor: Actor, key_id: str | None, outcome: str, detail: Mapping[str, object]
     ) -> None:
-        async with self._connection(self._write_timeout) as conn:
+        async with self._connection(self._write_timeout, "audit") as conn:
             await self._insert_audit(conn, action, org_id, actor, key_id, outcome, detail)
 
     @staticmethod

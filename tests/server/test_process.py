@@ -21,7 +21,7 @@ from tests.support import ADMIN, free_port, new_org, serve_process, wait_serving
 def run_serve(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "authsvc", "serve"],
-        env={**os.environ, "AUTHSVC_LISTEN": f"127.0.0.1:{free_port()}", **env},
+        env={**os.environ, "AUTHSVC_LISTEN": f"127.0.0.1:{free_port()}", "AUTHSVC_METRICS_LISTEN": "", **env},
         capture_output=True,
         text=True,
         timeout=60,
