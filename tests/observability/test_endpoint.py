@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -35,7 +36,11 @@ def test_metrics_are_served_on_slash_metrics_only(tmp_path: Path, database_url: 
         status, text = get(f"http://127.0.0.1:{port}/metrics")
         assert status == 200
         assert 'authsvc_authorize_total{reason="missing_key",transport="grpc"} 1.0' in text
-        assert "authsvc_invalidation_feed_up 1.0" in text
+        deadline = time.monotonic() + 10
+        while "authsvc_invalidation_feed_up 1.0" not in text:  # the listener subscribes just after start
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+            text = get(f"http://127.0.0.1:{port}/metrics")[1]
         assert get(f"http://127.0.0.1:{port}/")[0] == 404
         assert get(f"http://127.0.0.1:{port}/metrics/../admin")[0] == 404
         assert server.terminate() == 0
