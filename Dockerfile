@@ -22,9 +22,11 @@ WORKDIR /var/lib/authsvc
 # Listen on all interfaces inside the container. Without AUTHSVC_DATABASE_URL
 # the embedded PostgreSQL keeps its data in /var/lib/authsvc (mount a volume);
 # in production set AUTHSVC_DATABASE_URL.
+# Prometheus scrapes from outside the container, so metrics listen there too.
 ENV AUTHSVC_LISTEN=0.0.0.0:50051 \
+    AUTHSVC_METRICS_LISTEN=0.0.0.0:9464 \
     AUTHSVC_DATA_DIR=/var/lib/authsvc
-EXPOSE 50051
+EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["authsvc", "healthcheck"]
 STOPSIGNAL SIGTERM
