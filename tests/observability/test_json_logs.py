@@ -26,6 +26,7 @@ def test_json_logs_are_one_object_per_line_with_the_structured_fields(tmp_path: 
         "AUTHSVC_LOG_LEVEL": "DEBUG",
         "AUTHSVC_ADMIN_TOKENS": TOKEN,
         "AUTHSVC_WORKERS": "2",
+        "AUTHSVC_STORE_TIMEOUT_MS": "2000",  # the lookup must not time out on a busy machine
     }
     metadata = (("authorization", f"Bearer {TOKEN}"),)
     with serve_process(env, tmp_path) as server:

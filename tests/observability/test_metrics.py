@@ -67,6 +67,8 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 @asynccontextmanager
 async def replica(settings: Settings, database_url: str, **overrides: Any) -> AsyncIterator[tuple[App, Stub]]:
+    """A fresh replica; the tests count exact outcomes, so a busy machine gets 2 s per lookup, not 100 ms."""
+    overrides = {"store_timeout_ms": 2000, **overrides}
     app = App(replace(settings, **overrides), database_url, listen=f"127.0.0.1:{free_port()}")
     await app.start()
     await asyncio.wait_for(app.listener.connected.wait(), 5)
@@ -192,7 +194,7 @@ async def test_a_store_outage_shows_as_unavailable_store_errors_and_a_down_feed(
     """Through a TCP hop that the test cuts: the shared database itself is never touched."""
     proxy = TcpProxy.for_database(database_url)
     try:
-        async with replica(settings, proxy.url_for(database_url), cache_size=0) as (app, stub):
+        async with replica(settings, proxy.url_for(database_url), cache_size=0, store_timeout_ms=100) as (app, stub):
             unknown = KeyFormat("authsvc").generate().secret
             proxy.cut()
             for _ in range(3):

@@ -143,6 +143,7 @@ def test_prometheus_sees_the_totals_of_both_workers(
         "AUTHSVC_DATABASE_URL": database_url,
         "AUTHSVC_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
         "AUTHSVC_WORKER_BASE_PORT": str(base),
+        "AUTHSVC_STORE_TIMEOUT_MS": "2000",  # exact counts: no UNAVAILABLE because a busy machine was slow
     }
     with serve_process(env, tmp_path, args=("--workers", "2")) as server:
         workers = [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
