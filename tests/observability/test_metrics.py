@@ -144,14 +144,17 @@ async def test_every_metric_is_exported_with_its_exact_name_and_counts_what_was_
     }
     assert got == expected
     assert all(dict(labels)["transport"] == "grpc" for (name, labels) in samples if name == "authsvc_authorize_total")
-    # Lookups: the first ok, the unknown key and the revoked key (evicted on revoke) read the store.
-    assert value(samples, "authsvc_cache_misses_total") == 3
-    assert value(samples, "authsvc_cache_hits_total") == 3
-    assert value(samples, "authsvc_authorize_duration_seconds_count", transport="grpc", cache="miss") == 3
-    assert value(samples, "authsvc_authorize_duration_seconds_count", transport="grpc", cache="hit") == 6
+    # Six calls looked a key up. The first ok, the unknown key and the revoked key (evicted on revoke)
+    # must read the store; the other three are hits, unless a busy machine delayed the listener's
+    # heartbeat past its 1 s freshness bound, when the cache is bypassed (fail closed) and they miss too.
+    hits, misses = value(samples, "authsvc_cache_hits_total"), value(samples, "authsvc_cache_misses_total")
+    assert hits + misses == 6 and misses >= 3
+    assert value(samples, "authsvc_authorize_duration_seconds_count", transport="grpc", cache="miss") == misses
+    # cache="hit" also holds the answers that needed no lookup: missing, malformed, invalid_argument.
+    assert value(samples, "authsvc_authorize_duration_seconds_count", transport="grpc", cache="hit") == hits + 3
     fast = value(samples, "authsvc_authorize_duration_seconds_bucket", transport="grpc", cache="hit", le="0.01")
     assert fast >= 1  # a cache hit takes well under 10 ms
-    assert value(samples, "authsvc_store_lookup_batch_size_count") == 3
+    assert value(samples, "authsvc_store_lookup_batch_size_count") == misses  # one lookup at a time here
     assert value(samples, "authsvc_cache_entries") >= 1
     assert value(samples, "authsvc_invalidation_feed_up") == 1
     assert value(samples, "authsvc_invalidation_feed_resets_total") == 0
