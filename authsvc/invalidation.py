@@ -3,10 +3,11 @@
 Create and revoke publish the key's digest on ``NOTIFY_CHANNEL`` in the same
 transaction, as ``<hex digest>:<database clock in epoch microseconds>`` (a
 bare hex digest, from an older authsvc, is understood too); the difference to
-this process's clock at eviction is the invalidation lag. This listener evicts on every notification, proves its
-connection alive with a heartbeat (which also proves every earlier
-notification was delivered), and on any loss desynchronises the cache, so no
-cached decision is served until it is subscribed again (see authsvc.cache).
+this process's clock at eviction is the invalidation lag. This listener
+evicts on every notification, proves its connection alive with a heartbeat
+(which also proves every earlier notification was delivered), and on any loss
+desynchronises the cache, so no cached decision is served until it is
+subscribed again (see authsvc.cache).
 """
 
 from __future__ import annotations
