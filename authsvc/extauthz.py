@@ -244,7 +244,7 @@ def log_misconfigured(scope: str) -> None:
         )
 
 
-def settle(authorizer: Authorizer, question: Question) -> Outcome | Pending:
+def settle(authorizer: Authorizer, question: Question, transport: str) -> Outcome | Pending:
     """The outcome, when the Authorizer needs no I/O (a cache hit); else what ``Authorizer.complete`` must do.
 
     Both adapters answer a hit from here synchronously and await only a
@@ -252,7 +252,7 @@ def settle(authorizer: Authorizer, question: Question) -> Outcome | Pending:
     when the key cannot be verified (fail closed).
     """
     try:
-        decision = authorizer.check(question.key, question.scope)
+        decision = authorizer.check(question.key, question.scope, transport)
     except InvalidArgument:
         return question.misconfigured()
     return decision if isinstance(decision, Pending) else question.answered(decision)
@@ -273,7 +273,7 @@ class AuthorizationAdapter:
         question = self._routes.question(http.method, request_headers(http), request.attributes.context_extensions)
         if isinstance(question, Outcome):
             return self.respond(question)
-        outcome = settle(self._authorizer, question)
+        outcome = settle(self._authorizer, question, "envoy_grpc")
         if isinstance(outcome, Pending):
             outcome = question.answered(await self._authorizer.complete(outcome))
         return self.respond(outcome)

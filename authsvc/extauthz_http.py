@@ -97,7 +97,7 @@ class HttpAuthorizationAdapter:
         question = self._routes.question(request.method, headers, route_settings(headers))
         if isinstance(question, Outcome):
             return self.respond(question)
-        outcome = settle(self._authorizer, question)
+        outcome = settle(self._authorizer, question, "envoy_http")
         if isinstance(outcome, Pending):
             return self._complete(question, outcome)
         return self.respond(outcome)

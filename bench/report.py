@@ -45,6 +45,10 @@ def targets(r: Results) -> list[tuple[str, bool, str]]:
                     f"{hit:.0f} vs {base:.0f} req/s = {hit / base:.1%}"))
         out.append(("Authorize cache-miss throughput >= 60% of the baseline", miss >= 0.6 * base,
                     f"{miss:.0f} vs {base:.0f} req/s = {miss / base:.1%}"))
+        if tp.get("hit_metrics"):
+            on = median([s["good_rps"] for s in tp["hit_metrics"]])
+            out.append(("Cache-hit throughput with metrics on >= 95% of metrics off", on >= 0.95 * hit,
+                        f"{on:.0f} vs {hit:.0f} req/s = {on / hit:.1%}"))
     serial = r.get("serial")
     if serial:
         b = median([s["p50_ms"] for s in serial["baseline"]])
@@ -84,6 +88,13 @@ def targets(r: Results) -> list[tuple[str, bool, str]]:
         out.append(("Revocation visible on every other replica: p99 <= 50 ms", p99 <= 50 and missing == 0,
                     f"p99 {p99:.2f} ms over {len(lat)} revocation x replica pairs ({missing} never denied)"))
         out.append(("0 allows of a revoked key after 50 ms", late == 0, f"{late} late allows"))
+        server = rev.get("server_lag")
+        if server:
+            p50 = percentile(lat, 0.5)
+            out.append(("authsvc_invalidation_lag_seconds p50 within 3 ms of the client-side p50",
+                        abs(server["p50_ms"] - p50) <= 3,
+                        f"{server['p50_ms']:.2f} ms (metrics, {server['observations']:.0f} evictions) "
+                        f"vs {p50:.2f} ms (client)"))
         loss = rev["losses"]
         loss_allows = sum(s["late_allows"] + s["allows_after_denial"] for s in loss)
         first_allows = sum(s["polls"] - s["unavailable"] for s in loss if s["latency_ms"] is None)
@@ -153,8 +164,11 @@ def markdown(r: Results, command: str) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, label in (("baseline", "empty handler"), ("hit", "authsvc, cache hit"),
+                            ("hit_metrics", "authsvc, cache hit, metrics on"),
                             ("miss", "authsvc, cache miss (cache off)")):
-            s = tp[name]
+            s = tp.get(name)
+            if not s:  # results recorded before the metrics scenario existed
+                continue
             lines.append(
                 f"| {label} | {median([x['good_rps'] for x in s]):.0f} | {_runs([x['good_rps'] for x in s])} | "
                 f"{min(x['good_fraction'] for x in s):.2%} (worst run) | "

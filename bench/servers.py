@@ -66,6 +66,7 @@ def authsvc_env(database_url: str, **extra: str | int) -> dict[str, str]:
         "AUTHSVC_DATABASE_URL": database_url,
         "AUTHSVC_LOG_LEVEL": "WARNING",
         "AUTHSVC_MAX_ACTIVE_KEYS": "10000",
+        "AUTHSVC_METRICS_LISTEN": "",  # off unless a scenario asks (metrics_listen=...): replicas would share the port
     }
     env.update({f"AUTHSVC_{k.upper()}": str(v) for k, v in extra.items()})
     return env

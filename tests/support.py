@@ -116,7 +116,8 @@ def serve_process(
     log_path = tmp / f"authsvc-{port}.log"
     # One process unless a test asks for workers: quicker to start, same code.
     # No drain period unless a test asks for one: nothing health-checks these servers.
-    # Its own ext_authz HTTP port too, so that servers of concurrent tests never share the default.
+    # Its own ext_authz HTTP port too, so that servers of concurrent tests never share the default;
+    # no metrics endpoint unless asked for: the default port would be shared by every test's server.
     http_listen = f"127.0.0.1:{free_port()}"
     full_env = {
         **os.environ,
@@ -124,6 +125,7 @@ def serve_process(
         "AUTHSVC_HTTP_AUTHZ_LISTEN": http_listen,
         "AUTHSVC_WORKERS": "1",
         "AUTHSVC_DRAIN_SECONDS": "0",
+        "AUTHSVC_METRICS_LISTEN": "",
         **env,
     }
     with log_path.open("wb") as log:

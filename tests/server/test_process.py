@@ -26,6 +26,7 @@ def run_serve(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess[str
             **os.environ,
             "AUTHSVC_LISTEN": f"127.0.0.1:{free_port()}",
             "AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{free_port()}",
+            "AUTHSVC_METRICS_LISTEN": "",
             **env,
         },
         capture_output=True,
