@@ -13,18 +13,18 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 import pytest
 from authsvc_client.v1 import authsvc_pb2 as pb
 
-from authsvc.config import Secret, Settings
+from authsvc.config import Settings
 from authsvc.core.keyformat import KeyFormat
 from authsvc.extauthz_http import HttpAuthorizationAdapter
 from authsvc.http_server import Request, Response
 from authsvc.runtime import App
 from tests.extauthz.rawhttp import Answer, Client, request_bytes
-from tests.support import ADMIN, Stub, TcpProxy, free_port, new_org
+from tests.replicas import behind_a_proxy
+from tests.support import ADMIN, Stub, TcpProxy, new_org
 
 IDENTITY = ("x-authsvc-org-id", "x-authsvc-key-id", "x-authsvc-user-id", "x-authsvc-scopes")
 
@@ -226,14 +226,8 @@ async def test_a_cache_hit_is_answered_synchronously_a_miss_after_the_lookup(app
 
 @pytest.fixture
 async def proxied(settings: Settings, database_url: str) -> AsyncIterator[tuple[App, TcpProxy]]:
-    proxy = TcpProxy.for_database(database_url)
-    url = proxy.url_for(database_url)
-    app = App(replace(settings, database_url=Secret(url)), url, listen=f"127.0.0.1:{free_port()}")
-    await app.start()
-    await asyncio.wait_for(app.feed.connected.wait(), 5)
-    yield app, proxy
-    await app.stop(grace=0.5)
-    proxy.close()
+    async with behind_a_proxy(settings, database_url) as replica:
+        yield replica
 
 
 async def test_database_down_is_503_fast_for_cached_and_unknown_keys_and_health_follows(

@@ -8,15 +8,13 @@ reads what Prometheus would scrape: the exposition text of
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import replace
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import asyncpg
 import grpc
 from authsvc_client.v1 import authsvc_pb2 as pb
-from authsvc_client.v1 import authsvc_pb2_grpc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,7 +23,8 @@ from authsvc.core.keyformat import KeyFormat
 from authsvc.metrics import Collector
 from authsvc.runtime import App
 from authsvc.storage.postgres import NOTIFY_CHANNEL
-from tests.support import ADMIN, Stub, TcpProxy, free_port, new_org
+from tests.replicas import running
+from tests.support import ADMIN, Stub, TcpProxy, new_org
 
 NAMES = {
     "authsvc_authorize_total",
@@ -65,18 +64,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-@asynccontextmanager
-async def replica(settings: Settings, database_url: str, **overrides: Any) -> AsyncIterator[tuple[App, Stub]]:
+def replica(settings: Settings, database_url: str, **overrides: Any) -> AbstractAsyncContextManager[tuple[App, Stub]]:
     """A fresh replica; the tests count exact outcomes, so a busy machine gets 2 s per lookup, not 100 ms."""
-    overrides = {"store_timeout_ms": 2000, **overrides}
-    app = App(replace(settings, **overrides), database_url, listen=f"127.0.0.1:{free_port()}")
-    await app.start()
-    await asyncio.wait_for(app.feed.connected.wait(), 5)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            yield app, authsvc_pb2_grpc.KeyServiceStub(channel)
-    finally:
-        await app.stop(grace=0.5)
+    return running(settings, database_url, **{"store_timeout_ms": 2000, **overrides})
 
 
 async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
