@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from bench import (
+    envoy_http,
     envoy_path,
     machine,
     memory,
@@ -37,6 +38,7 @@ PARTS: dict[str, Callable[[BenchConfig, Any], dict[str, Any]]] = {
     "throughput": throughput.run,
     "unique": unique.run,
     "envoy": envoy_path.run,
+    "envoy_http": envoy_http.run,
     "revocation": revocation.run,
     "ratelimit": ratelimit_accuracy.run,
     "memory": memory.run,

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from authsvc.access import AdminClient, AdminToken
 from authsvc.core.errors import Unauthenticated
 from authsvc.core.keys import ANONYMOUS, Caller
+from authsvc.core.ports import Recorder
 from authsvc.grpc.admission import AT_CAPACITY, Admission
 from authsvc.grpc.status import to_status
 
@@ -105,9 +106,17 @@ def _certificate_names(auth: Mapping[str, Iterable[bytes]]) -> list[str]:
 
 
 def _wrap(
-    behavior: Behavior, method: str, admin: AdminTokens | None, admission: Admission | None
+    behavior: Behavior,
+    method: str,
+    admin: AdminTokens | None,
+    metrics: Recorder | None = None,
+    admission: Admission | None = None,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
-    """``admin`` set: a management method, called as ``behavior(request, caller)``."""
+    """``admin`` set: a management method, called as ``behavior(request, caller)``.
+
+    ``metrics`` set: every call is counted by its status code's name.
+    """
+    name = method.rpartition("/")[2]
 
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if admission is None:
@@ -121,16 +130,25 @@ def _wrap(
 
     async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNDECODABLE:
+            if metrics is not None:
+                metrics.managed(name, grpc.StatusCode.INVALID_ARGUMENT.name)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the request could not be decoded: string fields must be valid UTF-8",
             )
         try:
             if admin is not None:
-                return await behavior(request, admin.check(context))
-            return await behavior(request)
+                response = await behavior(request, admin.check(context))
+            else:
+                response = await behavior(request)
         except Exception as exc:  # mapped in one place; a traceback never reaches the caller
             code, message = to_status(exc, method)
+        else:
+            if metrics is not None:
+                metrics.managed(name, "OK")
+            return response
+        if metrics is not None:
+            metrics.managed(name, code.name)
         await context.abort(code, message)
 
     return handler
@@ -142,13 +160,14 @@ def service_handler(
     *,
     admin: AdminTokens | None = None,
     protected: frozenset[str] = frozenset(),
+    metrics: Recorder | None = None,
     admission: Admission | None = None,
 ) -> grpc.GenericRpcHandler:
     """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``.
 
     ``protected`` methods are called as ``servicer.<Method>(request, caller)``,
-    with the ``Caller`` that ``admin`` authenticated. ``admission`` (shared
-    by every service of a process) bounds the calls in flight.
+    with the ``Caller`` that ``admin`` authenticated, and counted by ``metrics``.
+    ``admission`` (shared by every service of a process) bounds the calls in flight.
     """
     handlers = {}
     for method in descriptor.methods:
@@ -159,6 +178,7 @@ def service_handler(
                 getattr(servicer, method.name),
                 f"/{descriptor.full_name}/{method.name}",
                 admin if method.name in protected else None,
+                metrics if method.name in protected else None,
                 admission,
             ),
             request_deserializer=_lenient(request_class.FromString),
