@@ -230,6 +230,7 @@ def test_each_workers_open_file_limit_is_raised_to_the_hard_limit_and_the_connec
         "AUTHSVC_LISTEN": f"127.0.0.1:{port}",
         "AUTHSVC_WORKERS": "2",
         "AUTHSVC_WORKER_BASE_PORT": str(base),
+        "AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{free_port()}",
         "AUTHSVC_DRAIN_SECONDS": "0",
     }
     hard = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
