@@ -47,14 +47,16 @@ from authsvc import extauthz, logs
 from authsvc.config import Settings
 from authsvc.core.authorizer import Authorizer
 from authsvc.core.errors import ConfigError, Unavailable
+from authsvc.core.fanout import Fanout
 from authsvc.core.keyformat import KeyFormat
-from authsvc.core.keys import KeyGrant
+from authsvc.core.keys import Grant
 from authsvc.core.manager import KeyManager
 from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import UsageRecorder
 from authsvc.grpc.keyservice import KeyServiceAdapter
 from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
 from authsvc.grpc.tls import ReloadingCredentials
+from authsvc.grpc.watch import WatchAdapter
 from authsvc.storage import audit, embedded
 from authsvc.storage.notify import FRESHNESS, PostgresFeed
 from authsvc.storage.postgres import CONNECTION_ERRORS, PostgresStore, connect, create_pool, run_migrations
@@ -181,10 +183,14 @@ class App:
         with _setting("AUTHSVC_REDIS_URL"):
             shared = RedisCounter(s.redis_url.value) if s.redis_url else None
         self.store = PostgresStore(self._pool, lookup_timeout=s.store_timeout_ms / 1000)
-        cache: DecisionCache[KeyGrant] = DecisionCache(s.cache_size, FRESHNESS, time.monotonic)
+        cache: DecisionCache[Grant] = DecisionCache(s.cache_size, FRESHNESS, time.monotonic)
         self.feed = PostgresFeed(self.dsn)
         self.feed.subscribe(cache)
+        # After the cache: a client never hears of an invalidation before this process applied it.
+        self.fanout = Fanout(lambda: cache.serving)
+        self.feed.subscribe(self.fanout)
         await self.feed.start()
+        self.fanout.start()
         self.usage = UsageRecorder(self.store, s.last_used_flush_seconds)
         self.usage.start()
         self.limiter = RateLimiter(s.rate_limit, s.rate_limit_window_seconds, shared, monotonic=time.monotonic)
@@ -207,7 +213,7 @@ class App:
                 KEY_SERVICE,
                 service_handler(
                     KEY_SERVICE,
-                    KeyServiceAdapter(self.manager, self.authorizer),
+                    KeyServiceAdapter(self.manager, self.authorizer, WatchAdapter(self.fanout, self.usage, time.time)),
                     admin=admin,
                     protected=MANAGEMENT_METHODS,
                 ),
@@ -279,6 +285,7 @@ class App:
         if drain > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for((hurry or asyncio.Event()).wait(), drain)
+        await self.fanout.stop()  # ends every WatchDecisions stream: their clients fall back to calls
         await self._server.stop(grace)
         await self._shutdown_internals()
 
