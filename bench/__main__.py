@@ -19,7 +19,18 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import envoy_path, machine, memory, ratelimit_accuracy, report, revocation, seed, throughput, unique
+from bench import (
+    clientcache,
+    envoy_path,
+    machine,
+    memory,
+    ratelimit_accuracy,
+    report,
+    revocation,
+    seed,
+    throughput,
+    unique,
+)
 from bench.config import BenchConfig
 
 PARTS: dict[str, Callable[[BenchConfig, Any], dict[str, Any]]] = {
@@ -29,6 +40,7 @@ PARTS: dict[str, Callable[[BenchConfig, Any], dict[str, Any]]] = {
     "revocation": revocation.run,
     "ratelimit": ratelimit_accuracy.run,
     "memory": memory.run,
+    "clientcache": clientcache.run,
 }
 
 

@@ -155,8 +155,12 @@ class Fanout:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self.drop_all("the server is stopping")
+
+    def drop_all(self, why: str) -> None:
+        """End every client stream; each client resynchronises from empty."""
         for watcher in list(self._watchers):
-            watcher.drop("the server is stopping")
+            watcher.drop(why)
 
     def tick(self) -> None:
         """One heartbeat round: forget dropped watchers, and queue a heartbeat if this process's cache is serving."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 from authsvc_client.v1 import authsvc_pb2 as pb
@@ -112,6 +113,9 @@ def authorize_response(decision: Decision, _variant: object = None) -> pb.Author
     return response
 
 
+_MAX_TIMESTAMP_MICROS = 253402300799_999999  # 9999-12-31T23:59:59.999999Z
+
+
 def authorize_response_for_client(decision: Decision, view: tuple[float | None, bool]) -> pb.AuthorizeResponse:
     """``authorize_response`` plus ``expire_time`` and ``cacheable`` for a client cache (``Authorizer.client_view``)."""
     response = authorize_response(decision)
@@ -121,5 +125,6 @@ def authorize_response_for_client(decision: Decision, view: tuple[float | None, 
         decision.principal is not None or decision.reason is Reason.UNKNOWN_KEY
     )
     if expire_at is not None and decision.principal is not None:
-        response.expire_time.FromMicroseconds(round(expire_at * 1_000_000))
+        # Rounded down (a client expires it no later than the server does), within Timestamp's range.
+        response.expire_time.FromMicroseconds(min(math.floor(expire_at * 1_000_000), _MAX_TIMESTAMP_MICROS))
     return response

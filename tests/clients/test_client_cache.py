@@ -224,6 +224,25 @@ async def test_a_reset_from_the_server_empties_the_client_cache(
             await cached(client, key.secret)  # and it fills again once the server's feed is back
 
 
+async def test_a_dropped_stream_reconnects_and_the_client_starts_again_from_empty(app: App, stub: Stub) -> None:
+    """What a slow client gets when the server drops it (RESOURCE_EXHAUSTED): a new stream, an empty cache."""
+    key = await new_key(stub, new_org())
+    async with AsyncClient(f"127.0.0.1:{app.port}") as client:
+        await cached(client, key.secret)
+        connects = client.cache_stats().connects
+        app.fanout.drop_all("test: a slow client")
+
+        async def reconnected() -> bool:
+            return client.cache_stats().connects > connects
+
+        await until(reconnected, within=5.0)
+        stats = client.cache_stats()
+        assert stats.entries == 0, "a reconnected client starts from an empty cache"
+        hits = stats.hits
+        await cached(client, key.secret)
+        assert client.cache_stats().hits > hits
+
+
 def _client_script(target: str, key: str) -> str:
     return f"""
 import sys, time
