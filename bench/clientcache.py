@@ -202,11 +202,11 @@ def run(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
         log(f"  local decisions {r['cached_per_s']:.0f}/s vs {r['uncached_per_s']:.0f}/s uncached = {r['ratio']:.0f}x")
         result["revocation"] = asyncio.run(_revocation(a, b, work, cfg.revocations))
         r = result["revocation"]
-        log(f"  revocation into {CLIENT_PROCESSES} client processes: p99 {r['p99_ms']} ms,"
+        log(f"  revocation into {CLIENT_PROCESSES} client processes: p99 {r['p99_ms']:.1f} ms,"
             f" never denied {r['never_denied']}, allows after denial {r['allows_after_denial']}")
         result["fanout"] = asyncio.run(_fanout(b, cfg.cache_streams, cfg.cache_fanout_revocations))
         r = result["fanout"]
-        log(f"  fan-out to {r['streams']} streams: p99 {r['p99_ms']} ms, server RSS {r['server_rss_kib']} KiB")
+        log(f"  fan-out to {r['streams']} streams: p99 {r['p99_ms']:.1f} ms, server RSS {r['server_rss_kib']} KiB")
     result["memory"] = _memory(cfg.memory_keys_process)
     log(f"  {result['memory']['bytes_per_key']:.0f} bytes per cached key in the client")
     return {"clientcache": result}

@@ -19,14 +19,22 @@ from authsvc_client import AsyncClient, Unavailable
 
 async def main(secrets: list[str], target: str) -> None:
     async with AsyncClient(target, timeout=1.0) as client:
+        async def warm(secret: str) -> None:
+            for _ in range(50):  # a loaded machine may miss the store's 100 ms budget now and then
+                try:
+                    await client.authorize(secret, "read")
+                    return
+                except Unavailable:
+                    await asyncio.sleep(0.05)
+
         for secret in secrets:
-            await client.authorize(secret, "read")
+            await warm(secret)
         for _ in range(3000):  # polled: the client has no event for it
             if client.cache_stats().stream == "subscribed":
                 break
             await asyncio.sleep(0.01)
         for secret in secrets:  # now decided locally
-            await client.authorize(secret, "read")
+            await warm(secret)
         print("ready", flush=True)
         loop = asyncio.get_running_loop()
         closed = loop.run_in_executor(None, sys.stdin.read)
@@ -44,7 +52,7 @@ async def main(secrets: list[str], target: str) -> None:
                     first.setdefault(i, time.time())
                 elif i in first:
                     after += 1
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)  # a service between requests: 4 spinning clients would starve the servers
         stats = client.cache_stats()
         print(json.dumps({"first_denial": first, "allows_after_denial": after, "unavailable": unavailable,
                           "polls": polls, "hits": stats.hits, "misses": stats.misses}), flush=True)
