@@ -243,6 +243,41 @@ async def test_a_dropped_stream_reconnects_and_the_client_starts_again_from_empt
         assert client.cache_stats().hits > hits
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["cut", "partition"])
+async def test_a_cut_or_partitioned_connection_leaves_no_cached_allow_after_the_bound(
+    fault: str, app: App, stub: Stub
+) -> None:
+    """Through a real TCP hop: connections reset (cut) or silently holding every byte (partition)."""
+    from authsvc_client import Unavailable
+
+    from tests.support import TcpProxy
+
+    key = await new_key(stub, new_org())
+    proxy = TcpProxy(("127.0.0.1", app.port))
+    try:
+        async with AsyncClient(f"127.0.0.1:{proxy.port}") as client:
+            await cached(client, key.secret)
+            at = time.monotonic()
+            if fault == "cut":
+                proxy.cut()
+            else:
+                proxy.freeze()
+            seen: list[tuple[float, str]] = []
+            while time.monotonic() - at < 2.0:
+                try:
+                    out = "allow" if (await client.authorize(key.secret, "read")).allowed else "deny"
+                except Unavailable:
+                    out = "unavailable"
+                seen.append((time.monotonic() - at, out))
+                await asyncio.sleep(0.005)
+            late = [t for t, out in seen if out == "allow" and t > 1.0 + 0.15]
+            assert not late, f"allowed {late[0]:.3f} s after the {fault}"
+            assert seen[-1][1] == "unavailable"
+    finally:
+        proxy.close()
+
+
 def _client_script(target: str, key: str) -> str:
     return f"""
 import sys, time
