@@ -52,23 +52,30 @@ class AsyncWatch:
     def __init__(self, local: LocalCache) -> None:
         self.local = local
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def ensure(self, channel: grpc.aio.Channel) -> None:
         if self._task is None or self._task.done():
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run(channel), name="authsvc-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        # grpc.aio may turn the cancellation of a read into an RpcError (CANCELLED), which the loop
+        # swallows like any lost stream: the flag ends the loop even then.
+        self._stopping = True
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
+        if task is not None and not task.cancelled():
+            with contextlib.suppress(Exception):
+                task.result()
         self.local.lost()
 
     async def _run(self, channel: grpc.aio.Channel) -> None:
         stub = KeyServiceStub(channel)
         backoff = _FIRST_BACKOFF
-        while True:
+        while not self._stopping:
             call: Any = stub.WatchDecisions()
             self.local.connecting()
             reporter = asyncio.create_task(self._report(call))
@@ -82,6 +89,8 @@ class AsyncWatch:
                 self.local.lost()
                 reporter.cancel()
                 call.cancel()
+            if self._stopping:
+                return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
