@@ -15,15 +15,32 @@ can slip between the check and the write.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from authsvc.core import validation
+from authsvc.core import pagetoken, validation
 from authsvc.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from authsvc.core.keyformat import KeyFormat
 from authsvc.core.keys import ANONYMOUS, Actor, ApiKey, Caller, KeyState, ScopeCatalog
-from authsvc.core.ports import DateClock, KeyStore, KeyUpdate, NewKey, Page, Rotation, TooManyActiveKeys
+from authsvc.core.ports import (
+    AuditEvent,
+    AuditQuery,
+    DateClock,
+    KeyStore,
+    KeyUpdate,
+    NewKey,
+    Page,
+    Rotation,
+    TooManyActiveKeys,
+)
+
+#: ListAuditEvents' page size when the request names none, and the most it may ask for.
+DEFAULT_AUDIT_PAGE_SIZE = 50
+MAX_AUDIT_PAGE_SIZE = 500
+#: An audit action as the trail writes them (``key.create``, ``audit.list``).
+_ACTION = re.compile(r"[a-z][a-z_]{0,31}(\.[a-z][a-z_]{0,31}){0,3}")
 
 #: The longest grace period a rotation may give the old key, unless configured (AUTHSVC_MAX_ROTATION_GRACE).
 DEFAULT_MAX_ROTATION_GRACE = timedelta(days=7)
@@ -339,6 +356,56 @@ class KeyManager:
             extra={"org_id": org_id, "created_by": created_by, "count": len(revoked), "actor": actor.user_id},
         )
         return [key for key, _ in revoked]
+
+    async def list_audit_events(
+        self,
+        org_id: str,
+        actor: Actor,
+        *,
+        key_id: str = "",
+        action: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        caller: Caller = ANONYMOUS,
+    ) -> tuple[list[AuditEvent], str]:
+        """One page of the organization's audit trail, newest first, and the token for the next ("" at the end).
+
+        Reading the trail is itself a management call and is audited
+        (``audit.list``); the next page's position is an id, so events
+        written meanwhile never shift or repeat what a later page shows.
+        """
+        org_id = self._check_org(org_id)
+        actor = self._check_actor(actor, caller)
+        wanted_key = validation.key_id(key_id) if key_id else None
+        if action and not _ACTION.fullmatch(action):
+            raise InvalidArgument("action must be an audit action such as key.create or key.revoke, or empty")
+        if start_time is not None and end_time is not None and end_time < start_time:
+            raise InvalidArgument("end_time must not be before start_time")
+        if not 0 <= page_size <= MAX_AUDIT_PAGE_SIZE:
+            raise InvalidArgument(
+                f"page_size must be between 1 and {MAX_AUDIT_PAGE_SIZE} (0 means {DEFAULT_AUDIT_PAGE_SIZE}), "
+                f"got {page_size}"
+            )
+        limit = page_size or DEFAULT_AUDIT_PAGE_SIZE
+        filters = (wanted_key, action or None, start_time, end_time)
+        before = pagetoken.read(page_token, org_id, filters) if page_token else None
+        await self._require_org(caller, actor, "audit.list", org_id, wanted_key)
+        if not actor.role.may_manage:
+            await self.store.audit("audit.list", org_id, actor, wanted_key, "denied", {})
+            raise PermissionDenied("only ROLE_ADMIN or ROLE_OWNER may read the audit trail")
+        # One more than the page: whether there is a next page, without a count.
+        events = await self.store.list_audit_events(
+            AuditQuery(org_id, wanted_key, action or None, start_time, end_time, before, limit + 1)
+        )
+        await self.store.audit(
+            "audit.list", org_id, actor, wanted_key, "ok", {"action": action or None, "page_size": limit}
+        )
+        if len(events) <= limit:
+            return events, ""
+        page = events[:limit]
+        return page, pagetoken.issue(page[-1].id, org_id, filters)
 
     def _check_labels(self, labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
         checked = validation.labels(labels)

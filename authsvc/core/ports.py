@@ -79,6 +79,40 @@ class Page:
     total: int
 
 
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One stored audit row, as ``ListAuditEvents`` shows it."""
+
+    id: int
+    time: datetime
+    org_id: str
+    actor: Actor
+    action: str
+    key_id: str | None
+    outcome: str
+    detail: Mapping[str, object]
+    #: The event's link in its organization's hash chain.
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Which of an organization's audit events to read, newest first.
+
+    ``before_id``: only events with a smaller id (the page token's position);
+    ids grow in chain order within an organization. ``start_time`` is
+    inclusive, ``end_time`` exclusive.
+    """
+
+    org_id: str
+    key_id: str | None = None
+    action: str | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    before_id: int | None = None
+    limit: int = 50
+
+
 class Found(NamedTuple):
     """A hot-path lookup's answer: the key (``None``: no such key) and the server it was read from.
 
@@ -172,6 +206,10 @@ class KeyStore(Protocol):
         self, action: str, org_id: str, actor: Actor, key_id: str | None, outcome: str, detail: Mapping[str, object]
     ) -> None:
         """Record a management call that wrote nothing else (reads, denials)."""
+        ...
+
+    async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
+        """At most ``query.limit`` of the organization's events matching ``query``, highest id first."""
         ...
 
     async def ping(self, budget: float = 1.0) -> bool:

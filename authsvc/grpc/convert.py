@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 from authsvc_client.v1 import authsvc_pb2 as pb
@@ -11,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authsvc.core import validation
 from authsvc.core.errors import InvalidArgument
 from authsvc.core.keys import Actor, ApiKey, Decision, Principal
+from authsvc.core.ports import AuditEvent
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # google.protobuf.Timestamp's own range, 0001-01-01T00:00:00Z to
@@ -79,6 +81,25 @@ def api_key(key: ApiKey, now: datetime) -> pb.ApiKey:
         labels=dict(key.labels),
         rotated_to=key.rotated_to,
         rotated_from=key.rotated_from,
+    )
+
+
+def audit_event(event: AuditEvent) -> pb.AuditEvent:
+    return pb.AuditEvent(
+        id=event.id,
+        time=timestamp(event.time),
+        org_id=event.org_id,
+        actor=pb.Actor(user_id=event.actor.user_id, role=int(event.actor.role)),  # type: ignore[arg-type]
+        caller=event.actor.caller or "",
+        action=event.action,
+        key_id=event.key_id or "",
+        outcome=event.outcome,
+        details={
+            name: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            for name, value in event.detail.items()
+            if value is not None
+        },
+        hash=event.hash,
     )
 
 

@@ -89,6 +89,22 @@ class KeyServiceAdapter:
         now = self._manager.now()
         return pb.RevokeKeysResponse(keys=[convert.api_key(k, now) for k in keys])
 
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, caller: Caller) -> pb.ListAuditEventsResponse:
+        start = convert.from_timestamp(request.start_time, "start_time") if request.HasField("start_time") else None
+        end = convert.from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else None
+        events, token = await self._manager.list_audit_events(
+            request.org_id,
+            convert.actor(request.actor),
+            key_id=request.key_id,
+            action=request.action,
+            start_time=start,
+            end_time=end,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            caller=caller,
+        )
+        return pb.ListAuditEventsResponse(events=[convert.audit_event(e) for e in events], next_page_token=token)
+
     async def Authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
         answer = self._authorizer.check(request.key, request.required_scope)
         if isinstance(answer, Pending):  # a miss or a rate limit: the only await on this path

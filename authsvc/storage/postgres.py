@@ -30,8 +30,18 @@ import asyncpg
 
 from authsvc.config import scrub
 from authsvc.core.errors import Aborted, ConfigError, Unavailable
-from authsvc.core.keys import Actor, ApiKey, KeyState
-from authsvc.core.ports import Found, KeyUpdate, NewKey, Page, Rotated, Rotation, TooManyActiveKeys
+from authsvc.core.keys import Actor, ApiKey, KeyState, Role
+from authsvc.core.ports import (
+    AuditEvent,
+    AuditQuery,
+    Found,
+    KeyUpdate,
+    NewKey,
+    Page,
+    Rotated,
+    Rotation,
+    TooManyActiveKeys,
+)
 from authsvc.storage.migrate import migrate
 from authsvc.storage.topology import NOT_WRITABLE, IdentifiedConnection, NotPrimary, connect_options, init_pooled
 
@@ -205,6 +215,14 @@ def _to_key(row: Mapping[str, Any]) -> ApiKey:
         rotated_to=str(row["rotated_to"]) if row["rotated_to"] else "",
         rotated_from=str(row["rotated_from"]) if row["rotated_from"] else "",
     )
+
+
+def _role(stored: str) -> Role:
+    """Audit rows store the role's lower-case name; one written by hand may say anything."""
+    try:
+        return Role[stored.upper()]
+    except KeyError:
+        return Role.UNSPECIFIED
 
 
 def _labels(raw: str | None) -> tuple[tuple[str, str], ...]:
@@ -435,8 +453,8 @@ class PostgresStore:
             revoked = [(_to_key(r), bytes(r["key_hash"])) for r in rows]
             revoked.sort(key=lambda pair: (pair[0].create_time, pair[0].id), reverse=True)
             await conn.executemany(
-                "INSERT INTO audit_events (org_id, actor_user_id, actor_role, action, key_id, outcome, detail) "
-                "VALUES ($1, $2, $3, 'key.revoke', $4, 'ok', $5::jsonb)",
+                "INSERT INTO audit_events (org_id, actor_user_id, actor_role, action, key_id, outcome, detail, caller) "
+                "VALUES ($1, $2, $3, 'key.revoke', $4, 'ok', $5::jsonb, $6)",
                 [
                     (
                         org_id,
@@ -444,6 +462,7 @@ class PostgresStore:
                         actor.role.name.lower(),
                         uuid.UUID(key.id),
                         json.dumps({"reason": reason, "created_by": created_by}),
+                        actor.caller,
                     )
                     for key, _ in revoked
                 ],
@@ -593,6 +612,39 @@ class PostgresStore:
     ) -> None:
         async with self._connection(self._write_timeout) as conn:
             await self._insert_audit(conn, action, org_id, actor, key_id, outcome, detail)
+
+    async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
+        # Filters are bound as NULL-or-value so one statement (and its plan) serves every combination;
+        # (org_id, id) is indexed (0004), and within an org id order is chain order.
+        async with self._connection(self._write_timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT id, occurred_at, org_id, actor_user_id, actor_role, caller, action, key_id, outcome, "
+                "detail::text AS detail, hash FROM audit_events "
+                "WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2) AND ($3::uuid IS NULL OR key_id = $3) "
+                "AND ($4::text IS NULL OR action = $4) AND ($5::timestamptz IS NULL OR occurred_at >= $5) "
+                "AND ($6::timestamptz IS NULL OR occurred_at < $6) ORDER BY id DESC LIMIT $7",
+                query.org_id,
+                query.before_id,
+                uuid.UUID(query.key_id) if query.key_id else None,
+                query.action,
+                query.start_time,
+                query.end_time,
+                query.limit,
+            )
+        return [
+            AuditEvent(
+                id=r["id"],
+                time=r["occurred_at"],
+                org_id=r["org_id"],
+                actor=Actor(r["actor_user_id"], _role(r["actor_role"]), caller=r["caller"]),
+                action=r["action"],
+                key_id=str(r["key_id"]) if r["key_id"] is not None else None,
+                outcome=r["outcome"],
+                detail=json.loads(r["detail"]),
+                hash=bytes(r["hash"]),
+            )
+            for r in rows
+        ]
 
     @staticmethod
     async def _insert_audit(

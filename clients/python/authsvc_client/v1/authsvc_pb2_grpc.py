@@ -76,6 +76,11 @@ class KeyServiceStub:
                 request_serializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysRequest.SerializeToString,
                 response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/authsvc.v1.KeyService/ListAuditEvents',
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -153,6 +158,17 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """ListAuditEvents pages through the organization's audit trail, newest
+        first: every management call, permitted or refused, with the caller
+        that made it and its link in the organization's hash chain
+        (`authsvc audit verify` checks the chain). Requires ROLE_ADMIN or
+        ROLE_OWNER.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -195,6 +211,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RevokeKeys,
                     request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysRequest.FromString,
                     response_serializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -415,6 +436,33 @@ class KeyService:
             '/authsvc.v1.KeyService/RevokeKeys',
             authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysRequest.SerializeToString,
             authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.KeyService/ListAuditEvents',
+            authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

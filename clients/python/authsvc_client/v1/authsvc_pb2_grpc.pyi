@@ -77,6 +77,13 @@ class KeyServiceStub:
     organization, in one transaction (offboarding). Idempotent: a second
     call revokes, and returns, nothing. Requires ROLE_ADMIN or ROLE_OWNER.
     """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_authsvc_pb2.ListAuditEventsRequest, _authsvc_pb2.ListAuditEventsResponse]
+    """ListAuditEvents pages through the organization's audit trail, newest
+    first: every management call, permitted or refused, with the caller
+    that made it and its link in the organization's hash chain
+    (`authsvc audit verify` checks the chain). Requires ROLE_ADMIN or
+    ROLE_OWNER.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -122,6 +129,13 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """RevokeKeys revokes every active key one user created in the
     organization, in one transaction (offboarding). Idempotent: a second
     call revokes, and returns, nothing. Requires ROLE_ADMIN or ROLE_OWNER.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_authsvc_pb2.ListAuditEventsRequest, _authsvc_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """ListAuditEvents pages through the organization's audit trail, newest
+    first: every management call, permitted or refused, with the caller
+    that made it and its link in the organization's hash chain
+    (`authsvc audit verify` checks the chain). Requires ROLE_ADMIN or
+    ROLE_OWNER.
     """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -213,6 +227,19 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         """RevokeKeys revokes every active key one user created in the
         organization, in one transaction (offboarding). Idempotent: a second
         call revokes, and returns, nothing. Requires ROLE_ADMIN or ROLE_OWNER.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _authsvc_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authsvc_pb2.ListAuditEventsResponse, _abc.Awaitable[_authsvc_pb2.ListAuditEventsResponse]]:
+        """ListAuditEvents pages through the organization's audit trail, newest
+        first: every management call, permitted or refused, with the caller
+        that made it and its link in the organization's hash chain
+        (`authsvc audit verify` checks the chain). Requires ROLE_ADMIN or
+        ROLE_OWNER.
         """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
