@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from authsvc.core import pagetoken, validation
+from authsvc.core import keyformat, pagetoken, validation
 from authsvc.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from authsvc.core.keyformat import KeyFormat
-from authsvc.core.keys import ANONYMOUS, Actor, ApiKey, Caller, KeyState, ScopeCatalog
+from authsvc.core.keyformat import DISPLAY_PREFIX_LENGTH, KeyFormat
+from authsvc.core.keys import ANONYMOUS, Actor, ApiKey, Caller, KeyState, Role, ScopeCatalog
 from authsvc.core.ports import (
     AuditEvent,
     AuditQuery,
@@ -35,12 +36,30 @@ from authsvc.core.ports import (
     Rotation,
     TooManyActiveKeys,
 )
+from authsvc.core.ratelimit import RateLimiter
 
 #: ListAuditEvents' page size when the request names none, and the most it may ask for.
 DEFAULT_AUDIT_PAGE_SIZE = 50
 MAX_AUDIT_PAGE_SIZE = 500
 #: An audit action as the trail writes them (``key.create``, ``audit.list``).
 _ACTION = re.compile(r"[a-z][a-z_]{0,31}(\.[a-z][a-z_]{0,31}){0,3}")
+
+#: ReportLeakedKeys: keys per call, and calls per caller address per minute. A call looks up at most
+#: 100 keys, so one address probes at most 1,000 keys a minute: far fewer than Authorize answers.
+MAX_LEAKED_KEYS = 100
+LEAK_REPORTS_PER_MINUTE = 10
+MAX_LEAK_SOURCE_LENGTH = 200
+MAX_LEAK_URL_LENGTH = 500
+#: ``revoked_by`` and the audit actor of a revocation by leak report.
+LEAK_REPORTER = Actor(user_id="leak-report", role=Role.UNSPECIFIED)
+
+
+@dataclass(frozen=True, slots=True)
+class LeakReport:
+    revoked: int
+    already_revoked: int
+    unknown: int
+
 
 #: The longest grace period a rotation may give the old key, unless configured (AUTHSVC_MAX_ROTATION_GRACE).
 DEFAULT_MAX_ROTATION_GRACE = timedelta(days=7)
@@ -86,6 +105,7 @@ class KeyManager:
         max_active_keys: int = 10,
         max_rotation_grace: timedelta = DEFAULT_MAX_ROTATION_GRACE,
         evict: Callable[[bytes], None] = lambda digest: None,
+        leak_limiter: RateLimiter | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -94,6 +114,8 @@ class KeyManager:
         self.max_rotation_grace = max_rotation_grace
         self.now = clock
         self._evict = evict
+        # Without a shared counter (Redis), each process counts its own reports.
+        self._leak_limiter = leak_limiter or RateLimiter(LEAK_REPORTS_PER_MINUTE, 60, monotonic=time.monotonic)
 
     async def create_key(
         self,
@@ -406,6 +428,60 @@ class KeyManager:
             return events, ""
         page = events[:limit]
         return page, pagetoken.issue(page[-1].id, org_id, filters)
+
+    async def report_leaked_keys(self, keys: Sequence[str], source: str, url: str, *, address: str) -> LeakReport:
+        """Revoke every known key in ``keys``: whoever holds a key may end it (possession is the proof).
+
+        Malformed keys are never looked up. A key is never logged or
+        returned, only counted; logs name revoked keys by their prefix.
+        ``address`` is the reporter's network address, the unit of the rate
+        limit that keeps this from being a faster oracle than Authorize.
+        """
+        if not keys:
+            raise InvalidArgument("keys must list at least one leaked key")
+        if len(keys) > MAX_LEAKED_KEYS:
+            raise InvalidArgument(f"keys must list at most {MAX_LEAKED_KEYS} keys per call, got {len(keys)}")
+        # Both go into the reason, the audit trail and the logs.
+        source = self._no_key_in(
+            "source", validation.free_text("source", source, MAX_LEAK_SOURCE_LENGTH, example="github")
+        )
+        url = self._no_key_in("url", validation.free_text("url", url, MAX_LEAK_URL_LENGTH))
+        within, reset = await self._leak_limiter.hit(f"leak-report:{address}", time.time())
+        if not within:
+            raise ResourceExhausted(
+                f"at most {LEAK_REPORTS_PER_MINUTE} leak reports a minute from one address; retry in {reset} s"
+            )
+        reason = f"leaked: reported via {source}" + (f" at {url}" if url else "")
+        digests = {keyformat.digest(k) for k in keys if self.key_format.is_well_formed(k)}
+        unknown = len(set(keys)) - len(digests)
+        revoked = already = 0
+        for key_digest in digests:
+            found = (await self.store.find_by_digest(key_digest)).key
+            if found is None:
+                unknown += 1
+                continue
+            now = self.now()
+            result = await self.store.revoke_key(found.org_id, found.id, LEAK_REPORTER, reason, now)
+            if result is None:  # gone between the lookup and the revocation: keys are never deleted, but be safe
+                unknown += 1
+                continue
+            key, _ = result
+            self._evict(key_digest)
+            if key.revoke_time == now and key.revoked_by == LEAK_REPORTER.user_id:
+                revoked += 1
+                log.warning(
+                    "leaked key revoked",
+                    extra={
+                        "org_id": key.org_id,
+                        "key_id": key.id,
+                        "key_prefix": key.prefix[:DISPLAY_PREFIX_LENGTH],
+                        "source": source,
+                        "reporter": address,
+                    },
+                )
+            else:
+                already += 1
+        return LeakReport(revoked=revoked, already_revoked=already, unknown=unknown)
 
     def _check_labels(self, labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
         checked = validation.labels(labels)

@@ -105,6 +105,14 @@ class KeyServiceAdapter:
         )
         return pb.ListAuditEventsResponse(events=[convert.audit_event(e) for e in events], next_page_token=token)
 
+    async def ReportLeakedKeys(self, request: pb.ReportLeakedKeysRequest, address: str) -> pb.ReportLeakedKeysResponse:
+        report = await self._manager.report_leaked_keys(
+            list(request.keys), request.source, request.url, address=address
+        )
+        return pb.ReportLeakedKeysResponse(
+            revoked=report.revoked, already_revoked=report.already_revoked, unknown=report.unknown
+        )
+
     async def Authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
         answer = self._authorizer.check(request.key, request.required_scope)
         if isinstance(answer, Pending):  # a miss or a rate limit: the only await on this path

@@ -1022,3 +1022,61 @@ class AuditEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
+class ReportLeakedKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Where they were found, free text such as "github"; required, at most 200 characters."""
+    url: _builtins.str
+    """Where exactly, if known (a URL); at most 500 characters."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 100 keys, each exactly as found. Malformed ones count as unknown."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        source: _builtins.str = ...,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "source", b"source", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportLeakedKeysRequest: _TypeAlias = ReportLeakedKeysRequest  # noqa: Y015
+
+@_typing.final
+class ReportLeakedKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_FIELD_NUMBER: _builtins.int
+    ALREADY_REVOKED_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
+    revoked: _builtins.int
+    """Keys this call revoked."""
+    already_revoked: _builtins.int
+    """Known keys that were revoked already."""
+    unknown: _builtins.int
+    """Keys authsvc does not know, malformed ones included. A key listed twice counts once."""
+    def __init__(
+        self,
+        *,
+        revoked: _builtins.int = ...,
+        already_revoked: _builtins.int = ...,
+        unknown: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_revoked", b"already_revoked", "revoked", b"revoked", "unknown", b"unknown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportLeakedKeysResponse: _TypeAlias = ReportLeakedKeysResponse  # noqa: Y015

@@ -81,6 +81,11 @@ class KeyServiceStub:
                 request_serializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.ReportLeakedKeys = channel.unary_unary(
+                '/authsvc.v1.KeyService/ReportLeakedKeys',
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -169,6 +174,18 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportLeakedKeys(self, request, context):
+        """ReportLeakedKeys revokes keys someone found where they do not belong
+        (public code, a paste, a log). Possession is the proof: no admin token
+        is needed, like Authorize. Each known key that is not yet revoked is
+        revoked at once (revoked_by "leak-report", the source in the reason) on
+        every replica. The answer only counts; it never says which key was which.
+        Rate limited per caller address (RESOURCE_EXHAUSTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +233,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'ReportLeakedKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLeakedKeys,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -463,6 +485,33 @@ class KeyService:
             '/authsvc.v1.KeyService/ListAuditEvents',
             authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsRequest.SerializeToString,
             authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLeakedKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.KeyService/ReportLeakedKeys',
+            authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

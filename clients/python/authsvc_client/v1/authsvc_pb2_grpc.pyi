@@ -84,6 +84,14 @@ class KeyServiceStub:
     (`authsvc audit verify` checks the chain). Requires ROLE_ADMIN or
     ROLE_OWNER.
     """
+    ReportLeakedKeys: _grpc.UnaryUnaryMultiCallable[_authsvc_pb2.ReportLeakedKeysRequest, _authsvc_pb2.ReportLeakedKeysResponse]
+    """ReportLeakedKeys revokes keys someone found where they do not belong
+    (public code, a paste, a log). Possession is the proof: no admin token
+    is needed, like Authorize. Each known key that is not yet revoked is
+    revoked at once (revoked_by "leak-report", the source in the reason) on
+    every replica. The answer only counts; it never says which key was which.
+    Rate limited per caller address (RESOURCE_EXHAUSTED).
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -136,6 +144,14 @@ class KeyServiceAsyncStub(KeyServiceStub):
     that made it and its link in the organization's hash chain
     (`authsvc audit verify` checks the chain). Requires ROLE_ADMIN or
     ROLE_OWNER.
+    """
+    ReportLeakedKeys: _aio.UnaryUnaryMultiCallable[_authsvc_pb2.ReportLeakedKeysRequest, _authsvc_pb2.ReportLeakedKeysResponse]  # type: ignore[assignment]
+    """ReportLeakedKeys revokes keys someone found where they do not belong
+    (public code, a paste, a log). Possession is the proof: no admin token
+    is needed, like Authorize. Each known key that is not yet revoked is
+    revoked at once (revoked_by "leak-report", the source in the reason) on
+    every replica. The answer only counts; it never says which key was which.
+    Rate limited per caller address (RESOURCE_EXHAUSTED).
     """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -240,6 +256,20 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         that made it and its link in the organization's hash chain
         (`authsvc audit verify` checks the chain). Requires ROLE_ADMIN or
         ROLE_OWNER.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportLeakedKeys(
+        self,
+        request: _authsvc_pb2.ReportLeakedKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authsvc_pb2.ReportLeakedKeysResponse, _abc.Awaitable[_authsvc_pb2.ReportLeakedKeysResponse]]:
+        """ReportLeakedKeys revokes keys someone found where they do not belong
+        (public code, a paste, a log). Possession is the proof: no admin token
+        is needed, like Authorize. Each known key that is not yet revoked is
+        revoked at once (revoked_by "leak-report", the source in the reason) on
+        every replica. The answer only counts; it never says which key was which.
+        Rate limited per caller address (RESOURCE_EXHAUSTED).
         """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
