@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from authsvc.core import keyformat, pagetoken, validation
 from authsvc.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
@@ -35,6 +35,7 @@ from authsvc.core.ports import (
     Page,
     Rotation,
     TooManyActiveKeys,
+    UsageCounts,
 )
 from authsvc.core.ratelimit import RateLimiter
 
@@ -44,6 +45,10 @@ MAX_AUDIT_PAGE_SIZE = 500
 #: An audit action as the trail writes them (``key.create``, ``audit.list``).
 _ACTION = re.compile(r"[a-z][a-z_]{0,31}(\.[a-z][a-z_]{0,31}){0,3}")
 
+#: GetKeyUsage's day count when the request names none, and the most it may ask for.
+DEFAULT_USAGE_DAYS = 30
+MAX_USAGE_DAYS = 90
+
 #: ReportLeakedKeys: keys per call, and calls per caller address per minute. A call looks up at most
 #: 100 keys, so one address probes at most 1,000 keys a minute: far fewer than Authorize answers.
 MAX_LEAKED_KEYS = 100
@@ -52,6 +57,13 @@ MAX_LEAK_SOURCE_LENGTH = 200
 MAX_LEAK_URL_LENGTH = 500
 #: ``revoked_by`` and the audit actor of a revocation by leak report.
 LEAK_REPORTER = Actor(user_id="leak-report", role=Role.UNSPECIFIED)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsage:
+    #: ``(UTC day, counts)`` for every day asked for, oldest first, zeros included.
+    days: list[tuple[date, UsageCounts]]
+    last_used_time: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +440,33 @@ class KeyManager:
             return events, ""
         page = events[:limit]
         return page, pagetoken.issue(page[-1].id, org_id, filters)
+
+    async def get_key_usage(
+        self, org_id: str, actor: Actor, key_id: str, days: int, *, caller: Caller = ANONYMOUS
+    ) -> KeyUsage:
+        """A key's daily Authorize counts for the last ``days`` UTC days (today included), zeros filled in.
+
+        Revoked and expired keys keep their history: keys are never deleted.
+        """
+        org_id = self._check_org(org_id)
+        actor = self._check_actor(actor, caller)
+        key_id = validation.key_id(key_id)
+        if not 0 <= days <= MAX_USAGE_DAYS:
+            raise InvalidArgument(
+                f"days must be between 1 and {MAX_USAGE_DAYS} (0 means {DEFAULT_USAGE_DAYS}), got {days}"
+            )
+        days = days or DEFAULT_USAGE_DAYS
+        await self._require_org(caller, actor, "key.usage", org_id, key_id)
+        await self._require_member(actor, "key.usage", org_id, key_id)
+        key = await self.store.get_key(org_id, key_id)
+        await self.store.audit("key.usage", org_id, actor, key_id, "ok" if key else "not_found", {"days": days})
+        if key is None:
+            raise NotFound(f"no key {key_id} in organization {org_id}")
+        today = self.now().astimezone(UTC).date()
+        first = today - timedelta(days=days - 1)
+        stored = await self.store.key_usage(key_id, first, today)
+        series = [(first + timedelta(days=i), stored.get(first + timedelta(days=i), (0, 0, 0))) for i in range(days)]
+        return KeyUsage(days=series, last_used_time=key.last_used_time)
 
     async def report_leaked_keys(self, keys: Sequence[str], source: str, url: str, *, address: str) -> LeakReport:
         """Revoke every known key in ``keys``: whoever holds a key may end it (possession is the proof).

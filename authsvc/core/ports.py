@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import NamedTuple, Protocol
 
 from authsvc.core.keys import Actor, ApiKey, KeyState
@@ -77,6 +77,10 @@ class KeyUpdate:
 class Page:
     keys: list[ApiKey]
     total: int
+
+
+#: One key's Authorize answers on one UTC day: (allowed, denied for scope, rate limited).
+UsageCounts = tuple[int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +202,15 @@ class KeyStore(Protocol):
         """The hot-path lookup, with the server it read from; bounded by the store's lookup timeout."""
         ...
 
-    async def record_last_used(self, used: Mapping[str, datetime]) -> None:
-        """Move ``last_used_time`` forward (never backwards) for many keys in one statement."""
+    async def record_last_used(
+        self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None
+    ) -> None:
+        """Move ``last_used_time`` forward (never backwards) for many keys and add ``counts`` to
+        their daily usage, all in one statement (one per flush per process)."""
+        ...
+
+    async def key_usage(self, key_id: str, first: date, last: date) -> dict[date, UsageCounts]:
+        """The key's stored daily counts from ``first`` to ``last`` (UTC days, inclusive); days without calls absent."""
         ...
 
     async def audit(

@@ -113,6 +113,18 @@ class KeyServiceAdapter:
             revoked=report.revoked, already_revoked=report.already_revoked, unknown=report.unknown
         )
 
+    async def GetKeyUsage(self, request: pb.GetKeyUsageRequest, caller: Caller) -> pb.GetKeyUsageResponse:
+        usage = await self._manager.get_key_usage(
+            request.org_id, convert.actor(request.actor), request.key_id, request.days, caller=caller
+        )
+        return pb.GetKeyUsageResponse(
+            days=[
+                pb.KeyUsageDay(date=day.isoformat(), allowed=a, denied=d, rate_limited=r)
+                for day, (a, d, r) in usage.days
+            ],
+            last_used_time=convert.timestamp(usage.last_used_time),
+        )
+
     async def Authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
         answer = self._authorizer.check(request.key, request.required_scope)
         if isinstance(answer, Pending):  # a miss or a rate limit: the only await on this path

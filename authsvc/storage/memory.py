@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from authsvc.core.keys import Actor, ApiKey, KeyState
 from authsvc.core.ports import (
@@ -32,6 +32,7 @@ from authsvc.core.ports import (
     Rotated,
     Rotation,
     TooManyActiveKeys,
+    UsageCounts,
 )
 
 
@@ -99,6 +100,7 @@ class InMemoryStore:
         self.audit_rows: list[AuditRow] = []
         self._events: list[AuditEvent] = []
         self._heads: dict[str, bytes] = {}
+        self._usage: dict[tuple[str, date], UsageCounts] = {}
         self._lock = asyncio.Lock()
 
     async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:
@@ -261,11 +263,19 @@ class InMemoryStore:
         key_id = self._by_digest.get(digest)
         return Found(self._keys[key_id] if key_id is not None else None)
 
-    async def record_last_used(self, used: Mapping[str, datetime]) -> None:
+    async def record_last_used(
+        self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None
+    ) -> None:
+        for (key_id, day), (allowed, denied, limited) in (counts or {}).items():
+            a, d, r = self._usage.get((key_id, day), (0, 0, 0))
+            self._usage[(key_id, day)] = (a + allowed, d + denied, r + limited)
         for key_id, at in used.items():
             key = self._keys.get(key_id)
             if key is not None and (key.last_used_time is None or key.last_used_time < at):
                 self._keys[key_id] = replace(key, last_used_time=at)
+
+    async def key_usage(self, key_id: str, first: date, last: date) -> dict[date, UsageCounts]:
+        return {day: c for (k, day), c in self._usage.items() if k == key_id and first <= day <= last}
 
     async def audit(
         self, action: str, org_id: str, actor: Actor, key_id: str | None, outcome: str, detail: Mapping[str, object]

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import asyncpg
@@ -41,6 +41,7 @@ from authsvc.core.ports import (
     Rotated,
     Rotation,
     TooManyActiveKeys,
+    UsageCounts,
 )
 from authsvc.storage.migrate import migrate
 from authsvc.storage.topology import NOT_WRITABLE, IdentifiedConnection, NotPrimary, connect_options, init_pooled
@@ -593,19 +594,44 @@ class PostgresStore:
                 row = found.get(digest)
                 future.set_result(Found(_to_key(row) if row is not None else None, source))
 
-    async def record_last_used(self, used: Mapping[str, datetime]) -> None:
-        if not used:
+    async def record_last_used(
+        self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None
+    ) -> None:
+        if not used and not counts:
             return
-        ids = [uuid.UUID(k) for k in used]
-        times = list(used.values())
+        # Sorted, so concurrent flushes from several processes lock rows in one order (no deadlocks).
+        pairs = sorted((uuid.UUID(k), t) for k, t in used.items())
+        rows = sorted((uuid.UUID(k), day, c[0], c[1], c[2]) for (k, day), c in (counts or {}).items())
         async with self._connection(self._write_timeout) as conn:
+            # One statement: a data-modifying CTE runs whether or not the outer query reads it.
             await conn.execute(
-                "UPDATE api_keys AS k SET last_used_time = v.t "
+                "WITH used AS (UPDATE api_keys AS k SET last_used_time = v.t "
                 "FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, t) "
-                "WHERE k.id = v.id AND (k.last_used_time IS NULL OR k.last_used_time < v.t)",
-                ids,
-                times,
+                "WHERE k.id = v.id AND (k.last_used_time IS NULL OR k.last_used_time < v.t) RETURNING 1) "
+                "INSERT INTO key_usage_days (key_id, day, allowed, denied, rate_limited) "
+                "SELECT * FROM unnest($3::uuid[], $4::date[], $5::bigint[], $6::bigint[], $7::bigint[]) "
+                "ON CONFLICT (key_id, day) DO UPDATE SET allowed = key_usage_days.allowed + EXCLUDED.allowed, "
+                "denied = key_usage_days.denied + EXCLUDED.denied, "
+                "rate_limited = key_usage_days.rate_limited + EXCLUDED.rate_limited",
+                [p[0] for p in pairs],
+                [p[1] for p in pairs],
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+                [r[3] for r in rows],
+                [r[4] for r in rows],
             )
+
+    async def key_usage(self, key_id: str, first: date, last: date) -> dict[date, UsageCounts]:
+        async with self._connection(self._write_timeout) as conn:
+            rows = await conn.fetch(
+                "SELECT day, allowed, denied, rate_limited FROM key_usage_days "
+                "WHERE key_id = $1 AND day BETWEEN $2 AND $3",
+                uuid.UUID(key_id),
+                first,
+                last,
+            )
+        return {r["day"]: (r["allowed"], r["denied"], r["rate_limited"]) for r in rows}
 
     async def audit(
         self, action: str, org_id: str, actor: Actor, key_id: str | None, outcome: str, detail: Mapping[str, object]

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -512,6 +512,28 @@ async def test_audit_events_read_back_newest_first_filtered_and_chained(backend:
     assert await backend.store.list_audit_events(AuditQuery(org, start_time=later)) == []
     assert len(await backend.store.list_audit_events(AuditQuery(org, end_time=later))) == 3
     assert await backend.store.list_audit_events(AuditQuery(new_org())) == []
+
+
+# -- daily usage counts --------------------------------------------------------
+
+
+async def test_usage_counts_add_up_per_day_next_to_last_used(backend: Backend) -> None:
+    key, _, _ = await create(backend.store, new_org())
+    other, _, _ = await create(backend.store, new_org())
+    day = date(2026, 3, 1)
+    used = NOW + timedelta(seconds=5)
+    await backend.store.record_last_used({key.id: used}, {(key.id, day): (3, 1, 0), (other.id, day): (1, 0, 0)})
+    await backend.store.record_last_used({}, {(key.id, day): (2, 0, 4), (key.id, day + timedelta(days=1)): (1, 0, 0)})
+    assert await backend.store.key_usage(key.id, day - timedelta(days=5), day + timedelta(days=5)) == {
+        day: (5, 1, 4),
+        day + timedelta(days=1): (1, 0, 0),
+    }
+    assert await backend.store.key_usage(key.id, day + timedelta(days=1), day + timedelta(days=1)) == {
+        day + timedelta(days=1): (1, 0, 0)
+    }
+    assert await backend.store.key_usage(other.id, day, day) == {day: (1, 0, 0)}
+    stored = await backend.store.get_key(key.org_id, key.id)
+    assert stored is not None and stored.last_used_time == used
 
 
 def test_both_stores_are_under_contract() -> None:

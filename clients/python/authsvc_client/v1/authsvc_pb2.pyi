@@ -1080,3 +1080,91 @@ class ReportLeakedKeysResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportLeakedKeysResponse: _TypeAlias = ReportLeakedKeysResponse  # noqa: Y015
+
+@_typing.final
+class GetKeyUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    DAYS_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    key_id: _builtins.str
+    days: _builtins.int
+    """How many UTC days, today included; 0 means 30, at most 90."""
+    @_builtins.property
+    def actor(self) -> Global___Actor: ...
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        actor: Global___Actor | None = ...,
+        days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "days", b"days", "key_id", b"key_id", "org_id", b"org_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyUsageRequest: _TypeAlias = GetKeyUsageRequest  # noqa: Y015
+
+@_typing.final
+class GetKeyUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAYS_FIELD_NUMBER: _builtins.int
+    LAST_USED_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def days(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyUsageDay]:
+        """One per UTC day, oldest first, days without calls included as zeros."""
+
+    @_builtins.property
+    def last_used_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        days: _abc.Iterable[Global___KeyUsageDay] | None = ...,
+        last_used_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_used_time", b"last_used_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["days", b"days", "last_used_time", b"last_used_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyUsageResponse: _TypeAlias = GetKeyUsageResponse  # noqa: Y015
+
+@_typing.final
+class KeyUsageDay(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATE_FIELD_NUMBER: _builtins.int
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    DENIED_FIELD_NUMBER: _builtins.int
+    RATE_LIMITED_FIELD_NUMBER: _builtins.int
+    date: _builtins.str
+    """YYYY-MM-DD, in UTC."""
+    allowed: _builtins.int
+    """Authorize answers that allowed the key."""
+    denied: _builtins.int
+    """Denied because the key lacked the required scope."""
+    rate_limited: _builtins.int
+    """Denied by the key's rate limit."""
+    def __init__(
+        self,
+        *,
+        date: _builtins.str = ...,
+        allowed: _builtins.int = ...,
+        denied: _builtins.int = ...,
+        rate_limited: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "date", b"date", "denied", b"denied", "rate_limited", b"rate_limited"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyUsageDay: _TypeAlias = KeyUsageDay  # noqa: Y015

@@ -86,6 +86,11 @@ class KeyServiceStub:
                 request_serializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysRequest.SerializeToString,
                 response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysResponse.FromString,
                 _registered_method=True)
+        self.GetKeyUsage = channel.unary_unary(
+                '/authsvc.v1.KeyService/GetKeyUsage',
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -186,6 +191,17 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKeyUsage(self, request, context):
+        """GetKeyUsage counts a key's Authorize answers per UTC day, so operators
+        see whether a key is still used before revoking it or ending a
+        rotation's grace. Counts lag by at most the usage flush interval
+        (AUTHSVC_LAST_USED_FLUSH_SECONDS). Revoked and expired keys keep their
+        history; another org's key is NOT_FOUND. Any role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +254,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.ReportLeakedKeys,
                     request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysRequest.FromString,
                     response_serializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysResponse.SerializeToString,
+            ),
+            'GetKeyUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyUsage,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -512,6 +533,33 @@ class KeyService:
             '/authsvc.v1.KeyService/ReportLeakedKeys',
             authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysRequest.SerializeToString,
             authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.KeyService/GetKeyUsage',
+            authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

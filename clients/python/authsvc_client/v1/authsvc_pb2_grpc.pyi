@@ -92,6 +92,13 @@ class KeyServiceStub:
     every replica. The answer only counts; it never says which key was which.
     Rate limited per caller address (RESOURCE_EXHAUSTED).
     """
+    GetKeyUsage: _grpc.UnaryUnaryMultiCallable[_authsvc_pb2.GetKeyUsageRequest, _authsvc_pb2.GetKeyUsageResponse]
+    """GetKeyUsage counts a key's Authorize answers per UTC day, so operators
+    see whether a key is still used before revoking it or ending a
+    rotation's grace. Counts lag by at most the usage flush interval
+    (AUTHSVC_LAST_USED_FLUSH_SECONDS). Revoked and expired keys keep their
+    history; another org's key is NOT_FOUND. Any role.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -152,6 +159,13 @@ class KeyServiceAsyncStub(KeyServiceStub):
     revoked at once (revoked_by "leak-report", the source in the reason) on
     every replica. The answer only counts; it never says which key was which.
     Rate limited per caller address (RESOURCE_EXHAUSTED).
+    """
+    GetKeyUsage: _aio.UnaryUnaryMultiCallable[_authsvc_pb2.GetKeyUsageRequest, _authsvc_pb2.GetKeyUsageResponse]  # type: ignore[assignment]
+    """GetKeyUsage counts a key's Authorize answers per UTC day, so operators
+    see whether a key is still used before revoking it or ending a
+    rotation's grace. Counts lag by at most the usage flush interval
+    (AUTHSVC_LAST_USED_FLUSH_SECONDS). Revoked and expired keys keep their
+    history; another org's key is NOT_FOUND. Any role.
     """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -270,6 +284,19 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         revoked at once (revoked_by "leak-report", the source in the reason) on
         every replica. The answer only counts; it never says which key was which.
         Rate limited per caller address (RESOURCE_EXHAUSTED).
+        """
+
+    @_abc_1.abstractmethod
+    def GetKeyUsage(
+        self,
+        request: _authsvc_pb2.GetKeyUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authsvc_pb2.GetKeyUsageResponse, _abc.Awaitable[_authsvc_pb2.GetKeyUsageResponse]]:
+        """GetKeyUsage counts a key's Authorize answers per UTC day, so operators
+        see whether a key is still used before revoking it or ending a
+        rotation's grace. Counts lag by at most the usage flush interval
+        (AUTHSVC_LAST_USED_FLUSH_SECONDS). Revoked and expired keys keep their
+        history; another org's key is NOT_FOUND. Any role.
         """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
