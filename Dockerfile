@@ -41,9 +41,13 @@ WORKDIR /var/lib/authsvc
 # The files are re-read when they change. The HEALTHCHECK below reads the
 # same settings and speaks TLS (and mTLS) with them; see README, "Running it
 # in production".
+# 50061 is Envoy's ext_authz HTTP check (deploy/envoy/envoy.yaml). Prometheus
+# scrapes from outside the container, so metrics listen there too.
 ENV AUTHSVC_LISTEN=0.0.0.0:50051 \
+    AUTHSVC_HTTP_AUTHZ_LISTEN=0.0.0.0:50061 \
+    AUTHSVC_METRICS_LISTEN=0.0.0.0:9464 \
     AUTHSVC_DATA_DIR=/var/lib/authsvc
-EXPOSE 50051
+EXPOSE 50051 50061 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["authsvc", "healthcheck"]
 STOPSIGNAL SIGTERM

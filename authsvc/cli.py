@@ -71,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("migrate", "scan", "audit"):
             settings = Settings.from_env()
-            logs.configure(settings.log_level)
+            logs.configure(settings.log_level, settings.log_format)
             if args.command == "scan":
                 return _scan(settings, args.paths, args.prefix, args if args.report else None)
             if args.command == "audit":
                 return _audit(settings, args.audit_command, args.org if args.audit_command == "verify" else None)
             return _migrate(settings)
         settings = Settings.from_env(listen=args.listen, workers=args.workers)
-        logs.configure(settings.log_level)
+        logs.configure(settings.log_level, settings.log_format)
         from authsvc import runtime  # imported late: the gRPC server stack is slow to import
 
         return runtime.serve(settings)

@@ -51,6 +51,8 @@ class Settings:
     """Where the embedded PostgreSQL keeps its data when no database URL is set."""
     listen: str = "127.0.0.1:50051"
     """host:port of the gRPC server (KeyService, Envoy Check, health, reflection)."""
+    http_authz_listen: str = "127.0.0.1:50061"
+    """host:port of Envoy's ext_authz HTTP protocol (every worker, SO_REUSEPORT); "" turns it off."""
     workers: int = 1
     """Server processes (``AUTHSVC_WORKERS``, ``--workers``); 0, the default there, means one per core."""
     worker_base_port: int = 0
@@ -103,9 +105,13 @@ class Settings:
         ("*", "write"),
     )
     """Envoy Check: required scope by HTTP method when the route names none."""
+    metrics_listen: str = "127.0.0.1:9464"
+    """host:port of the Prometheus ``/metrics`` endpoint (all workers' totals); empty disables metrics."""
     log_level: str = "INFO"
     audit_retention_days: int = 400
     """Audit events older than this are pruned (hourly, in small batches); 0 keeps them forever."""
+    log_format: str = "text"
+    """``text`` (one line per event, for people) or ``json`` (one object per line, for log pipelines)."""
 
     @functools.cached_property
     def catalog(self) -> ScopeCatalog:
@@ -203,6 +209,9 @@ class Settings:
         elif not 0 <= workers <= 64:
             raise ConfigError("--workers must be between 0 and 64")
         workers = workers or (os.cpu_count() or 1)
+        http_authz_listen = env.get("AUTHSVC_HTTP_AUTHZ_LISTEN", cls.http_authz_listen).strip()
+        if http_authz_listen:
+            check_listen(http_authz_listen, "AUTHSVC_HTTP_AUTHZ_LISTEN")
         database_url = get("DATABASE_URL")
         if database_url is not None:
             if not database_url.startswith(("postgres://", "postgresql://")):
@@ -217,6 +226,12 @@ class Settings:
         log_level = (get("LOG_LEVEL") or "INFO").upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"AUTHSVC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        metrics_listen = env.get("AUTHSVC_METRICS_LISTEN", cls.metrics_listen).strip()
+        if metrics_listen:
+            check_listen(metrics_listen, "AUTHSVC_METRICS_LISTEN")
+        log_format = (get("LOG_FORMAT") or cls.log_format).lower()
+        if log_format not in ("text", "json"):
+            raise ConfigError(f"AUTHSVC_LOG_FORMAT must be text or json, got {log_format!r}")
         flush_raw = get("LAST_USED_FLUSH_SECONDS")
         try:
             flush = float(flush_raw) if flush_raw is not None else cls.last_used_flush_seconds
@@ -270,6 +285,7 @@ class Settings:
             database_url=Secret(database_url) if database_url else None,
             data_dir=Path(get("DATA_DIR") or cls.data_dir),
             listen=listen,
+            http_authz_listen=http_authz_listen,
             workers=workers,
             worker_base_port=integer("WORKER_BASE_PORT", cls.worker_base_port, 0, 65535),
             key_prefix=prefix,
@@ -295,6 +311,8 @@ class Settings:
             method_scopes=tuple(method_scopes) or cls.method_scopes,
             log_level=log_level,
             audit_retention_days=integer("AUDIT_RETENTION_DAYS", cls.audit_retention_days, 0, 36_500),
+            log_format=log_format,
+            metrics_listen=metrics_listen,
         )
         catalog = settings.catalog  # fail at start-up, not on the first request
         settings.worker_addresses  # noqa: B018  # checked (and derived) here, once

@@ -80,10 +80,47 @@ def request_headers(http: attributes.AttributeContext.HttpRequest) -> Headers:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One HTTP request's answer before any protocol: what both Envoy adapters translate.
+
+    ``decision`` is None for a public route (allowed, no identity);
+    ``misconfigured`` is the route's unusable scope ("" for none) when the
+    route itself is wrong. ``strip``: headers the upstream must not see.
+    """
+
+    strip: tuple[str, ...]
+    decision: Decision | None = None
+    misconfigured: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    """What the Authorizer must answer for a request whose route needs a key."""
+
+    strip: tuple[str, ...]
+    key: str
+    scope: str
+
+    def __repr__(self) -> str:
+        return f"Question(strip={self.strip!r}, key=<redacted>, scope={self.scope!r})"
+
+    def answered(self, decision: Decision) -> Outcome:
+        return Outcome(self.strip, decision)
+
+    def misconfigured(self) -> Outcome:
+        """The Authorizer refused the scope (InvalidArgument): the route names one the catalog lacks."""
+        return Outcome(self.strip, misconfigured=self.scope)
+
+
 @dataclass(frozen=True)
 class RoutePolicy:
-    """What is Envoy's own: which scope a route needs, and the identity headers for the upstream."""
+    """What is Envoy's own, for both of its protocols: which scope a route needs, and the identity headers.
 
+    Reading keys and rendering denials are the HTTP policy's (``http``).
+    """
+
+    http: HttpPolicy
     identity_prefix: str
     method_scopes: Mapping[str, str]
     default_scope: str
@@ -92,10 +129,29 @@ class RoutePolicy:
     def from_settings(cls, settings: Settings) -> RoutePolicy:
         rules = {method.upper(): scope for method, scope in settings.method_scopes}
         return cls(
+            http=settings.http_policy,
             identity_prefix=settings.identity_header_prefix.lower(),
             method_scopes={m: s for m, s in rules.items() if m != "*"},
             default_scope=rules.get("*", ""),
         )
+
+    def question(self, method: str, headers: Headers, context: Mapping[str, str]) -> Outcome | Question:
+        """The rules of an HTTP request up to Authorize, once for gRPC ``Check`` and the HTTP protocol alike.
+
+        ``context`` is the route's settings (``scope``, ``public``): Check's
+        ``context_extensions``, or the HTTP protocol's route headers. Either
+        the outcome already, or the question for the Authorizer.
+        """
+        credentials = self.http.credentials(headers)
+        strip = (*self.forged(headers), *credentials.carriers)
+        if self.is_public(context):
+            return Outcome(strip)
+        if credentials.conflicting:
+            return Outcome(strip, TWO_KEYS)
+        scope = self.required_scope(method, context)
+        if not scope:
+            return Outcome(strip, misconfigured=scope)
+        return Question(strip, credentials.key, scope)
 
     def forged(self, headers: Headers) -> list[str]:
         """Client-sent headers under the identity prefix: only authsvc may set those."""
@@ -173,42 +229,67 @@ def denied_response(answer: Answer, principal: Principal | None = None) -> ext.C
     )
 
 
+def log_misconfigured(scope: str) -> None:
+    """A route requires a scope the catalog lacks, or none: a deployment bug, loud in the operator's log.
+
+    The client gets a generic message; the scope name and the catalog stay
+    in the operator's log.
+    """
+    if scope:
+        log.error("an Envoy route requires scope %r, which is not in the scope catalog (AUTHSVC_SCOPES_FILE)", scope)
+    else:
+        log.error(
+            "an Envoy route requires no scope (an empty context_extensions scope, or a method without a rule "
+            "in AUTHSVC_METHOD_SCOPES); name a scope, or mark the route public"
+        )
+
+
+def settle(authorizer: Authorizer, question: Question, transport: str) -> Outcome | Pending:
+    """The outcome, when the Authorizer needs no I/O (a cache hit); else what ``Authorizer.complete`` must do.
+
+    Both adapters answer a hit from here synchronously and await only a
+    ``Pending`` (a cache miss or a rate limit), which raises ``Unavailable``
+    when the key cannot be verified (fail closed).
+    """
+    try:
+        decision = authorizer.check(question.key, question.scope, transport)
+    except InvalidArgument:
+        return question.misconfigured()
+    return decision if isinstance(decision, Pending) else question.answered(decision)
+
+
 class AuthorizationAdapter:
     """``Check``: one HTTP request's attributes in, Envoy's OK or Denied out."""
 
-    def __init__(self, authorizer: Authorizer, http: HttpPolicy, routes: RoutePolicy) -> None:
+    def __init__(self, authorizer: Authorizer, routes: RoutePolicy) -> None:
         self._authorizer = authorizer
-        self._http = http
         self._routes = routes
         self._allowed: ResponseMemo[tuple[str, ...], ext.CheckResponse] = ResponseMemo(self._build_allowed)
         self._denied: ResponseMemo[None, ext.CheckResponse] = ResponseMemo(self._build_denied)
-        self._misconfigured = denied_response(http.misconfigured)
+        self._misconfigured = denied_response(routes.http.misconfigured)
 
     async def Check(self, request: ext.CheckRequest) -> ext.CheckResponse:
         http = request.attributes.request.http
-        context = request.attributes.context_extensions
-        routes = self._routes
-        headers = request_headers(http)
-        credentials = self._http.credentials(headers)
-        strip = (*routes.forged(headers), *credentials.carriers)
-        if routes.is_public(context):
+        question = self._routes.question(http.method, request_headers(http), request.attributes.context_extensions)
+        if isinstance(question, Outcome):
+            return self.respond(question)
+        outcome = settle(self._authorizer, question, "envoy_grpc")
+        if isinstance(outcome, Pending):
+            outcome = question.answered(await self._authorizer.complete(outcome))
+        return self.respond(outcome)
+
+    def respond(self, outcome: Outcome) -> ext.CheckResponse:
+        decision = outcome.decision
+        if outcome.misconfigured is not None:
+            return self.misconfigured(outcome.misconfigured)
+        if decision is None:  # a public route: no identity, but forged identity headers and keys go
             return ext.CheckResponse(
-                status=status_pb2.Status(code=code_pb2.OK), ok_response=ext.OkHttpResponse(headers_to_remove=strip)
+                status=status_pb2.Status(code=code_pb2.OK),
+                ok_response=ext.OkHttpResponse(headers_to_remove=outcome.strip),
             )
-        if credentials.conflicting:
-            return self.denied(TWO_KEYS)
-        scope = routes.required_scope(http.method, context)
-        if not scope:
-            return self.misconfigured(scope)
-        try:
-            answer = self._authorizer.check(credentials.key, scope)
-            if isinstance(answer, Pending):
-                answer = await self._authorizer.complete(answer)
-        except InvalidArgument:
-            return self.misconfigured(scope)
-        if not answer.allowed:
-            return self.denied(answer)
-        return self.allowed(answer, strip)
+        if not decision.allowed:
+            return self.denied(decision)
+        return self.allowed(decision, outcome.strip)
 
     def allowed(self, decision: Decision, strip: Sequence[str]) -> ext.CheckResponse:
         return self._allowed(decision, tuple(strip))
@@ -234,26 +315,14 @@ class AuthorizationAdapter:
         )
 
     def _build_denied(self, decision: Decision, _variant: None) -> ext.CheckResponse:
-        return denied_response(self._http.denial(decision), decision.principal)
+        return denied_response(self._routes.http.denial(decision), decision.principal)
 
     def misconfigured(self, scope: str) -> ext.CheckResponse:
-        """A route requires a scope the catalog lacks, or none: a deployment bug, loud in the log, never an allow.
-
-        The client gets a generic message; the scope name and the catalog stay
-        in the operator's log.
-        """
-        if scope:
-            log.error(
-                "an Envoy route requires scope %r, which is not in the scope catalog (AUTHSVC_SCOPES_FILE)", scope
-            )
-        else:
-            log.error(
-                "an Envoy route requires no scope (an empty context_extensions scope, or a method without a rule "
-                "in AUTHSVC_METHOD_SCOPES); name a scope, or mark the route public"
-            )
+        """A route requires a scope the catalog lacks, or none: never an allow, and the log says why."""
+        log_misconfigured(scope)
         return self._misconfigured
 
 
-def service(authorizer: Authorizer, settings: Settings) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
-    adapter = AuthorizationAdapter(authorizer, settings.http_policy, RoutePolicy.from_settings(settings))
+def service(authorizer: Authorizer, routes: RoutePolicy) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
+    adapter = AuthorizationAdapter(authorizer, routes)
     return AUTHORIZATION_SERVICE, service_handler(AUTHORIZATION_SERVICE, adapter)

@@ -19,13 +19,25 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import envoy_path, machine, memory, ratelimit_accuracy, report, revocation, seed, throughput, unique
+from bench import (
+    envoy_http,
+    envoy_path,
+    machine,
+    memory,
+    ratelimit_accuracy,
+    report,
+    revocation,
+    seed,
+    throughput,
+    unique,
+)
 from bench.config import BenchConfig
 
 PARTS: dict[str, Callable[[BenchConfig, Any], dict[str, Any]]] = {
     "throughput": throughput.run,
     "unique": unique.run,
     "envoy": envoy_path.run,
+    "envoy_http": envoy_http.run,
     "revocation": revocation.run,
     "ratelimit": ratelimit_accuracy.run,
     "memory": memory.run,

@@ -34,7 +34,7 @@ def _verdict(ok: bool) -> str:
 
 
 def targets(r: Results) -> list[tuple[str, bool, str]]:
-    """(target, passed, the numbers) for every target of issue 4 that this run measured."""
+    """(target, passed, the numbers) for every target of issues 4 and 11 that this run measured."""
     out: list[tuple[str, bool, str]] = []
     tp = r.get("throughput")
     if tp:
@@ -45,6 +45,10 @@ def targets(r: Results) -> list[tuple[str, bool, str]]:
                     f"{hit:.0f} vs {base:.0f} req/s = {hit / base:.1%}"))
         out.append(("Authorize cache-miss throughput >= 60% of the baseline", miss >= 0.6 * base,
                     f"{miss:.0f} vs {base:.0f} req/s = {miss / base:.1%}"))
+        if tp.get("hit_metrics"):
+            on = median([s["good_rps"] for s in tp["hit_metrics"]])
+            out.append(("Cache-hit throughput with metrics on >= 95% of metrics off", on >= 0.95 * hit,
+                        f"{on:.0f} vs {hit:.0f} req/s = {on / hit:.1%}"))
     serial = r.get("serial")
     if serial:
         b = median([s["p50_ms"] for s in serial["baseline"]])
@@ -59,6 +63,22 @@ def targets(r: Results) -> list[tuple[str, bool, str]]:
         out.append(("Envoy path with authsvc's Check >= 90% of the always-OK Check baseline",
                     au >= 0.9 * ok and bad == 0,
                     f"{au:.0f} vs {ok:.0f} req/s = {au / ok:.1%} ({bad} non-2xx answers)"))
+    eh = r.get("envoy_http")
+    if eh:
+        au = median([s["rps"] for s in eh["authsvc_http"]])
+        ok_http = median([s["rps"] for s in eh["ok_http"]])
+        ok_grpc = median([s["rps"] for s in eh["ok_check"]])
+        bad = sum(s["non_2xx"] + s["serial_non_2xx"] for name in eh for s in eh[name])
+        out.append(("Envoy HTTP mode: authsvc (cache hit) >= 85% of the always-OK HTTP stand-in",
+                    au >= 0.85 * ok_http, f"{au:.0f} vs {ok_http:.0f} req/s = {au / ok_http:.1%}"))
+        out.append(("Envoy HTTP mode: authsvc >= 3x the always-OK gRPC Check stand-in, same run",
+                    au >= 3 * ok_grpc, f"{au:.0f} vs {ok_grpc:.0f} req/s = {au / ok_grpc:.2f}x"))
+        a50 = median([s["serial_p50_ms"] for s in eh["authsvc_http"]])
+        o50 = median([s["serial_p50_ms"] for s in eh["ok_http"]])
+        out.append(("Envoy HTTP mode: serial p50 within 0.1 ms of the HTTP stand-in", a50 - o50 <= 0.1,
+                    f"{a50:.3f} vs {o50:.3f} ms = +{a50 - o50:.3f} ms"))
+        out.append(("Envoy HTTP mode: 0 wrong answers (wrk non-2xx, sampled bodies)", bad == 0,
+                    f"{bad} non-2xx answers; bodies sampled before and after every run"))
     rev = r.get("revocation")
     if rev:
         lat = [s["latency_ms"] for s in rev["samples"] if s["latency_ms"] is not None]
@@ -68,6 +88,13 @@ def targets(r: Results) -> list[tuple[str, bool, str]]:
         out.append(("Revocation visible on every other replica: p99 <= 50 ms", p99 <= 50 and missing == 0,
                     f"p99 {p99:.2f} ms over {len(lat)} revocation x replica pairs ({missing} never denied)"))
         out.append(("0 allows of a revoked key after 50 ms", late == 0, f"{late} late allows"))
+        server = rev.get("server_lag")
+        if server:
+            p50 = percentile(lat, 0.5)
+            out.append(("authsvc_invalidation_lag_seconds p50 within 3 ms of the client-side p50",
+                        abs(server["p50_ms"] - p50) <= 3,
+                        f"{server['p50_ms']:.2f} ms (metrics, {server['observations']:.0f} evictions) "
+                        f"vs {p50:.2f} ms (client)"))
         loss = rev["losses"]
         loss_allows = sum(s["late_allows"] + s["allows_after_denial"] for s in loss)
         first_allows = sum(s["polls"] - s["unavailable"] for s in loss if s["latency_ms"] is None)
@@ -137,8 +164,11 @@ def markdown(r: Results, command: str) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, label in (("baseline", "empty handler"), ("hit", "authsvc, cache hit"),
+                            ("hit_metrics", "authsvc, cache hit, metrics on"),
                             ("miss", "authsvc, cache miss (cache off)")):
-            s = tp[name]
+            s = tp.get(name)
+            if not s:  # results recorded before the metrics scenario existed
+                continue
             lines.append(
                 f"| {label} | {median([x['good_rps'] for x in s]):.0f} | {_runs([x['good_rps'] for x in s])} | "
                 f"{min(x['good_fraction'] for x in s):.2%} (worst run) | "
@@ -189,6 +219,27 @@ def markdown(r: Results, command: str) -> str:
                          f"{sum(x['non_2xx'] for x in s)} | {median([x['p50_ms'] for x in s]):.2f} | "
                          f"{median([x['server_cpu_us'] for x in s]):.0f} | "
                          f"{median([x['envoy_cpu_us'] for x in s]):.0f} |")
+    eh = r.get("envoy_http")
+    if eh:
+        lines += [
+            "",
+            f"## Through Envoy, HTTP mode vs gRPC mode (wrk -c{cfg['wrk_connections']}, Envoy --concurrency "
+            f"{cfg['envoy_concurrency']}, direct_response route; serial: wrk -c1)",
+            "",
+            "| ext_authz server | req/s (median) | runs | non-2xx | serial p50 ms | check server CPU us/req | "
+            "Envoy CPU us/req | connections per worker |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, label in (("authsvc_http", "authsvc, HTTP mode"), ("ok_http", "always-OK HTTP stand-in"),
+                            ("ok_check", "always-OK gRPC Check stand-in")):
+            s = eh[name]
+            split = " / ".join(" ".join(str(v) for v in sorted(x["connections"].values())) for x in s
+                               if "connections" in x) or "per-worker endpoints"
+            lines.append(f"| {label} | {median([x['rps'] for x in s]):.0f} | {_runs([x['rps'] for x in s])} | "
+                         f"{sum(x['non_2xx'] + x['serial_non_2xx'] for x in s)} | "
+                         f"{median([x['serial_p50_ms'] for x in s]):.3f} | "
+                         f"{median([x['server_cpu_us'] for x in s]):.0f} | "
+                         f"{median([x['envoy_cpu_us'] for x in s]):.0f} | {split} |")
     rev = r.get("revocation")
     if rev:
         lat = [s["latency_ms"] for s in rev["samples"] if s["latency_ms"] is not None]
@@ -305,10 +356,18 @@ def svg(r: Results) -> str:
             ("always-OK Check", [s["rps"] for s in env["ok_check"]], "#7f8c8d"),
             ("authsvc Check", [s["rps"] for s in env["authsvc"]], "#2980b9"),
         ])
+    eh = r.get("envoy_http")
+    if eh:
+        parts += _bars(60, 320, 420, 220, "Through Envoy, HTTP vs gRPC mode, req/s (wrk)", [
+            ("authsvc HTTP", [s["rps"] for s in eh["authsvc_http"]], "#2980b9"),
+            ("always-OK HTTP", [s["rps"] for s in eh["ok_http"]], "#7f8c8d"),
+            ("always-OK gRPC Check", [s["rps"] for s in eh["ok_check"]], "#95a5a6"),
+        ])
     rev = r.get("revocation")
     if rev:
         parts += _cdf(820, 40, 300, 220, "Revocation: RevokeKey return -> denial elsewhere (CDF)",
                       [s["latency_ms"] for s in rev["samples"] if s["latency_ms"] is not None])
     body = "\n".join(parts)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="1180" height="300" font-family="sans-serif" '
+    height = 600 if eh else 300
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="1180" height="{height}" font-family="sans-serif" '
             f'font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')

@@ -29,8 +29,9 @@ import grpc
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc as pb_grpc
 
+from bench import scrape
 from bench.config import BenchConfig
-from bench.procs import Processes
+from bench.procs import Processes, free_port
 from bench.servers import Server, authsvc_env, start_authsvc
 
 ADMIN = pb.Actor(user_id="bench-admin", role=pb.ROLE_ADMIN)
@@ -131,16 +132,22 @@ async def _terminate_backends(database_url: str, pid: int) -> int:
         await conn.close()
 
 
-async def _run(cfg: BenchConfig, servers: list[Server], log: Any) -> dict[str, Any]:
+async def _run(cfg: BenchConfig, servers: list[Server], log: Any, metrics_ports: list[int]) -> dict[str, Any]:
     replicas = [Replica(s) for s in servers]
     a, others = replicas[0], replicas[1:]
     org = f"org-revoke-{uuid.uuid4().hex[:8]}"
     samples: list[dict[str, Any]] = []
+    # authsvc's own figure, from the other replicas' /metrics over the same
+    # rounds: commit to eviction of every change (each round's create and revoke).
+    before = [scrape.histogram(port) for port in metrics_ports[1:]]
     try:
         for i in range(cfg.revocations):
             samples += await _one(a, others, org, i)
             if (i + 1) % 50 == 0:
                 log(f"  {i + 1}/{cfg.revocations} revocations")
+        lag: scrape.Buckets = {}
+        for port, start in zip(metrics_ports[1:], before, strict=True):
+            lag = scrape.plus(lag, scrape.minus(scrape.histogram(port), start))
         losses: list[dict[str, Any]] = []
         b = others[0]
         terminated = 0
@@ -154,20 +161,37 @@ async def _run(cfg: BenchConfig, servers: list[Server], log: Any) -> dict[str, A
     finally:
         for r in replicas:
             await r.channel.close()
-    return {"samples": samples, "losses": losses, "replicas": len(servers), "terminated_backends": terminated}
+    server_lag = {
+        "observations": lag.get(float("inf"), 0.0),
+        "p50_ms": scrape.quantile(lag, 0.5) * 1000,
+        "p99_ms": scrape.quantile(lag, 0.99) * 1000,
+    }
+    return {
+        "samples": samples,
+        "losses": losses,
+        "replicas": len(servers),
+        "terminated_backends": terminated,
+        "server_lag": server_lag,
+    }
 
 
 def run(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
     work = cfg.work_dir / "revocation"
     with Processes(work / "logs") as procs:
+        ports = [free_port() for _ in range(cfg.replicas)]
         servers = [
-            start_authsvc(procs, f"replica-{chr(65 + i)}", authsvc_env(cfg.database_url), 1)
-            for i in range(cfg.replicas)
+            start_authsvc(
+                procs, f"replica-{chr(65 + i)}", authsvc_env(cfg.database_url, metrics_listen=f"127.0.0.1:{p}"), 1
+            )
+            for i, p in enumerate(ports)
         ]
-        result = asyncio.run(_run(cfg, servers, log))
+        result = asyncio.run(_run(cfg, servers, log, ports))
     lat = sorted(s["latency_ms"] for s in result["samples"] if s["latency_ms"] is not None)
     if lat:
         log(f"  revocation p50 {lat[len(lat) // 2]:.2f} ms  p99 {lat[min(len(lat) - 1, int(0.99 * len(lat)))]:.2f} ms"
             f"  max {lat[-1]:.2f} ms  late allows {sum(s['late_allows'] for s in result['samples'])}"
             f"  listener-loss allows {sum(s['late_allows'] + s['allows_after_denial'] for s in result['losses'])}")
+        lag = result["server_lag"]
+        log(f"  authsvc_invalidation_lag_seconds (commit to eviction, {lag['observations']:.0f} observations): "
+            f"p50 {lag['p50_ms']:.2f} ms  p99 {lag['p99_ms']:.2f} ms; client-side p50 {lat[len(lat) // 2]:.2f} ms")
     return {"revocation": result}

@@ -66,6 +66,7 @@ def authsvc_env(database_url: str, **extra: str | int) -> dict[str, str]:
         "AUTHSVC_DATABASE_URL": database_url,
         "AUTHSVC_LOG_LEVEL": "WARNING",
         "AUTHSVC_MAX_ACTIVE_KEYS": "10000",
+        "AUTHSVC_METRICS_LISTEN": "",  # off unless a scenario asks (metrics_listen=...): replicas would share the port
     }
     env.update({f"AUTHSVC_{k.upper()}": str(v) for k, v in extra.items()})
     return env
@@ -73,7 +74,7 @@ def authsvc_env(database_url: str, **extra: str | int) -> dict[str, str]:
 
 def start_authsvc(procs: Processes, name: str, env: Mapping[str, str], workers: int) -> Server:
     port = free_port()
-    full = {**env, "AUTHSVC_LISTEN": f"127.0.0.1:{port}"}
+    full = {"AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{free_port()}", **env, "AUTHSVC_LISTEN": f"127.0.0.1:{port}"}
     worker_ports: list[int] = []
     if workers > 1:
         base = free_port_range(workers)

@@ -3,6 +3,8 @@
 * baseline: ``bench.baseline_server`` (empty handler, same messages).
 * hit: authsvc with its cache; every request carries the same valid seed key,
   so after the first request per worker every Authorize is a cache hit.
+* hit_metrics: the hit scenario with metrics on (``AUTHSVC_METRICS_LISTEN``);
+  ``hit`` has them off, so the pair is the cost of observability.
 * miss: authsvc with ``AUTHSVC_CACHE_SIZE=0``; the same request now does the
   full read-through path on every call: pool acquire, point lookup by
   SHA-256 in the 1M-row table, row decode, grant built. h2load can only
@@ -25,9 +27,9 @@ import grpc
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc as pb_grpc
 
-from bench import h2load
+from bench import h2load, scrape
 from bench.config import BenchConfig
-from bench.procs import Processes, cpu_seconds
+from bench.procs import Processes, cpu_seconds, free_port
 from bench.seed import backend_pids, seed_key
 from bench.servers import Server, authsvc_env, connection_split, start_authsvc, start_standin
 
@@ -133,21 +135,29 @@ def measure(
 
 
 SCENARIOS = ("baseline", "hit", "miss")
+LOADED = (*SCENARIOS, "hit_metrics")  # metrics on: throughput only, next to "hit"
 
 
 def run(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
     key = seed_key(0)
     work = cfg.work_dir / "throughput"
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"throughput": {s: [] for s in SCENARIOS}, "serial": {s: [] for s in SCENARIOS}}
+    results: dict[str, Any] = {"throughput": {s: [] for s in LOADED}, "serial": {s: [] for s in SCENARIOS}}
+    metrics_port = free_port()
     with Processes(work / "logs") as procs:
         servers = {
             "baseline": start_standin(procs, "baseline", "bench.baseline_server", cfg.workers),
             "hit": start_authsvc(procs, "authsvc-hit", authsvc_env(cfg.database_url), cfg.workers),
             "miss": start_authsvc(procs, "authsvc-miss", authsvc_env(cfg.database_url, cache_size=0), cfg.workers),
+            "hit_metrics": start_authsvc(
+                procs,
+                "authsvc-hit-metrics",
+                authsvc_env(cfg.database_url, metrics_listen=f"127.0.0.1:{metrics_port}"),
+                cfg.workers,
+            ),
         }
         for i in range(cfg.runs):
-            for name in SCENARIOS:
+            for name in LOADED:
                 db = None if name == "baseline" else cfg.database_url
                 sample = measure(servers[name], key, cfg, work, serial=False, database_url=db)
                 results["throughput"][name].append(sample.__dict__)
@@ -160,4 +170,7 @@ def run(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
                 results["serial"][name].append(sample.__dict__)
                 log(f"  run {i + 1}/{cfg.runs} serial {name:8s} p50 {sample.p50_ms:.3f} ms  "
                     f"p99 {sample.p99_ms:.3f} ms  good answers {sample.good_fraction:.2%}")
+        results["metrics_counted"] = scrape.total(metrics_port, "authsvc_authorize_total")
+        log(f"  hit_metrics: its /metrics counted {results['metrics_counted']:.0f} Authorize answers (metrics were on)")
     return results
+

@@ -64,7 +64,8 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(database_url: str) -> Settings:
-    return Settings(database_url=Secret(database_url), last_used_flush_seconds=0.2)
+    # Port 0: every App of the suite gets its own ext_authz HTTP port, never the shared default.
+    return Settings(database_url=Secret(database_url), last_used_flush_seconds=0.2, http_authz_listen="127.0.0.1:0")
 
 
 @pytest.fixture(scope="session")

@@ -86,6 +86,8 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     target: str
     log_path: Path
+    http_target: str = ""
+    """The ext_authz HTTP listener's host:port ("" when off)."""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -114,11 +116,16 @@ def serve_process(
     log_path = tmp / f"authsvc-{port}.log"
     # One process unless a test asks for workers: quicker to start, same code.
     # No drain period unless a test asks for one: nothing health-checks these servers.
+    # Its own ext_authz HTTP port too, so that servers of concurrent tests never share the default;
+    # no metrics endpoint unless asked for: the default port would be shared by every test's server.
+    http_listen = f"127.0.0.1:{free_port()}"
     full_env = {
         **os.environ,
         "AUTHSVC_LISTEN": f"127.0.0.1:{port}",
+        "AUTHSVC_HTTP_AUTHZ_LISTEN": http_listen,
         "AUTHSVC_WORKERS": "1",
         "AUTHSVC_DRAIN_SECONDS": "0",
+        "AUTHSVC_METRICS_LISTEN": "",
         **env,
     }
     with log_path.open("wb") as log:
@@ -129,7 +136,7 @@ def serve_process(
             stderr=subprocess.STDOUT,
             cwd=tmp,
         )
-    server = ServerProcess(proc, f"127.0.0.1:{port}", log_path)
+    server = ServerProcess(proc, f"127.0.0.1:{port}", log_path, full_env["AUTHSVC_HTTP_AUTHZ_LISTEN"])
     try:
         if wait:
             wait_serving(server.target, proc=proc, credentials=credentials)

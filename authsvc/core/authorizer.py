@@ -14,8 +14,12 @@ Ordering rules that keep a revoked key out:
 * ``decide`` checks revocation and expiry on every hit, against the clock
   this authorizer was given.
 
-The clock, store, cache, usage recorder and limiter are all injected: this
-module does no I/O of its own.
+Every answer (and every call that raised) is reported to the metrics
+``Recorder`` with its transport, whether it came from the cache, and how
+long it took on the injected ``timer``; with metrics off nothing is timed.
+
+The clock, timer, store, cache, usage recorder, limiter and metrics are all
+injected: this module does no I/O of its own.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from typing import Final
 
 from authsvc_client._cache import MISS, DecisionCache
 
+from authsvc.core.errors import InvalidArgument, Unavailable
 from authsvc.core.keyformat import KeyFormat, digest
 from authsvc.core.keys import Decision, KeyGrant, Reason, ScopeCatalog, decide
-from authsvc.core.ports import KeyStore, WallClock
+from authsvc.core.ports import NO_METRICS, KeyStore, Monotonic, Recorder, WallClock
 from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import ALLOWED, DENIED, RATE_LIMITED, UsageRecorder
 
@@ -46,6 +51,10 @@ class Pending:
     #: The allowed decision a rate limit still has to confirm, with the key's own limit.
     allowed: Decision | None = None
     rate_limit: int = 0
+    #: For the metrics: who asked, when (``Authorizer``'s timer), and whether the key was cached.
+    transport: str = "grpc"
+    started: float = 0.0
+    cached: bool = False
 
     def __repr__(self) -> str:  # the digest is not secret, but nothing needs it in a log
         return f"Pending(lookup={self.allowed is None})"
@@ -64,6 +73,8 @@ class Authorizer:
         cache: DecisionCache[KeyGrant] | None = None,
         usage: UsageRecorder | None = None,
         limiter: RateLimiter | None = None,
+        metrics: Recorder = NO_METRICS,
+        timer: Monotonic | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -72,12 +83,45 @@ class Authorizer:
         self.usage = usage
         self.limiter = limiter
         self._clock = clock
+        self._metrics = metrics
+        self._timer = timer if metrics is not NO_METRICS else None
 
-    def check(self, key: str, required_scope: str) -> Decision | Pending:
+    def check(self, key: str, required_scope: str, transport: str = "grpc") -> Decision | Pending:
         """The decision, when no I/O is needed; otherwise what ``complete`` must finish.
 
-        Raises ``InvalidArgument`` for an unknown required scope (a caller bug).
+        Raises ``InvalidArgument`` for an unknown required scope (a caller
+        bug). ``transport`` only labels the metrics (``grpc``, ``envoy_grpc``, ``envoy_http``).
         """
+        timer = self._timer
+        if timer is None:
+            return self._check(key, required_scope)
+        started = timer()
+        try:
+            answer = self._check(key, required_scope)
+        except InvalidArgument:
+            self._metrics.failed("invalid_argument", transport, timer() - started)
+            raise
+        if isinstance(answer, Pending):
+            answer.transport, answer.started = transport, started
+            return answer
+        cached = None if answer is MISSING or answer is MALFORMED else True
+        self._metrics.decided(answer.reason, transport, cached, timer() - started)
+        return answer
+
+    async def complete(self, pending: Pending) -> Decision:
+        """Finish what ``check`` could not: raises ``Unavailable`` when the store cannot answer (fail closed)."""
+        timer = self._timer
+        if timer is None:
+            return await self._complete(pending)
+        try:
+            decision = await self._complete(pending)
+        except Unavailable:
+            self._metrics.failed("unavailable", pending.transport, timer() - pending.started)
+            raise
+        self._metrics.decided(decision.reason, pending.transport, pending.cached, timer() - pending.started)
+        return decision
+
+    def _check(self, key: str, required_scope: str) -> Decision | Pending:
         self.catalog.check_required(required_scope)
         if not key:
             return MISSING
@@ -90,10 +134,12 @@ class Authorizer:
         cached = cache.get(key_digest)
         if cached is MISS:
             return Pending(key_digest, required_scope, cache.epoch)
-        return self._decide(cached, required_scope, key_digest)  # type: ignore[arg-type]  # MISS ruled out
+        answer = self._decide(cached, required_scope, key_digest)  # type: ignore[arg-type]  # MISS ruled out
+        if isinstance(answer, Pending):
+            answer.cached = True  # a cached key under a rate limit
+        return answer
 
-    async def complete(self, pending: Pending) -> Decision:
-        """Finish what ``check`` could not: raises ``Unavailable`` when the store cannot answer (fail closed)."""
+    async def _complete(self, pending: Pending) -> Decision:
         if pending.allowed is None:
             record, source = await self.store.find_by_digest(pending.digest)
             grant = KeyGrant.of(record, self.catalog) if record is not None else None
@@ -102,6 +148,7 @@ class Authorizer:
             answer = self._decide(grant, pending.required_scope, pending.digest)
             if not isinstance(answer, Pending):
                 return answer
+            answer.transport, answer.started = pending.transport, pending.started
             pending = answer
         assert self.limiter is not None and pending.allowed is not None  # only _decide makes such a Pending
         now = self._clock()
@@ -112,9 +159,9 @@ class Authorizer:
             )
         return decision
 
-    async def authorize(self, key: str, required_scope: str) -> Decision:
+    async def authorize(self, key: str, required_scope: str, transport: str = "grpc") -> Decision:
         """``check`` and, when needed, ``complete``: for callers that are async anyway."""
-        answer = self.check(key, required_scope)
+        answer = self.check(key, required_scope, transport)
         if isinstance(answer, Pending):
             return await self.complete(answer)
         return answer

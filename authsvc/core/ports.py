@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import NamedTuple, Protocol
 
-from authsvc.core.keys import Actor, ApiKey, KeyState
+from authsvc.core.keys import Actor, ApiKey, KeyState, Reason
 
 #: Wall-clock time as a POSIX timestamp (key expiry, rate-limit windows, last use).
 WallClock = Callable[[], float]
@@ -240,8 +240,11 @@ class FeedSubscriber(Protocol):
     def alive(self, sent_at: float) -> None:
         """Every change committed before ``sent_at`` (monotonic) has been delivered."""
 
-    def synchronised(self, at: float, source: object = None) -> None:
-        """Subscribed (again) to server ``source`` as of ``at``: changes may have been missed before it."""
+    def synchronised(self, at: float, source: object = None, alive: Callable[[], bool] | None = None) -> None:
+        """Subscribed (again) to server ``source`` as of ``at``: changes may have been missed before it.
+
+        ``alive``, when given, tells at any moment whether the subscription's connection is still open.
+        """
 
     def desynchronised(self) -> None:
         """The feed is lost: nothing it said may be relied on until ``synchronised``."""
@@ -263,3 +266,55 @@ class SharedCounter(Protocol):
     async def incr(self, name: str, ttl_seconds: int) -> int: ...
 
     async def close(self) -> None: ...
+
+
+class Recorder(Protocol):
+    """What the core, the stores and the transports report; ``authsvc.metrics.Metrics`` counts it.
+
+    Labels are fixed vocabularies only (reasons, transports, operations,
+    gRPC code names): never a key, a prefix, a key id, an org or a user.
+    """
+
+    def decided(self, reason: Reason, transport: str, cached: bool | None, seconds: float) -> None:
+        """An Authorize answer; ``cached``: True from the cache, False from the store, None without a lookup."""
+
+    def failed(self, reason: str, transport: str, seconds: float) -> None:
+        """An Authorize that raised (``unavailable``, ``invalid_argument``): counted with the decisions."""
+
+    def invalidated(self, lag_seconds: float) -> None: ...
+
+    def feed_reset(self) -> None: ...
+
+    def lookup_batch(self, size: int) -> None: ...
+
+    def store_error(self, operation: str) -> None: ...
+
+    def managed(self, method: str, code: str) -> None: ...
+
+
+class NoMetrics:
+    """The recorder when metrics are off (and in tests of the core alone)."""
+
+    def decided(self, reason: Reason, transport: str, cached: bool | None, seconds: float) -> None:
+        pass
+
+    def failed(self, reason: str, transport: str, seconds: float) -> None:
+        pass
+
+    def invalidated(self, lag_seconds: float) -> None:
+        pass
+
+    def feed_reset(self) -> None:
+        pass
+
+    def lookup_batch(self, size: int) -> None:
+        pass
+
+    def store_error(self, operation: str) -> None:
+        pass
+
+    def managed(self, method: str, code: str) -> None:
+        pass
+
+
+NO_METRICS = NoMetrics()

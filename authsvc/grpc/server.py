@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from authsvc.access import AdminClient, AdminToken
 from authsvc.core.errors import Unauthenticated
 from authsvc.core.keys import ANONYMOUS, Caller
+from authsvc.core.ports import Recorder
 from authsvc.grpc.status import to_status
 
 KEY_SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["KeyService"]
@@ -115,25 +116,42 @@ def peer_address(peer: str) -> str:
 
 
 def _wrap(
-    behavior: Behavior, method: str, admin: AdminTokens | None, peer: bool = False
+    behavior: Behavior,
+    method: str,
+    admin: AdminTokens | None,
+    metrics: Recorder | None = None,
+    peer: bool = False,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     """``admin`` set: a management method, called as ``behavior(request, caller)``;
-    ``peer``: called as ``behavior(request, address)``."""
+    ``peer``: called as ``behavior(request, address)``.
+
+    ``metrics`` set: every call is counted by its status code's name.
+    """
+    name = method.rpartition("/")[2]
 
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNDECODABLE:
+            if metrics is not None:
+                metrics.managed(name, grpc.StatusCode.INVALID_ARGUMENT.name)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the request could not be decoded: string fields must be valid UTF-8",
             )
         try:
             if admin is not None:
-                return await behavior(request, admin.check(context))
-            if peer:
-                return await behavior(request, peer_address(context.peer()))
-            return await behavior(request)
+                response = await behavior(request, admin.check(context))
+            elif peer:
+                response = await behavior(request, peer_address(context.peer()))
+            else:
+                response = await behavior(request)
         except Exception as exc:  # mapped in one place; a traceback never reaches the caller
             code, message = to_status(exc, method)
+        else:
+            if metrics is not None:
+                metrics.managed(name, "OK")
+            return response
+        if metrics is not None:
+            metrics.managed(name, code.name)
         await context.abort(code, message)
 
     return handler
@@ -145,11 +163,12 @@ def service_handler(
     *,
     admin: AdminTokens | None = None,
     protected: frozenset[str] = frozenset(),
+    metrics: Recorder | None = None,
 ) -> grpc.GenericRpcHandler:
     """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``.
 
     ``protected`` methods are called as ``servicer.<Method>(request, caller)``,
-    with the ``Caller`` that ``admin`` authenticated.
+    with the ``Caller`` that ``admin`` authenticated, and counted by ``metrics``.
     """
     handlers = {}
     for method in descriptor.methods:
@@ -160,6 +179,7 @@ def service_handler(
                 getattr(servicer, method.name),
                 f"/{descriptor.full_name}/{method.name}",
                 admin if method.name in protected else None,
+                metrics if method.name in protected else None,
                 method.name in PEER_METHODS,
             ),
             request_deserializer=_lenient(request_class.FromString),

@@ -1,7 +1,10 @@
 """The PostgreSQL invalidation feed: LISTEN/NOTIFY delivered to each process's decision cache.
 
-Create and revoke publish the key's digest on ``NOTIFY_CHANNEL`` in the same
-transaction (``authsvc.storage.postgres``). This feed
+Every write that can change an answer publishes the key's digest on
+``NOTIFY_CHANNEL`` in the same transaction (``authsvc.storage.postgres``),
+as ``<hex digest>:<database clock in epoch microseconds>`` (a bare hex
+digest, from an older authsvc, is understood too); the difference to this
+process's clock at eviction is the invalidation lag (a metric). This feed
 (``authsvc.core.ports.InvalidationFeed``) evicts on every notification,
 proves its connection alive with a heartbeat, and on any loss
 desynchronises its subscribers, so no cached decision is served until it is
@@ -24,10 +27,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import asyncpg
 
-from authsvc.core.ports import FeedSubscriber
+from authsvc.core.ports import NO_METRICS, FeedSubscriber, Recorder
 from authsvc.storage.postgres import CONNECTION_ERRORS, NOTIFY_CHANNEL
 from authsvc.storage.topology import NOT_WRITABLE, NotPrimary, connect_options, identify
 
@@ -43,8 +47,9 @@ assert HEARTBEAT * 3 < FRESHNESS
 
 
 class PostgresFeed:
-    def __init__(self, dsn: str, *, heartbeat: float = HEARTBEAT) -> None:
+    def __init__(self, dsn: str, *, heartbeat: float = HEARTBEAT, metrics: Recorder = NO_METRICS) -> None:
         self._dsn = dsn
+        self._metrics = metrics
         self._subscribers: list[FeedSubscriber] = []
         self._heartbeat = heartbeat
         self._task: asyncio.Task[None] | None = None
@@ -69,8 +74,10 @@ class PostgresFeed:
                 await self._task
 
     def _on_notify(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        hex_digest, _, committed = payload.partition(":")
         try:
-            key_digest = bytes.fromhex(payload)
+            key_digest = bytes.fromhex(hex_digest)
+            committed_at = int(committed) / 1e6 if committed else None
         except ValueError:
             # Not ours (anyone may NOTIFY this channel); to be safe, forget
             # everything, but never switch serving back on from here.
@@ -79,6 +86,8 @@ class PostgresFeed:
             return
         for subscriber in self._subscribers:
             subscriber.evict(key_digest)
+        if committed_at is not None:
+            self._metrics.invalidated(time.time() - committed_at)
 
     def _desynchronise(self) -> None:
         for subscriber in self._subscribers:
@@ -95,6 +104,7 @@ class PostgresFeed:
         backoff = 0.05
         while True:
             connection: asyncpg.Connection | None = None
+            subscribed = False
             try:
                 connection = await asyncpg.connect(self._dsn, timeout=2.0, **connect_options(self._dsn))
                 connection.add_termination_listener(self._on_lost)
@@ -102,8 +112,10 @@ class PostgresFeed:
                 subscribed_at = time.monotonic()
                 await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self._connection = connection
+                subscribed = True
+                alive = _open_probe(connection)
                 for subscriber in self._subscribers:
-                    subscriber.synchronised(subscribed_at, server)
+                    subscriber.synchronised(subscribed_at, server, alive)
                 self.connected.set()
                 if backoff > 0.05:
                     log.info("cache invalidation listener reconnected; cache dropped and resynchronised")
@@ -136,8 +148,25 @@ class PostgresFeed:
             except Exception:  # a bug or an odd driver state: keep retrying, loudly, rather than die silently
                 log.exception("cache invalidation listener failed; serving from the database and retrying")
             self._desynchronise()
+            if subscribed:
+                self._metrics.feed_reset()
             self._connection = None
             if connection is not None:
                 connection.terminate()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
+
+
+def _open_probe(connection: asyncpg.Connection) -> Callable[[], bool] | None:
+    """Whether the connection's socket is still open, known the moment its EOF is read.
+
+    ``is_closed()`` turns true only once the loop has run the driver's
+    connection-lost callbacks; the transport knows at once. asyncpg keeps
+    it private, hence the guard: without it the cache relies on
+    ``is_closed()``, the termination callback and the heartbeat alone.
+    """
+    transport = getattr(connection, "_transport", None)
+    is_closing = getattr(transport, "is_closing", None)
+    if not callable(is_closing):
+        return None
+    return lambda: not is_closing() and not connection.is_closed()

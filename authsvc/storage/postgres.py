@@ -32,12 +32,14 @@ from authsvc.config import scrub
 from authsvc.core.errors import Aborted, ConfigError, Unavailable
 from authsvc.core.keys import Actor, ApiKey, KeyState, Role
 from authsvc.core.ports import (
+    NO_METRICS,
     AuditEvent,
     AuditQuery,
     Found,
     KeyUpdate,
     NewKey,
     Page,
+    Recorder,
     Rotated,
     Rotation,
     TooManyActiveKeys,
@@ -240,17 +242,33 @@ async def _lock_org(conn: asyncpg.Connection, org_id: str) -> None:
 
 
 async def _notify(conn: asyncpg.Connection, digests: list[bytes]) -> None:
-    """Publish changed keys in the writing transaction: delivered exactly when (and if) it commits."""
+    """Publish changed keys in the writing transaction: delivered exactly when (and if) it commits.
+
+    The payload is the digest in hex, then ``:`` and the database's clock in
+    epoch microseconds, taken just before the commit: feeds measure the
+    invalidation lag from it (see ``authsvc.storage.notify``).
+    """
     await conn.execute(
-        "SELECT pg_notify($1, d) FROM unnest($2::text[]) AS d", NOTIFY_CHANNEL, [d.hex() for d in digests]
+        "SELECT pg_notify($1, d || ':' || (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) "
+        "FROM unnest($2::text[]) AS d",
+        NOTIFY_CHANNEL,
+        [d.hex() for d in digests],
     )
 
 
 class PostgresStore:
     """``authsvc.storage.Store`` on PostgreSQL."""
 
-    def __init__(self, pool: asyncpg.Pool, *, lookup_timeout: float = 0.1, write_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        lookup_timeout: float = 0.1,
+        write_timeout: float = 5.0,
+        metrics: Recorder = NO_METRICS,
+    ) -> None:
         self._pool = pool
+        self._metrics = metrics
         self._lookup_timeout = lookup_timeout
         self._write_timeout = write_timeout
         # Lookups waiting for the next batch, by digest; see find_by_digest.
@@ -258,7 +276,9 @@ class PostgresStore:
         self._lookups: set[asyncio.Task[None]] = set()  # strong references to running batches
 
     @asynccontextmanager
-    async def _connection(self, budget: float, *, hot: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    async def _connection(
+        self, budget: float, operation: str, *, hot: bool = False
+    ) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection for at most ``budget`` seconds; then ``Unavailable``.
 
         The clean-up is bounded too. When a query times out, asyncpg asks the
@@ -268,7 +288,7 @@ class PostgresStore:
         caller's clean-up (ROLLBACK) gets ``_CLEANUP_TIMEOUT`` past the budget,
         and the release as much again, after which asyncpg closes the
         connection. ``hot``: the lookup path, which runs no transaction and
-        keeps to one timer.
+        keeps to one timer. ``operation`` names the call in the error metric.
         """
         connection: asyncpg.Connection | None = None
         guard = contextlib.nullcontext() if hot else asyncio.timeout(budget + _CLEANUP_TIMEOUT)
@@ -283,16 +303,22 @@ class PostgresStore:
                 with contextlib.suppress(asyncpg.InterfaceError):
                     connection.terminate()
             _faults.report(exc)
+            self._metrics.store_error(operation)
             raise Unavailable(_UNAVAILABLE) from None
         except asyncpg.ReadOnlySQLTransactionError as exc:
             # A server that turned read-only under us: have every pooled
             # connection find the writable primary again.
             _faults.report(exc)
+            self._metrics.store_error(operation)
             await self._pool.expire_connections()
             raise Unavailable(_READ_ONLY) from None
         except RETRY_ERRORS as exc:
             _faults.report(exc)
+            self._metrics.store_error(operation)
             raise Aborted(_ABORTED) from None
+        except asyncpg.PostgresError:
+            self._metrics.store_error(operation)
+            raise
         finally:
             if connection is not None:
                 await self._release(connection)
@@ -306,7 +332,7 @@ class PostgresStore:
     async def ping(self, budget: float = 1.0) -> bool:
         """Whether the writable primary answers (a standby or a read-only server is not it)."""
         try:
-            async with self._connection(budget) as conn:
+            async with self._connection(budget, "ping") as conn:
                 not_writable = await conn.fetchval(NOT_WRITABLE)
         except Unavailable:
             return False
@@ -315,7 +341,7 @@ class PostgresStore:
         return not not_writable
 
     async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:
-        async with self._connection(self._write_timeout) as conn, conn.transaction():
+        async with self._connection(self._write_timeout, "create_key") as conn, conn.transaction():
             await _lock_org(conn, new.org_id)
             active = await conn.fetchval(_COUNTED_ACTIVE, new.org_id, now)
             if active >= max_active:
@@ -331,7 +357,7 @@ class PostgresStore:
                 {"name": new.name, "scopes": list(new.scopes), "prefix": new.prefix, "labels": dict(new.labels)},
             )
             # A negative cache entry for this digest may exist somewhere.
-            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, new.digest.hex())
+            await _notify(conn, [new.digest])
             return key
 
     @staticmethod
@@ -366,7 +392,7 @@ class PostgresStore:
     async def rotate_key(
         self, org_id: str, key_id: str, actor: Actor, now: datetime, plan: Callable[[ApiKey], Rotation], reason: str
     ) -> Rotated | None:
-        async with self._connection(self._write_timeout) as conn, conn.transaction():
+        async with self._connection(self._write_timeout, "rotate_key") as conn, conn.transaction():
             # The same lock as create_key: the org's count of keys holding a
             # slot is the same before and after, and no create sees it halfway.
             await _lock_org(conn, org_id)
@@ -415,7 +441,7 @@ class PostgresStore:
     async def update_key(
         self, org_id: str, key_id: str, actor: Actor, now: datetime, change: Callable[[ApiKey], KeyUpdate]
     ) -> tuple[ApiKey, bytes] | None:
-        async with self._connection(self._write_timeout) as conn, conn.transaction():
+        async with self._connection(self._write_timeout, "update_key") as conn, conn.transaction():
             found = await self._locked_key(conn, org_id, key_id)
             if found is None:
                 return None
@@ -437,7 +463,7 @@ class PostgresStore:
     async def revoke_keys_created_by(
         self, org_id: str, created_by: str, actor: Actor, reason: str, now: datetime
     ) -> list[tuple[ApiKey, bytes]]:
-        async with self._connection(self._write_timeout) as conn, conn.transaction():
+        async with self._connection(self._write_timeout, "revoke_keys_created_by") as conn, conn.transaction():
             # Serialised with creates and rotations in the org: a key one of
             # them commits while this runs is either revoked here or created after.
             await _lock_org(conn, org_id)
@@ -482,7 +508,7 @@ class PostgresStore:
             return revoked
 
     async def get_key(self, org_id: str, key_id: str) -> ApiKey | None:
-        async with self._connection(self._write_timeout) as conn:
+        async with self._connection(self._write_timeout, "get_key") as conn:
             row = await conn.fetchrow(
                 f"SELECT {_COLUMNS} FROM api_keys WHERE org_id = $1 AND id = $2", org_id, uuid.UUID(key_id)
             )
@@ -493,7 +519,7 @@ class PostgresStore:
             _STATE_FILTERS[state] if state is not None else "AND $2::timestamptz IS NOT NULL"
         )
         async with (
-            self._connection(self._write_timeout) as conn,
+            self._connection(self._write_timeout, "list_keys") as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             total = await conn.fetchval(f"SELECT count(*) FROM api_keys {where}", org_id, now)
@@ -509,7 +535,7 @@ class PostgresStore:
     async def revoke_key(
         self, org_id: str, key_id: str, actor: Actor, reason: str, now: datetime
     ) -> tuple[ApiKey, bytes] | None:
-        async with self._connection(self._write_timeout) as conn, conn.transaction():
+        async with self._connection(self._write_timeout, "revoke_key") as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"UPDATE api_keys SET revoke_time = $3, revoked_by = $4, revoke_reason = $5 "
                 f"WHERE org_id = $1 AND id = $2 AND revoke_time IS NULL RETURNING {_COLUMNS}, key_hash",
@@ -574,8 +600,9 @@ class PostgresStore:
         self._dispatch()  # whatever queued up while this query ran
 
     async def _lookup(self, batch: dict[bytes, asyncio.Future[Found]]) -> None:
+        self._metrics.lookup_batch(len(batch))
         try:
-            async with self._connection(self._lookup_timeout, hot=True) as conn:
+            async with self._connection(self._lookup_timeout, "lookup", hot=True) as conn:
                 rows = await conn.fetch(
                     f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ANY($1::bytea[])", list(batch)
                 )
@@ -602,7 +629,7 @@ class PostgresStore:
         # Sorted, so concurrent flushes from several processes lock rows in one order (no deadlocks).
         pairs = sorted((uuid.UUID(k), t) for k, t in used.items())
         rows = sorted((uuid.UUID(k), day, c[0], c[1], c[2]) for (k, day), c in (counts or {}).items())
-        async with self._connection(self._write_timeout) as conn:
+        async with self._connection(self._write_timeout, "record_last_used") as conn:
             # One statement: a data-modifying CTE runs whether or not the outer query reads it.
             await conn.execute(
                 "WITH used AS (UPDATE api_keys AS k SET last_used_time = v.t "
@@ -623,7 +650,7 @@ class PostgresStore:
             )
 
     async def key_usage(self, key_id: str, first: date, last: date) -> dict[date, UsageCounts]:
-        async with self._connection(self._write_timeout) as conn:
+        async with self._connection(self._write_timeout, "key_usage") as conn:
             rows = await conn.fetch(
                 "SELECT day, allowed, denied, rate_limited FROM key_usage_days "
                 "WHERE key_id = $1 AND day BETWEEN $2 AND $3",
@@ -636,13 +663,13 @@ class PostgresStore:
     async def audit(
         self, action: str, org_id: str, actor: Actor, key_id: str | None, outcome: str, detail: Mapping[str, object]
     ) -> None:
-        async with self._connection(self._write_timeout) as conn:
+        async with self._connection(self._write_timeout, "audit") as conn:
             await self._insert_audit(conn, action, org_id, actor, key_id, outcome, detail)
 
     async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
         # Filters are bound as NULL-or-value so one statement (and its plan) serves every combination;
         # (org_id, id) is indexed (0004), and within an org id order is chain order.
-        async with self._connection(self._write_timeout) as conn:
+        async with self._connection(self._write_timeout, "list_audit_events") as conn:
             rows = await conn.fetch(
                 "SELECT id, occurred_at, org_id, actor_user_id, actor_role, caller, action, key_id, outcome, "
                 "detail::text AS detail, hash FROM audit_events "

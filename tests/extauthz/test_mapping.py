@@ -68,7 +68,7 @@ def make_adapter(settings: Settings | None = None, store: LookupStore | None = N
     """The adapter as ``authsvc serve`` builds it, over the real core and an in-memory store."""
     settings = settings or Settings()
     authorizer = Authorizer(store or LookupStore(), load_catalog(DEFAULT_CATALOG), FORMAT, clock=time.time)
-    return AuthorizationAdapter(authorizer, settings.http_policy, RoutePolicy.from_settings(settings))
+    return AuthorizationAdapter(authorizer, RoutePolicy.from_settings(settings))
 
 
 @pytest.fixture

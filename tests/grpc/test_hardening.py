@@ -17,10 +17,11 @@ from authsvc_client.v1 import authsvc_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authsvc.access import AdminToken
-from authsvc.config import Secret, Settings
+from authsvc.config import Settings
 from authsvc.core.keyformat import KeyFormat
 from authsvc.runtime import App
 from tests.grpc.test_lifecycle import authorize, code_of, create
+from tests.replicas import behind_a_proxy
 from tests.support import ADMIN, MEMBER, Stub, TcpProxy, free_port, new_org
 
 PG_DUMP = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_dump"
@@ -218,14 +219,8 @@ async def test_admin_token_guards_management_but_not_authorize(guarded: App) -> 
 
 @pytest.fixture
 async def proxied(settings: Settings, database_url: str) -> AsyncIterator[tuple[App, TcpProxy]]:
-    proxy = TcpProxy.for_database(database_url)
-    url = proxy.url_for(database_url)
-    app = App(replace(settings, database_url=Secret(url)), url, listen=f"127.0.0.1:{free_port()}")
-    await app.start()
-    await asyncio.wait_for(app.feed.connected.wait(), 5)
-    yield app, proxy
-    await app.stop(grace=0.5)
-    proxy.close()
+    async with behind_a_proxy(settings, database_url) as replica:
+        yield replica
 
 
 async def _health(channel: grpc.aio.Channel) -> int:

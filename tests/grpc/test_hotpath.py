@@ -5,35 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any
 
 import asyncpg
-import grpc
 import pytest
 from authsvc_client.v1 import authsvc_pb2 as pb
-from authsvc_client.v1 import authsvc_pb2_grpc
 
 from authsvc.config import Secret, Settings
 from authsvc.core.keys import KeyGrant
 from authsvc.runtime import App
 from tests.grpc.test_lifecycle import authorize, create
+from tests.replicas import running
 from tests.support import ADMIN, Stub, free_port, new_org
-
-
-@asynccontextmanager
-async def running(settings: Settings, database_url: str, **overrides: Any) -> AsyncIterator[tuple[App, Stub]]:
-    """Another authsvc replica on the same database, with its own cache and listener."""
-    app = App(replace(settings, **overrides), database_url, listen=f"127.0.0.1:{free_port()}")
-    await app.start()
-    await asyncio.wait_for(app.feed.connected.wait(), 5)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            yield app, authsvc_pb2_grpc.KeyServiceStub(channel)
-    finally:
-        await app.stop(grace=0.5)
 
 
 async def until(predicate: Any, within: float = 3.0) -> None:

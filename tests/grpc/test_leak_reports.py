@@ -18,8 +18,9 @@ from authsvc.access import AdminToken
 from authsvc.config import Settings
 from authsvc.core.keyformat import KeyFormat
 from authsvc.core.manager import LEAK_REPORTS_PER_MINUTE
-from tests.grpc.test_hotpath import running, until
+from tests.grpc.test_hotpath import until
 from tests.grpc.test_lifecycle import authorize, code_of, create
+from tests.replicas import running
 from tests.support import ADMIN, Stub, new_org
 
 PROTECTED = {"admin_tokens": (AdminToken("ci-deployer", "leak-test-token-0123456789"),)}

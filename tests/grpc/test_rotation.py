@@ -251,7 +251,7 @@ async def test_13_a_grace_period_with_mixed_signs_is_invalid_argument(stub: Stub
 
 async def test_13_the_longest_grace_period_is_configurable(settings: Settings, database_url: str) -> None:
     """``AUTHSVC_MAX_ROTATION_GRACE`` (here 60 s) bounds grace_period instead of the 7-day default."""
-    from tests.grpc.test_hotpath import running
+    from tests.replicas import running
 
     async with running(settings, database_url, max_rotation_grace_seconds=60) as (_, replica):
         org = new_org()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -21,7 +22,13 @@ from tests.support import ADMIN, free_port, new_org, serve_process, wait_serving
 def run_serve(env: dict[str, str], tmp: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "authsvc", "serve"],
-        env={**os.environ, "AUTHSVC_LISTEN": f"127.0.0.1:{free_port()}", **env},
+        env={
+            **os.environ,
+            "AUTHSVC_LISTEN": f"127.0.0.1:{free_port()}",
+            "AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{free_port()}",
+            "AUTHSVC_METRICS_LISTEN": "",
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -74,6 +81,28 @@ def test_port_in_use_is_one_line(tmp_path: Path, database_url: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr  # not even gRPC core's own complaint first
     assert "cannot listen on" in lines[0] and "AUTHSVC_LISTEN" in lines[0]
+
+
+def test_ext_authz_http_port_in_use_is_one_line_naming_its_setting(tmp_path: Path, database_url: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_serve(
+            {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{port}"}, tmp_path
+        )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in lines[0]
+    assert "AUTHSVC_HTTP_AUTHZ_LISTEN" in lines[0] and "empty turns it off" in lines[0]
+
+
+def test_an_empty_http_authz_listen_serves_grpc_only(tmp_path: Path, database_url: str) -> None:
+    with serve_process({"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_HTTP_AUTHZ_LISTEN": ""}, tmp_path) as server:
+        _lifecycle(server.target)
+        assert "http_authz_listen" not in server.log().split("authsvc serving", 1)[1].splitlines()[0]
+        assert server.terminate() == 0
 
 
 def _lifecycle(target: str) -> tuple[str, str]:
@@ -139,6 +168,38 @@ def test_workers_share_the_port_and_each_has_its_own(tmp_path: Path, database_ur
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), signal.SIG_DFL)  # every worker is gone
+
+
+def test_workers_share_the_http_authz_port_and_connections_spread_over_them(tmp_path: Path, database_url: str) -> None:
+    """SO_REUSEPORT: the kernel hashes each new connection to one worker; Envoy's HTTP/1.1 pool opens many.
+
+    32 connections all landing on one of 2 workers would happen once in 2**31 runs.
+    """
+    http_port = free_port()
+    env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{http_port}"}
+    with serve_process(env, tmp_path, args=("--workers", "2")) as server:
+        deadline = time.monotonic() + 20
+        while len(_socket_pids("-tlnpH", http_port)) < 2:  # both workers listening
+            assert time.monotonic() < deadline, "the workers did not both listen on the HTTP port"
+            time.sleep(0.1)
+        conns = [socket.create_connection(("127.0.0.1", http_port), timeout=5) for _ in range(32)]
+        try:
+            for conn in conns:  # each connection answered: accepted by a worker, not just queued
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n")
+                assert conn.recv(100).startswith(b"HTTP/1.1 204 ")
+            split = Counter(_socket_pids("-tnpH", http_port, "established"))
+        finally:
+            for conn in conns:
+                conn.close()
+        assert len(split) == 2 and sum(split.values()) == 32, split
+        assert min(split.values()) >= 1, split
+        assert server.terminate() == 0
+
+
+def _socket_pids(flags: str, port: int, state: str | None = None) -> list[int]:
+    argv = ["ss", flags, *(["state", state] if state else []), f"( sport = :{port} )"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=True).stdout
+    return [int(line.split("pid=", 1)[1].split(",", 1)[0]) for line in out.splitlines() if "pid=" in line]
 
 
 def _busy(port: int) -> bool:

@@ -87,7 +87,7 @@ class Recorder:
     def alive(self, sent_at: float) -> None:
         pass
 
-    def synchronised(self, at: float, source: object = None) -> None:
+    def synchronised(self, at: float, source: object = None, alive: Callable[[], bool] | None = None) -> None:
         self._note("synchronised")
 
     def desynchronised(self) -> None:

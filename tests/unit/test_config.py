@@ -13,6 +13,8 @@ from authsvc.core.errors import ConfigError
     [
         ({"AUTHSVC_KEY_PREFIX": "Bad_Prefix"}, "AUTHSVC_KEY_PREFIX"),
         ({"AUTHSVC_LISTEN": "nowhere"}, "AUTHSVC_LISTEN"),
+        ({"AUTHSVC_HTTP_AUTHZ_LISTEN": "50061"}, "AUTHSVC_HTTP_AUTHZ_LISTEN"),
+        ({"AUTHSVC_HTTP_AUTHZ_LISTEN": "127.0.0.1:http"}, "AUTHSVC_HTTP_AUTHZ_LISTEN"),
         ({"AUTHSVC_MAX_ACTIVE_KEYS": "ten"}, "AUTHSVC_MAX_ACTIVE_KEYS"),
         ({"AUTHSVC_MAX_ACTIVE_KEYS": "0"}, "AUTHSVC_MAX_ACTIVE_KEYS"),
         ({"AUTHSVC_DATABASE_URL": "mysql://x"}, "AUTHSVC_DATABASE_URL"),
@@ -166,3 +168,10 @@ def test_open_management_is_refused_unless_only_this_machine_can_reach_it(listen
         settings.check_management(listen)
     assert Settings.from_env({"AUTHSVC_INSECURE_MANAGEMENT": "true"}).check_management(listen) is True
     assert Settings.from_env({"AUTHSVC_ADMIN_TOKENS": "ops:0123456789abcdef"}).check_management(listen) is False
+
+
+def test_the_ext_authz_http_listener_is_on_by_default_and_empty_turns_it_off() -> None:
+    assert Settings.from_env({}).http_authz_listen == "127.0.0.1:50061"
+    assert Settings.from_env({"AUTHSVC_HTTP_AUTHZ_LISTEN": "0.0.0.0:9000"}).http_authz_listen == "0.0.0.0:9000"
+    assert Settings.from_env({"AUTHSVC_HTTP_AUTHZ_LISTEN": ""}).http_authz_listen == ""
+    assert Settings.from_env({"AUTHSVC_HTTP_AUTHZ_LISTEN": "  "}).http_authz_listen == ""

@@ -199,3 +199,33 @@ def test_the_servers_freshness_bound_is_at_most_100_ms_with_heartbeats_well_insi
 
     assert FRESHNESS <= 0.1
     assert HEARTBEAT * 3 < FRESHNESS
+
+
+def test_a_closed_feed_connection_stops_serving_before_the_driver_reports_it() -> None:
+    """The probe is read on every hit: a closed socket stops cached answers in the very loop turn it is seen."""
+    open_ = [True]
+    cache: DecisionCache[KeyGrant] = DecisionCache(10, 1.0, Clock())
+    cache.synchronised(100.0, None, lambda: open_[0])
+    cache.put(D1, GRANT, cache.epoch)
+    assert cache.get(D1) is GRANT
+    open_[0] = False
+    assert cache.get(D1) is MISS
+    assert not cache.serving
+    cache.desynchronised()
+    cache.synchronised(100.0)  # a new subscription without a probe: served on the heartbeat rules alone
+    cache.put(D1, GRANT, cache.epoch)
+    assert cache.get(D1) is GRANT
+
+
+async def test_the_feed_probe_sees_its_connection_closed_at_once(database_url: str) -> None:
+    """Against a real connection: the probe turns false as soon as the socket is closed, no loop turn needed."""
+    import asyncpg
+
+    from authsvc.storage.notify import _open_probe
+
+    connection = await asyncpg.connect(database_url)
+    probe = _open_probe(connection)
+    assert probe is not None, "asyncpg no longer exposes its transport: the cache is back to is_closed() alone"
+    assert probe()
+    connection.terminate()  # closes the transport synchronously, as reading EOF does
+    assert not probe()

@@ -55,6 +55,10 @@ class _Miss:
 MISS: Final = _Miss()
 
 
+def _always() -> bool:
+    return True
+
+
 class DecisionCache(Generic[V]):
     """An LRU of positive entries (``V``) and a smaller one of negative ones (``None``), by key digest.
 
@@ -72,6 +76,7 @@ class DecisionCache(Generic[V]):
         self._fresh_until = 0.0
         self._synced = False
         self._source: object = None
+        self._alive: Callable[[], bool] = _always
         #: Bumped by every invalidation; see ``put``.
         self.epoch = 0
         self.hits = 0
@@ -82,11 +87,11 @@ class DecisionCache(Generic[V]):
 
     @property
     def serving(self) -> bool:
-        return self._synced and self._clock() < self._fresh_until
+        return self._synced and self._clock() < self._fresh_until and self._alive()
 
     def get(self, digest: bytes) -> V | _Miss | None:
         """The cached value, ``None`` for a cached "no such key", or ``MISS``."""
-        if self._synced and self._clock() < self._fresh_until:
+        if self._synced and self._clock() < self._fresh_until and self._alive():
             value = self._entries.get(digest)
             if value is not None:
                 self._entries.move_to_end(digest)
@@ -132,13 +137,19 @@ class DecisionCache(Generic[V]):
         if until > self._fresh_until:
             self._fresh_until = until
 
-    def synchronised(self, at: float, source: object = None) -> None:
+    def synchronised(self, at: float, source: object = None, alive: Callable[[], bool] | None = None) -> None:
         """The feed is (again) subscribed to ``source`` as of ``at``: start from empty, missed invalidations or not.
 
-        From now on only values read from ``source`` are stored.
+        From now on only values read from ``source`` are stored. ``alive``
+        says, without waiting for the event loop, whether the feed's
+        connection is still open: a driver may report a closed connection
+        loop turns after it read the end of the stream, and a request read in
+        the same turn (answered synchronously on a hit) must not be answered
+        from a cache whose feed is gone.
         """
         self.clear()
         self._source = source
+        self._alive = alive or _always
         self._synced = True
         self._fresh_until = at + self._freshness
 
@@ -147,4 +158,5 @@ class DecisionCache(Generic[V]):
         self.clear()
         self._synced = False
         self._source = None
+        self._alive = _always
         self._fresh_until = 0.0
