@@ -49,8 +49,9 @@ from authsvc import extauthz, extauthz_http, logs
 from authsvc.config import Settings
 from authsvc.core.authorizer import Authorizer
 from authsvc.core.errors import ConfigError, Unavailable
+from authsvc.core.fanout import Fanout
 from authsvc.core.keyformat import KeyFormat
-from authsvc.core.keys import KeyGrant
+from authsvc.core.keys import Grant
 from authsvc.core.manager import LEAK_REPORTS_PER_MINUTE, KeyManager
 from authsvc.core.ports import NO_METRICS, Recorder
 from authsvc.core.ratelimit import RateLimiter
@@ -58,6 +59,7 @@ from authsvc.core.usage import UsageRecorder
 from authsvc.grpc.keyservice import KeyServiceAdapter
 from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
 from authsvc.grpc.tls import ReloadingCredentials
+from authsvc.grpc.watch import WatchAdapter
 from authsvc.http_server import HttpServer
 from authsvc.metrics import Metrics, MetricsServer, file_snapshots, flush_forever, live_snapshots, write_snapshot
 from authsvc.storage import audit, embedded
@@ -199,10 +201,14 @@ class App:
             self.metrics = Metrics()
         recorder: Recorder = self.metrics or NO_METRICS
         self.store = PostgresStore(self._pool, lookup_timeout=s.store_timeout_ms / 1000, metrics=recorder)
-        cache: DecisionCache[KeyGrant] = DecisionCache(s.cache_size, FRESHNESS, time.monotonic)
+        cache: DecisionCache[Grant] = DecisionCache(s.cache_size, FRESHNESS, time.monotonic)
         self.feed = PostgresFeed(self.dsn, metrics=recorder)
         self.feed.subscribe(cache)
+        # After the cache: a client never hears of an invalidation before this process applied it.
+        self.fanout = Fanout(lambda: cache.serving)
+        self.feed.subscribe(self.fanout)
         await self.feed.start()
+        self.fanout.start()
         self.usage = UsageRecorder(self.store, s.last_used_flush_seconds)
         self.usage.start()
         self.limiter = RateLimiter(s.rate_limit, s.rate_limit_window_seconds, shared, monotonic=time.monotonic)
@@ -238,7 +244,7 @@ class App:
                 KEY_SERVICE,
                 service_handler(
                     KEY_SERVICE,
-                    KeyServiceAdapter(self.manager, self.authorizer),
+                    KeyServiceAdapter(self.manager, self.authorizer, WatchAdapter(self.fanout, self.usage, time.time)),
                     admin=admin,
                     protected=MANAGEMENT_METHODS,
                     metrics=recorder,
@@ -269,7 +275,7 @@ class App:
                 flush_forever(self.metrics, self.metrics_dir, self.worker), name="authsvc-metrics"
             )
 
-    def _gauges(self, cache: DecisionCache[KeyGrant]) -> Callable[[], dict[str, float]]:
+    def _gauges(self, cache: DecisionCache[Grant]) -> Callable[[], dict[str, float]]:
         """Read at snapshot time from the objects that keep these numbers anyway."""
         pool, limiter = self._pool, self.limiter
 
@@ -352,6 +358,7 @@ class App:
         if drain > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for((hurry or asyncio.Event()).wait(), drain)
+        await self.fanout.stop()  # ends every WatchDecisions stream: their clients fall back to calls
         if self._http is not None:
             await asyncio.gather(self._http.stop(grace), self._server.stop(grace))
         else:

@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from bench import (
+    clientcache,
     envoy_http,
     envoy_path,
     machine,
@@ -41,6 +42,7 @@ PARTS: dict[str, Callable[[BenchConfig, Any], dict[str, Any]]] = {
     "revocation": revocation.run,
     "ratelimit": ratelimit_accuracy.run,
     "memory": memory.run,
+    "clientcache": clientcache.run,
 }
 
 

@@ -41,6 +41,9 @@ class BenchConfig:
     rate_windows: int = 8
     rate_runs: int = 3
     memory_keys_process: int = 100_000
+    cache_streams: int = 200
+    """Client streams on one server in the client-cache fan-out part."""
+    cache_fanout_revocations: int = 20
     memory_keys_inprocess: int = 1_000_000
     out_dir: Path = BENCH_DIR
     work_dir: Path = BENCH_DIR / ".work"
@@ -49,5 +52,5 @@ class BenchConfig:
         return replace(
             self, runs=1, duration=2.0, warmup=1.0, serial_duration=2.0, unique_duration=2.0, unique_runs=1,
             revocations=20, listener_losses=3, rate_windows=3, rate_runs=1, memory_keys_process=10_000,
-            memory_keys_inprocess=100_000,
+            memory_keys_inprocess=100_000, cache_streams=20, cache_fanout_revocations=5,
         )

@@ -25,7 +25,7 @@ from authsvc_client._cache import DecisionCache
 from authsvc.config import DEFAULT_CATALOG, load_catalog
 from authsvc.core.authorizer import Authorizer
 from authsvc.core.keyformat import KeyFormat
-from authsvc.core.keys import ApiKey, KeyGrant
+from authsvc.core.keys import ApiKey, Grant
 from authsvc.core.ports import Found
 from authsvc.metrics import NO_METRICS, Metrics, Recorder
 
@@ -52,7 +52,7 @@ async def _calls_per_second(metrics: Recorder, calls: int) -> float:
         created_by="bench",
         create_time=datetime.now(UTC),
     )
-    cache: DecisionCache[KeyGrant] = DecisionCache(1000, 1e9, time.monotonic)  # no feed here to keep it fresh
+    cache: DecisionCache[Grant] = DecisionCache(1000, 1e9, time.monotonic)  # no feed here to keep it fresh
     cache.synchronised(time.monotonic())
     authorizer = Authorizer(
         _OneKeyStore(issued.digest, key),  # type: ignore[arg-type]  # only the lookup is ever called

@@ -115,6 +115,22 @@ def targets(r: Results) -> list[tuple[str, bool, str]]:
         out.append(("<= 1 KiB of memory per cached key (at 1M keys)", inproc <= 1024,
                     f"{inproc:.0f} B/key at {mem['inprocess']['entries']:,} keys in-process; "
                     f"{proc:.0f} B/key in a real authsvc process at {mem['process']['keys']:,} keys"))
+    cc = r.get("clientcache")
+    if cc:
+        rate, rev, fan, mem = cc["rate"], cc["revocation"], cc["fanout"], cc["memory"]
+        out.append(("Cached authorize() in one asyncio client >= 200,000/s and >= 50x cache_size=0",
+                    rate["cached_per_s"] >= 200_000 and rate["ratio"] >= 50,
+                    f"{rate['cached_per_s']:.0f}/s vs {rate['uncached_per_s']:.0f}/s = {rate['ratio']:.0f}x"))
+        out.append(("Revocation into 4 client processes (2 replicas): p99 <= 50 ms, 0 allows after the first denial",
+                    rev["p99_ms"] is not None and rev["p99_ms"] <= 50 and rev["allows_after_denial"] == 0
+                    and rev["never_denied"] == 0,
+                    f"p99 {rev['p99_ms']:.1f} ms over {rev['revocations']} revocations, "
+                    f"{rev['allows_after_denial']} allows after denial, {rev['never_denied']} never denied"))
+        out.append((f"Fan-out to {fan['streams']} client streams on one server: revocation p99 <= 100 ms",
+                    fan["p99_ms"] is not None and fan["p99_ms"] <= 100 and fan["never_denied"] == 0,
+                    f"p99 {fan['p99_ms']:.1f} ms, server RSS {fan['server_rss_kib']} KiB"))
+        out.append(("<= 1 KiB per cached key in the client", mem["bytes_per_key"] <= 1024,
+                    f"{mem['bytes_per_key']:.0f} bytes over {mem['keys']} keys"))
     return out
 
 

@@ -31,13 +31,14 @@ from authsvc_client._cache import MISS, DecisionCache
 
 from authsvc.core.errors import InvalidArgument, Unavailable
 from authsvc.core.keyformat import KeyFormat, digest
-from authsvc.core.keys import Decision, KeyGrant, Reason, ScopeCatalog, decide
+from authsvc.core.keys import Decision, Grant, KeyGrant, Reason, ScopeCatalog, decide
 from authsvc.core.ports import NO_METRICS, KeyStore, Monotonic, Recorder, WallClock
 from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import ALLOWED, DENIED, RATE_LIMITED, UsageRecorder
 
 MISSING: Final = Decision(Reason.MISSING_KEY)
 MALFORMED: Final = Decision(Reason.MALFORMED_KEY)
+NOT_CACHEABLE: Final = (None, False)
 
 
 @dataclass(slots=True)
@@ -70,7 +71,7 @@ class Authorizer:
         key_format: KeyFormat,
         *,
         clock: WallClock,
-        cache: DecisionCache[KeyGrant] | None = None,
+        cache: DecisionCache[Grant] | None = None,
         usage: UsageRecorder | None = None,
         limiter: RateLimiter | None = None,
         metrics: Recorder = NO_METRICS,
@@ -166,12 +167,35 @@ class Authorizer:
             return await self.complete(answer)
         return answer
 
+    def client_view(self, key: str) -> tuple[float | None, bool]:
+        """What a client's cache may keep of the answer just given for ``key``: its expiry, and whether at all.
+
+        Read back from this process's cache, so an answer the cache did not
+        keep (a lookup that raced an invalidation, a cache that is not
+        serving, no cache) is not cacheable: in doubt, the client asks again.
+        A key under a rate limit, its own or the default, never is: only the
+        server counts it.
+        """
+        cache = self.cache
+        if cache is None or not key or not self.key_format.is_well_formed(key):
+            return NOT_CACHEABLE
+        grant = cache.peek(digest(key))
+        if grant is MISS:
+            return NOT_CACHEABLE
+        if grant is None:
+            return (None, True)
+        assert isinstance(grant, Grant)
+        limiter = self.limiter
+        if grant.rate_limit or (limiter is not None and limiter.default_limit):
+            return NOT_CACHEABLE
+        return (grant.expire_at, True)
+
     def evict(self, key_digest: bytes) -> None:
         """This process changed the key: forget it at once, before any notification arrives."""
         if self.cache is not None:
             self.cache.evict(key_digest)
 
-    def _decide(self, grant: KeyGrant | None, required_scope: str, key_digest: bytes) -> Decision | Pending:
+    def _decide(self, grant: Grant | None, required_scope: str, key_digest: bytes) -> Decision | Pending:
         now = self._clock()
         decision = decide(grant, required_scope, now)
         if grant is None or decision.reason is Reason.REVOKED or decision.reason is Reason.EXPIRED:

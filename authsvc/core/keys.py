@@ -14,14 +14,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-# Decision, Reason, Principal and RateLimit are the client package's value
+# Decision, Reason, Principal, RateLimit, Grant and decide are the client package's value
 # types: the same values on both sides of the wire, defined once (the server
 # depends on the client package for the generated code anyway). Re-exported
 # from here for the rest of the server.
 from authsvc_client._decision import Decision as Decision
+from authsvc_client._decision import Grant as Grant
 from authsvc_client._decision import Principal as Principal
 from authsvc_client._decision import RateLimit as RateLimit
 from authsvc_client._decision import Reason as Reason
+from authsvc_client._decision import decide as decide
 
 from authsvc.core.errors import ConfigError, InvalidArgument
 
@@ -240,21 +242,10 @@ def shared_labels(labels: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str],
     return shared
 
 
-@dataclass(frozen=True, slots=True)
-class KeyGrant:
-    """What Authorize needs of a key, precomputed once per lookup (and cached).
+class KeyGrant(Grant):
+    """The server's builder of a ``Grant`` from a stored key (``Grant`` and ``decide`` live in the client package)."""
 
-    ``expire_at`` is a POSIX timestamp so the hot path compares floats;
-    ``allow`` is the (immutable) allowed decision, built once rather than on
-    every hit.
-    """
-
-    principal: Principal
-    effective_scopes: frozenset[str]
-    expire_at: float | None
-    revoked: bool
-    rate_limit: int
-    allow: Decision
+    __slots__ = ()
 
     @classmethod
     def of(cls, key: ApiKey, catalog: ScopeCatalog) -> KeyGrant:
@@ -277,21 +268,3 @@ class KeyGrant:
             rate_limit=key.rate_limit,
             allow=Decision(Reason.OK, principal),
         )
-
-
-def decide(grant: KeyGrant | None, required_scope: str, now: float) -> Decision:
-    """The authorization rules, in the order a user expects them.
-
-    Revocation is checked before expiry (a revoked key says so even after it
-    would have expired); scope is checked last, so a 403 always means the key
-    itself is good.
-    """
-    if grant is None:
-        return Decision(Reason.UNKNOWN_KEY)
-    if grant.revoked:
-        return Decision(Reason.REVOKED, grant.principal)
-    if grant.expire_at is not None and grant.expire_at <= now:
-        return Decision(Reason.EXPIRED, grant.principal)
-    if required_scope and required_scope not in grant.effective_scopes:
-        return Decision(Reason.INSUFFICIENT_SCOPE, grant.principal)
-    return grant.allow

@@ -55,7 +55,7 @@ class UsageRecorder:
                 return
         pending[key_id] = at
 
-    def count(self, key_id: str, at: float, outcome: int) -> None:
+    def count(self, key_id: str, at: float, outcome: int, calls: int = 1) -> None:
         """Hot path: one Authorize answer (``ALLOWED``, ``DENIED`` or ``RATE_LIMITED``) for the key's UTC day.
 
         Bounded like ``touch``: one entry per key and day, however many calls.
@@ -67,7 +67,7 @@ class UsageRecorder:
                 self.dropped += 1
                 return
             counts = self._counts[slot] = [0, 0, 0]
-        counts[outcome] += 1
+        counts[outcome] += calls
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="authsvc-usage-flush")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime, timedelta
 
 from authsvc_client.v1 import authsvc_pb2 as pb
@@ -11,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from authsvc.core import validation
 from authsvc.core.errors import InvalidArgument
-from authsvc.core.keys import Actor, ApiKey, Decision, Principal
+from authsvc.core.keys import Actor, ApiKey, Decision, Principal, Reason
 from authsvc.core.ports import AuditEvent
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -130,4 +131,21 @@ def authorize_response(decision: Decision, _variant: object = None) -> pb.Author
         response.rate_limit.CopyFrom(
             pb.RateLimitStatus(limit=rl.limit, remaining=rl.remaining, reset_seconds=rl.reset_seconds)
         )
+    return response
+
+
+_MAX_TIMESTAMP_MICROS = 253402300799_999999  # 9999-12-31T23:59:59.999999Z
+
+
+def authorize_response_for_client(decision: Decision, view: tuple[float | None, bool]) -> pb.AuthorizeResponse:
+    """``authorize_response`` plus ``expire_time`` and ``cacheable`` for a client cache (``Authorizer.client_view``)."""
+    response = authorize_response(decision)
+    expire_at, cacheable = view
+    # Only an identified key's answer, or an unknown key's, is worth keeping; never a rate-limited answer.
+    response.cacheable = cacheable and decision.rate_limit is None and (
+        decision.principal is not None or decision.reason is Reason.UNKNOWN_KEY
+    )
+    if expire_at is not None and decision.principal is not None:
+        # Rounded down (a client expires it no later than the server does), within Timestamp's range.
+        response.expire_time.FromMicroseconds(min(math.floor(expire_at * 1_000_000), _MAX_TIMESTAMP_MICROS))
     return response

@@ -14,14 +14,18 @@ from authsvc.core.authorizer import Authorizer, Pending
 from authsvc.core.keys import Caller
 from authsvc.core.manager import KeyManager
 from authsvc.grpc import convert
+from authsvc.grpc.watch import WatchAdapter
 from authsvc.memo import ResponseMemo
 
 
 class KeyServiceAdapter:
-    def __init__(self, manager: KeyManager, authorizer: Authorizer) -> None:
+    def __init__(self, manager: KeyManager, authorizer: Authorizer, watch: WatchAdapter) -> None:
         self._manager = manager
         self._authorizer = authorizer
-        self._responses: ResponseMemo[None, pb.AuthorizeResponse] = ResponseMemo(convert.authorize_response)
+        self.WatchDecisions = watch.WatchDecisions
+        self._responses: ResponseMemo[tuple[float | None, bool], pb.AuthorizeResponse] = ResponseMemo(
+            convert.authorize_response_for_client
+        )
 
     async def CreateKey(self, request: pb.CreateKeyRequest, caller: Caller) -> pb.CreateKeyResponse:
         expire = convert.from_timestamp(request.expire_time, "expire_time") if request.HasField("expire_time") else None
@@ -128,5 +132,5 @@ class KeyServiceAdapter:
     async def Authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
         answer = self._authorizer.check(request.key, request.required_scope)
         if isinstance(answer, Pending):  # a miss or a rate limit: the only await on this path
-            return self._responses(await self._authorizer.complete(answer), None)
-        return self._responses(answer, None)
+            answer = await self._authorizer.complete(answer)
+        return self._responses(answer, self._authorizer.client_view(request.key))

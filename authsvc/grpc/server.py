@@ -31,9 +31,11 @@ from authsvc.grpc.status import to_status
 
 KEY_SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["KeyService"]
 # Methods where possession of a key is the proof, open to anyone who reaches the port.
-OPEN_METHODS = frozenset({"Authorize", "ReportLeakedKeys"})
+OPEN_METHODS = frozenset({"Authorize", "WatchDecisions", "ReportLeakedKeys"})
 # Every other KeyService method is a management call behind the admin
 # tokens: derived from the contract, so a method added later is guarded by default.
+# WatchDecisions is the client cache's stream (digests and heartbeats, no secret,
+# no principal), as open as Authorize.
 MANAGEMENT_METHODS = frozenset(m.name for m in KEY_SERVICE.methods if m.name not in OPEN_METHODS)
 # Called as ``behavior(request, address)`` with the caller's network address (rate limits per address).
 PEER_METHODS = frozenset({"ReportLeakedKeys"})
@@ -174,6 +176,14 @@ def service_handler(
     for method in descriptor.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
+        if method.client_streaming and method.server_streaming:
+            # A stream ends with the status its behaviour aborts with; it makes no other calls that could raise.
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                getattr(servicer, method.name),
+                request_deserializer=_lenient(request_class.FromString),
+                response_serializer=response_class.SerializeToString,
+            )
+            continue
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _wrap(
                 getattr(servicer, method.name),

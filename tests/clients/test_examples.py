@@ -82,3 +82,17 @@ async def test_asgi_example_answers_as_its_docstring_says(
             assert posted.status == status
     finally:
         await example.app.client.close()
+
+
+async def test_cached_authorize_example_decides_a_known_key_in_the_process(target: str, keys: Keys) -> None:
+    """``cached_authorize.py TARGET KEY`` as a script: the first answer from authsvc, the next ones local."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / "cached_authorize.py"), target, keys.reader, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    lines = out.decode().splitlines()
+    assert proc.returncode == 0, lines
+    # The very first call went to authsvc before the stream subscribed, so the key is usually learnt by the next.
+    assert lines[0] in ("allowed (authsvc)", "allowed (this process)"), lines
+    assert lines[1:3] == ["allowed (this process)"] * 2, lines
+    assert lines[3].endswith("entries=1 stream=subscribed"), lines

@@ -104,6 +104,16 @@ class DecisionCache(Generic[V]):
         self.misses += 1
         return MISS
 
+    def peek(self, digest: bytes) -> V | _Miss | None:
+        """Like ``get`` (only while serving), but neither counted nor moved in the LRU: for callers that inspect."""
+        if self._synced and self._clock() < self._fresh_until:
+            value = self._entries.get(digest)
+            if value is not None:
+                return value
+            if digest in self._unknown:
+                return None
+        return MISS
+
     def put(self, digest: bytes, value: V | None, epoch: int, source: object = None) -> None:
         """Store a looked-up value (``None``: no such key) read from ``source`` while ``self.epoch == epoch``."""
         if not self._synced or epoch != self.epoch or source is not self._source:

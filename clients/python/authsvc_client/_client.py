@@ -19,13 +19,17 @@ import grpc
 
 from authsvc_client._decision import Decision, Principal, RateLimit, Reason
 from authsvc_client._exceptions import InvalidArgument, from_rpc_error
+from authsvc_client._localcache import CacheStats, LocalCache
 from authsvc_client._tls import TlsConfig
+from authsvc_client._watch import AsyncWatch, ThreadWatch
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1.authsvc_pb2_grpc import KeyServiceStub
 
 #: Seconds an Authorize call may take before it fails with ``Unavailable``.
 #: authsvc answers in a few milliseconds; Envoy's ext_authz default is 200 ms.
 DEFAULT_TIMEOUT = 0.25
+#: Keys a client caches by default (see ``_localcache``); ``cache_size=0`` turns the cache off.
+DEFAULT_CACHE_SIZE = 10_000
 
 
 def _reason(value: int) -> Reason:
@@ -83,19 +87,24 @@ def _secure(
     return credentials, []
 
 
-def _request(key: str, scope: str) -> pb.AuthorizeRequest:
+def _check(key: str, scope: str) -> None:
     if not isinstance(key, str) or not isinstance(scope, str):
         # No repr of the value: it may be a secret of the wrong type.
         raise TypeError("authorize(key, scope) takes two str arguments")
     if not scope.strip():
         raise InvalidArgument(_NEEDS_SCOPE, status="INVALID_ARGUMENT")
-    return pb.AuthorizeRequest(key=key, required_scope=scope)
 
 
-def _authenticate_request(key: str) -> pb.AuthorizeRequest:
+def _check_authenticate(key: str) -> None:
     if not isinstance(key, str):
         raise TypeError("authenticate(key) takes a str argument")
-    return pb.AuthorizeRequest(key=key)  # no required_scope: authsvc only identifies the key
+
+
+def _expire_at(reply: pb.AuthorizeResponse) -> float | None:
+    return reply.expire_time.ToMicroseconds() / 1_000_000 if reply.HasField("expire_time") else None
+
+
+_OFF = CacheStats(0, 0, 0, "off", 0, 0)
 
 
 class Client:
@@ -113,6 +122,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         credentials: grpc.ChannelCredentials | None = None,
         tls: TlsConfig | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
         credentials, options = _secure(credentials, tls)
         if isinstance(target, str):
@@ -126,6 +136,8 @@ class Client:
             self._owns_channel = False
         self._authorize = KeyServiceStub(self._channel).Authorize
         self.timeout = timeout
+        self._local = LocalCache(cache_size) if cache_size > 0 else None
+        self._watch = ThreadWatch(self._local, self._channel) if self._local is not None else None
 
     def authorize(self, key: str, scope: str, *, timeout: float | None = None) -> Decision:
         """Whether ``key`` may act with ``scope``.
@@ -135,7 +147,8 @@ class Client:
         ``InvalidArgument`` when ``scope`` is empty (see ``authenticate``)
         or not in authsvc's catalog.
         """
-        return self._send(_request(key, scope), timeout)
+        _check(key, scope)
+        return self._send(key, scope, timeout)
 
     def authenticate(self, key: str, *, timeout: float | None = None) -> Decision:
         """Whether ``key`` is valid (known, not revoked, not expired, within its rate limit), whatever its scopes.
@@ -143,17 +156,37 @@ class Client:
         For callers that decide by ``decision.principal`` themselves; anything
         that protects an operation should ``authorize`` it with its scope.
         """
-        return self._send(_authenticate_request(key), timeout)
+        _check_authenticate(key)
+        return self._send(key, "", timeout)  # no required_scope: authsvc only identifies the key
 
-    def _send(self, request: pb.AuthorizeRequest, timeout: float | None) -> Decision:
+    def cache_stats(self) -> CacheStats:
+        """Hits, misses, entries and the stream's state of this client's cache."""
+        return self._local.stats() if self._local is not None else _OFF
+
+    def _send(self, key: str, scope: str, timeout: float | None) -> Decision:
+        local, epoch = self._local, 0
+        if local is not None:
+            hit = local.lookup(key, scope)
+            if hit is not None:
+                return hit
+            assert self._watch is not None
+            self._watch.ensure()
+            epoch = local.begin()
         try:
-            reply = self._authorize(request, timeout=self.timeout if timeout is None else timeout)
+            reply = self._authorize(
+                pb.AuthorizeRequest(key=key, required_scope=scope), timeout=self.timeout if timeout is None else timeout
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
-        return decision_from_proto(reply)
+        decision = decision_from_proto(reply)
+        if local is not None:
+            local.learn(key, scope, decision, _expire_at(reply), reply.cacheable, epoch)
+        return decision
 
     def close(self) -> None:
-        """Close the channel if this client opened it."""
+        """Stop the cache's stream, and close the channel if this client opened it."""
+        if self._watch is not None:
+            self._watch.stop()
         if self._owns_channel:
             self._channel.close()
 
@@ -183,6 +216,7 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         credentials: grpc.ChannelCredentials | None = None,
         tls: TlsConfig | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
         self._target = target if isinstance(target, str) else None
         self._credentials, self._options = _secure(credentials, tls)
@@ -192,6 +226,8 @@ class AsyncClient:
         if not isinstance(target, str):
             self._bind(target)
         self.timeout = timeout
+        self._local = LocalCache(cache_size) if cache_size > 0 else None
+        self._watch = AsyncWatch(self._local) if self._local is not None else None
 
     def _bind(self, channel: grpc.aio.Channel) -> None:
         self._channel = channel
@@ -212,22 +248,50 @@ class AsyncClient:
     # stops working on an answer nobody waits for; asyncio.timeout cannot do that.
     async def authorize(self, key: str, scope: str, *, timeout: float | None = None) -> Decision:  # noqa: ASYNC109
         """Whether ``key`` may act with ``scope``; see ``Client.authorize``."""
-        return await self._send(_request(key, scope), timeout)
+        _check(key, scope)
+        local = self._local
+        if local is not None:  # the hit path: no await on anything but this coroutine
+            hit = local.lookup(key, scope)
+            if hit is not None:
+                return hit
+        return await self._send(key, scope, timeout)
 
     async def authenticate(self, key: str, *, timeout: float | None = None) -> Decision:  # noqa: ASYNC109
         """Whether ``key`` is valid, whatever its scopes; see ``Client.authenticate``."""
-        return await self._send(_authenticate_request(key), timeout)
+        _check_authenticate(key)
+        local = self._local
+        if local is not None:
+            hit = local.lookup(key, "")
+            if hit is not None:
+                return hit
+        return await self._send(key, "", timeout)
 
-    async def _send(self, request: pb.AuthorizeRequest, timeout: float | None) -> Decision:  # noqa: ASYNC109
+    def cache_stats(self) -> CacheStats:
+        """Hits, misses, entries and the stream's state of this client's cache."""
+        return self._local.stats() if self._local is not None else _OFF
+
+    async def _send(self, key: str, scope: str, timeout: float | None) -> Decision:  # noqa: ASYNC109
         call = self._open()
+        local, epoch = self._local, 0
+        if local is not None:
+            assert self._watch is not None and self._channel is not None
+            self._watch.ensure(self._channel)
+            epoch = local.begin()
         try:
-            reply = await call(request, timeout=self.timeout if timeout is None else timeout)
+            reply = await call(
+                pb.AuthorizeRequest(key=key, required_scope=scope), timeout=self.timeout if timeout is None else timeout
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
-        return decision_from_proto(reply)
+        decision = decision_from_proto(reply)
+        if local is not None:
+            local.learn(key, scope, decision, _expire_at(reply), reply.cacheable, epoch)
+        return decision
 
     async def close(self) -> None:
-        """Close the channel if this client opened it; a later call opens a new one."""
+        """Stop the cache's stream, and close the channel if this client opened it; a later call opens a new one."""
+        if self._watch is not None:
+            await self._watch.stop()
         if self._owns_channel and self._channel is not None:
             channel, self._channel, self._call = self._channel, None, None
             await channel.close(None)

@@ -1,4 +1,4 @@
-"""What Authorize answers, as plain frozen values: ``Decision``, ``Principal``, ``RateLimit``.
+"""What Authorize answers, as plain frozen values (``Decision``, ``Principal``, ``RateLimit``), and its rules.
 
 One set of types for both sides of the wire: authsvc's core builds these
 ``Decision`` objects and this client decodes the same ones, so a reason, its
@@ -156,6 +156,44 @@ class Decision:
     def retry_after(self) -> int:
         """Seconds a rate-limited caller should wait (``Retry-After``): the window's reset, at least 1."""
         return max(self.rate_limit.reset_seconds if self.rate_limit else 1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What deciding needs of a key: the server caches one per key, and so does a client's cache.
+
+    One type and one ``decide`` on both sides of the wire, so a client that
+    decides a cached key locally applies exactly the server's rules.
+    ``expire_at`` is a POSIX timestamp so the hot path compares floats;
+    ``allow`` is the (immutable) allowed decision, built once rather than on
+    every hit.
+    """
+
+    principal: Principal
+    effective_scopes: frozenset[str]
+    expire_at: float | None
+    revoked: bool
+    rate_limit: int
+    allow: Decision
+
+
+def decide(grant: Grant | None, required_scope: str, now: float) -> Decision:
+    """The authorization rules, in the order a user expects them.
+
+    Revocation is checked before expiry (a revoked key says so even after it
+    would have expired); scope is checked last, so a 403 always means the key
+    itself is good. Rate limits are not decided here: a key under one is
+    never decided from a client's cache, and the server counts it.
+    """
+    if grant is None:
+        return Decision(Reason.UNKNOWN_KEY)
+    if grant.revoked:
+        return Decision(Reason.REVOKED, grant.principal)
+    if grant.expire_at is not None and grant.expire_at <= now:
+        return Decision(Reason.EXPIRED, grant.principal)
+    if required_scope and required_scope not in grant.effective_scopes:
+        return Decision(Reason.INSUFFICIENT_SCOPE, grant.principal)
+    return grant.allow
 
 
 #: A request that carried two different keys: no component may pick one.

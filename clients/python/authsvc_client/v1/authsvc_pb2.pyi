@@ -586,12 +586,20 @@ class AuthorizeResponse(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     PRINCIPAL_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CACHEABLE_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reason: Global___Reason.ValueType
     http_status: _builtins.int
     """The HTTP status a gateway should answer with: 200, 401, 403 or 429."""
     message: _builtins.str
     """Short and human readable; never contains the key."""
+    cacheable: _builtins.bool
+    """Whether a client following WatchDecisions may cache this answer and
+    decide the key itself for any scope. False for keys under a rate limit
+    (their own or the deployment's default: only the server counts them),
+    for missing or malformed keys, and whenever in doubt.
+    """
     @_builtins.property
     def principal(self) -> Global___Principal:
         """Set whenever the key was identified, also when denied for scope,
@@ -602,6 +610,12 @@ class AuthorizeResponse(_message.Message):
     def rate_limit(self) -> Global___RateLimitStatus:
         """Set when a rate limit applies to the key."""
 
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """The key's expiry, when it has one and was identified: a client cache
+        denies it as expired from this time on.
+        """
+
     def __init__(
         self,
         *,
@@ -611,14 +625,179 @@ class AuthorizeResponse(_message.Message):
         message: _builtins.str = ...,
         principal: Global___Principal | None = ...,
         rate_limit: Global___RateLimitStatus | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        cacheable: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "rate_limit", b"rate_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "principal", b"principal", "rate_limit", b"rate_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "http_status", b"http_status", "message", b"message", "principal", b"principal", "rate_limit", b"rate_limit", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "cacheable", b"cacheable", "expire_time", b"expire_time", "http_status", b"http_status", "message", b"message", "principal", b"principal", "rate_limit", b"rate_limit", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuthorizeResponse: _TypeAlias = AuthorizeResponse  # noqa: Y015
+
+@_typing.final
+class WatchDecisionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyUsage]:
+        """Calls the client decided from its cache since its last report."""
+
+    def __init__(
+        self,
+        *,
+        usage: _abc.Iterable[Global___KeyUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchDecisionsRequest: _TypeAlias = WatchDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class KeyUsage(_message.Message):
+    """KeyUsage is one key's locally decided calls since the previous report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CallsByReasonEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    LAST_USED_TIME_FIELD_NUMBER: _builtins.int
+    CALLS_BY_REASON_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    @_builtins.property
+    def last_used_time(self) -> _timestamp_pb2.Timestamp:
+        """The latest of those calls."""
+
+    @_builtins.property
+    def calls_by_reason(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """Calls by Authorize reason (REASON_OK, REASON_INSUFFICIENT_SCOPE, ...)."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        last_used_time: _timestamp_pb2.Timestamp | None = ...,
+        calls_by_reason: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_used_time", b"last_used_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls_by_reason", b"calls_by_reason", "key_id", b"key_id", "last_used_time", b"last_used_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyUsage: _TypeAlias = KeyUsage  # noqa: Y015
+
+@_typing.final
+class WatchDecisionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVALIDATION_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invalidation(self) -> Global___Invalidation:
+        """The answer for these keys may have changed: evict them."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat:
+        """Every invalidation before this message has been sent."""
+
+    @_builtins.property
+    def reset(self) -> Global___Reset:
+        """The server's own feed was lost or re-established: drop everything."""
+
+    def __init__(
+        self,
+        *,
+        invalidation: Global___Invalidation | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+        reset: Global___Reset | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "invalidation", b"invalidation", "reset", b"reset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "invalidation", b"invalidation", "reset", b"reset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["invalidation", "heartbeat", "reset"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchDecisionsResponse: _TypeAlias = WatchDecisionsResponse  # noqa: Y015
+
+@_typing.final
+class Invalidation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """SHA-256 digests of keys (never a key)."""
+
+    def __init__(
+        self,
+        *,
+        digests: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Invalidation: _TypeAlias = Invalidation  # noqa: Y015
+
+@_typing.final
+class Heartbeat(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class Reset(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reset: _TypeAlias = Reset  # noqa: Y015
 
 @_typing.final
 class RateLimitStatus(_message.Message):

@@ -91,6 +91,11 @@ class KeyServiceStub:
                 request_serializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageRequest.SerializeToString,
                 response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageResponse.FromString,
                 _registered_method=True)
+        self.WatchDecisions = channel.stream_stream(
+                '/authsvc.v1.KeyService/WatchDecisions',
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.WatchDecisionsRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.WatchDecisionsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -202,6 +207,21 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchDecisions(self, request_iterator, context):
+        """WatchDecisions keeps a client's decision cache true. A client process
+        opens it once and keeps it open. The server sends the digests of keys
+        whose answer may have changed, a heartbeat at least every 200 ms while
+        its own invalidation feed is fresh, and a reset whenever it lost or
+        re-established that feed (the client then drops every entry). The
+        client reports its locally decided calls at least every 5 s, so
+        last_used_time stays true. A client that reads too slowly is dropped
+        (RESOURCE_EXHAUSTED) and starts again from an empty cache. Nothing on
+        the stream is a secret, and no principal is ever sent on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +279,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.GetKeyUsage,
                     request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageRequest.FromString,
                     response_serializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageResponse.SerializeToString,
+            ),
+            'WatchDecisions': grpc.stream_stream_rpc_method_handler(
+                    servicer.WatchDecisions,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.WatchDecisionsRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.WatchDecisionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -560,6 +585,33 @@ class KeyService:
             '/authsvc.v1.KeyService/GetKeyUsage',
             authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageRequest.SerializeToString,
             authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchDecisions(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/authsvc.v1.KeyService/WatchDecisions',
+            authsvc_dot_v1_dot_authsvc__pb2.WatchDecisionsRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.WatchDecisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

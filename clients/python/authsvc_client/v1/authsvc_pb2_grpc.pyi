@@ -99,6 +99,17 @@ class KeyServiceStub:
     (AUTHSVC_LAST_USED_FLUSH_SECONDS). Revoked and expired keys keep their
     history; another org's key is NOT_FOUND. Any role.
     """
+    WatchDecisions: _grpc.StreamStreamMultiCallable[_authsvc_pb2.WatchDecisionsRequest, _authsvc_pb2.WatchDecisionsResponse]
+    """WatchDecisions keeps a client's decision cache true. A client process
+    opens it once and keeps it open. The server sends the digests of keys
+    whose answer may have changed, a heartbeat at least every 200 ms while
+    its own invalidation feed is fresh, and a reset whenever it lost or
+    re-established that feed (the client then drops every entry). The
+    client reports its locally decided calls at least every 5 s, so
+    last_used_time stays true. A client that reads too slowly is dropped
+    (RESOURCE_EXHAUSTED) and starts again from an empty cache. Nothing on
+    the stream is a secret, and no principal is ever sent on it.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -166,6 +177,17 @@ class KeyServiceAsyncStub(KeyServiceStub):
     rotation's grace. Counts lag by at most the usage flush interval
     (AUTHSVC_LAST_USED_FLUSH_SECONDS). Revoked and expired keys keep their
     history; another org's key is NOT_FOUND. Any role.
+    """
+    WatchDecisions: _aio.StreamStreamMultiCallable[_authsvc_pb2.WatchDecisionsRequest, _authsvc_pb2.WatchDecisionsResponse]  # type: ignore[assignment]
+    """WatchDecisions keeps a client's decision cache true. A client process
+    opens it once and keeps it open. The server sends the digests of keys
+    whose answer may have changed, a heartbeat at least every 200 ms while
+    its own invalidation feed is fresh, and a reset whenever it lost or
+    re-established that feed (the client then drops every entry). The
+    client reports its locally decided calls at least every 5 s, so
+    last_used_time stays true. A client that reads too slowly is dropped
+    (RESOURCE_EXHAUSTED) and starts again from an empty cache. Nothing on
+    the stream is a secret, and no principal is ever sent on it.
     """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -297,6 +319,23 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         rotation's grace. Counts lag by at most the usage flush interval
         (AUTHSVC_LAST_USED_FLUSH_SECONDS). Revoked and expired keys keep their
         history; another org's key is NOT_FOUND. Any role.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchDecisions(
+        self,
+        request_iterator: _MaybeAsyncIterator[_authsvc_pb2.WatchDecisionsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_authsvc_pb2.WatchDecisionsResponse], _abc.AsyncIterator[_authsvc_pb2.WatchDecisionsResponse]]:
+        """WatchDecisions keeps a client's decision cache true. A client process
+        opens it once and keeps it open. The server sends the digests of keys
+        whose answer may have changed, a heartbeat at least every 200 ms while
+        its own invalidation feed is fresh, and a reset whenever it lost or
+        re-established that feed (the client then drops every entry). The
+        client reports its locally decided calls at least every 5 s, so
+        last_used_time stays true. A client that reads too slowly is dropped
+        (RESOURCE_EXHAUSTED) and starts again from an empty cache. Nothing on
+        the stream is a secret, and no principal is ever sent on it.
         """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
