@@ -52,7 +52,7 @@ from authsvc.core.errors import ConfigError, Unavailable
 from authsvc.core.fanout import Fanout
 from authsvc.core.keyformat import KeyFormat
 from authsvc.core.keys import Grant
-from authsvc.core.manager import KeyManager
+from authsvc.core.manager import LEAK_REPORTS_PER_MINUTE, KeyManager
 from authsvc.core.ports import NO_METRICS, Recorder
 from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import UsageRecorder
@@ -254,6 +254,8 @@ class App:
             max_active_keys=s.max_active_keys,
             max_rotation_grace=timedelta(seconds=s.max_rotation_grace_seconds),
             evict=self.authorizer.evict,
+            # Leak reports are counted per caller address across processes, like key limits.
+            leak_limiter=RateLimiter(LEAK_REPORTS_PER_MINUTE, 60, shared, monotonic=time.monotonic),
         )
         self.routes = extauthz.RoutePolicy.from_settings(s)
         admin = AdminTokens(s.admin_tokens, s.admin_client_names)

@@ -34,7 +34,7 @@ from authsvc.core.keyformat import KeyFormat, digest
 from authsvc.core.keys import Decision, Grant, KeyGrant, Reason, ScopeCatalog, decide
 from authsvc.core.ports import NO_METRICS, KeyStore, Monotonic, Recorder, WallClock
 from authsvc.core.ratelimit import RateLimiter
-from authsvc.core.usage import UsageRecorder
+from authsvc.core.usage import ALLOWED, DENIED, RATE_LIMITED, UsageRecorder
 
 MISSING: Final = Decision(Reason.MISSING_KEY)
 MALFORMED: Final = Decision(Reason.MALFORMED_KEY)
@@ -152,7 +152,13 @@ class Authorizer:
             answer.transport, answer.started = pending.transport, pending.started
             pending = answer
         assert self.limiter is not None and pending.allowed is not None  # only _decide makes such a Pending
-        return await self.limiter.apply(pending.allowed, pending.rate_limit, self._clock())
+        now = self._clock()
+        decision = await self.limiter.apply(pending.allowed, pending.rate_limit, now)
+        if self.usage is not None and decision.principal is not None:
+            self.usage.count(
+                decision.principal.key_id, now, ALLOWED if decision.reason is Reason.OK else RATE_LIMITED
+            )
+        return decision
 
     async def authorize(self, key: str, required_scope: str, transport: str = "grpc") -> Decision:
         """``check`` and, when needed, ``complete``: for callers that are async anyway."""
@@ -194,9 +200,12 @@ class Authorizer:
         decision = decide(grant, required_scope, now)
         if grant is None or decision.reason is Reason.REVOKED or decision.reason is Reason.EXPIRED:
             return decision
+        limiter = self.limiter
+        limited = decision.reason is Reason.OK and limiter is not None and (grant.rate_limit or limiter.default_limit)
         if self.usage is not None:
             self.usage.touch(grant.principal.key_id, now)
-        limiter = self.limiter
-        if decision.reason is Reason.OK and limiter is not None and (grant.rate_limit or limiter.default_limit):
+            if not limited:  # a rate-limited answer is counted in ``complete``, once the limiter has spoken
+                self.usage.count(grant.principal.key_id, now, ALLOWED if decision.reason is Reason.OK else DENIED)
+        if limited:
             return Pending(key_digest, required_scope, -1, decision, grant.rate_limit)
         return decision

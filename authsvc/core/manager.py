@@ -15,15 +15,63 @@ can slip between the check and the write.
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
-from authsvc.core import validation
+from authsvc.core import keyformat, pagetoken, validation
 from authsvc.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from authsvc.core.keyformat import KeyFormat
-from authsvc.core.keys import ANONYMOUS, Actor, ApiKey, Caller, KeyState, ScopeCatalog
-from authsvc.core.ports import DateClock, KeyStore, KeyUpdate, NewKey, Page, Rotation, TooManyActiveKeys
+from authsvc.core.keyformat import DISPLAY_PREFIX_LENGTH, KeyFormat
+from authsvc.core.keys import ANONYMOUS, Actor, ApiKey, Caller, KeyState, Role, ScopeCatalog
+from authsvc.core.ports import (
+    AuditEvent,
+    AuditQuery,
+    DateClock,
+    KeyStore,
+    KeyUpdate,
+    NewKey,
+    Page,
+    Rotation,
+    TooManyActiveKeys,
+    UsageCounts,
+)
+from authsvc.core.ratelimit import RateLimiter
+
+#: ListAuditEvents' page size when the request names none, and the most it may ask for.
+DEFAULT_AUDIT_PAGE_SIZE = 50
+MAX_AUDIT_PAGE_SIZE = 500
+#: An audit action as the trail writes them (``key.create``, ``audit.list``).
+_ACTION = re.compile(r"[a-z][a-z_]{0,31}(\.[a-z][a-z_]{0,31}){0,3}")
+
+#: GetKeyUsage's day count when the request names none, and the most it may ask for.
+DEFAULT_USAGE_DAYS = 30
+MAX_USAGE_DAYS = 90
+
+#: ReportLeakedKeys: keys per call, and calls per caller address per minute. A call looks up at most
+#: 100 keys, so one address probes at most 1,000 keys a minute: far fewer than Authorize answers.
+MAX_LEAKED_KEYS = 100
+LEAK_REPORTS_PER_MINUTE = 10
+MAX_LEAK_SOURCE_LENGTH = 200
+MAX_LEAK_URL_LENGTH = 500
+#: ``revoked_by`` and the audit actor of a revocation by leak report.
+LEAK_REPORTER = Actor(user_id="leak-report", role=Role.UNSPECIFIED)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsage:
+    #: ``(UTC day, counts)`` for every day asked for, oldest first, zeros included.
+    days: list[tuple[date, UsageCounts]]
+    last_used_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class LeakReport:
+    revoked: int
+    already_revoked: int
+    unknown: int
+
 
 #: The longest grace period a rotation may give the old key, unless configured (AUTHSVC_MAX_ROTATION_GRACE).
 DEFAULT_MAX_ROTATION_GRACE = timedelta(days=7)
@@ -69,6 +117,7 @@ class KeyManager:
         max_active_keys: int = 10,
         max_rotation_grace: timedelta = DEFAULT_MAX_ROTATION_GRACE,
         evict: Callable[[bytes], None] = lambda digest: None,
+        leak_limiter: RateLimiter | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -77,6 +126,8 @@ class KeyManager:
         self.max_rotation_grace = max_rotation_grace
         self.now = clock
         self._evict = evict
+        # Without a shared counter (Redis), each process counts its own reports.
+        self._leak_limiter = leak_limiter or RateLimiter(LEAK_REPORTS_PER_MINUTE, 60, monotonic=time.monotonic)
 
     async def create_key(
         self,
@@ -339,6 +390,137 @@ class KeyManager:
             extra={"org_id": org_id, "created_by": created_by, "count": len(revoked), "actor": actor.user_id},
         )
         return [key for key, _ in revoked]
+
+    async def list_audit_events(
+        self,
+        org_id: str,
+        actor: Actor,
+        *,
+        key_id: str = "",
+        action: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        caller: Caller = ANONYMOUS,
+    ) -> tuple[list[AuditEvent], str]:
+        """One page of the organization's audit trail, newest first, and the token for the next ("" at the end).
+
+        Reading the trail is itself a management call and is audited
+        (``audit.list``); the next page's position is an id, so events
+        written meanwhile never shift or repeat what a later page shows.
+        """
+        org_id = self._check_org(org_id)
+        actor = self._check_actor(actor, caller)
+        wanted_key = validation.key_id(key_id) if key_id else None
+        if action and not _ACTION.fullmatch(action):
+            raise InvalidArgument("action must be an audit action such as key.create or key.revoke, or empty")
+        if start_time is not None and end_time is not None and end_time < start_time:
+            raise InvalidArgument("end_time must not be before start_time")
+        if not 0 <= page_size <= MAX_AUDIT_PAGE_SIZE:
+            raise InvalidArgument(
+                f"page_size must be between 1 and {MAX_AUDIT_PAGE_SIZE} (0 means {DEFAULT_AUDIT_PAGE_SIZE}), "
+                f"got {page_size}"
+            )
+        limit = page_size or DEFAULT_AUDIT_PAGE_SIZE
+        filters = (wanted_key, action or None, start_time, end_time)
+        before = pagetoken.read(page_token, org_id, filters) if page_token else None
+        await self._require_org(caller, actor, "audit.list", org_id, wanted_key)
+        if not actor.role.may_manage:
+            await self.store.audit("audit.list", org_id, actor, wanted_key, "denied", {})
+            raise PermissionDenied("only ROLE_ADMIN or ROLE_OWNER may read the audit trail")
+        # One more than the page: whether there is a next page, without a count.
+        events = await self.store.list_audit_events(
+            AuditQuery(org_id, wanted_key, action or None, start_time, end_time, before, limit + 1)
+        )
+        await self.store.audit(
+            "audit.list", org_id, actor, wanted_key, "ok", {"action": action or None, "page_size": limit}
+        )
+        if len(events) <= limit:
+            return events, ""
+        page = events[:limit]
+        return page, pagetoken.issue(page[-1].id, org_id, filters)
+
+    async def get_key_usage(
+        self, org_id: str, actor: Actor, key_id: str, days: int, *, caller: Caller = ANONYMOUS
+    ) -> KeyUsage:
+        """A key's daily Authorize counts for the last ``days`` UTC days (today included), zeros filled in.
+
+        Revoked and expired keys keep their history: keys are never deleted.
+        """
+        org_id = self._check_org(org_id)
+        actor = self._check_actor(actor, caller)
+        key_id = validation.key_id(key_id)
+        if not 0 <= days <= MAX_USAGE_DAYS:
+            raise InvalidArgument(
+                f"days must be between 1 and {MAX_USAGE_DAYS} (0 means {DEFAULT_USAGE_DAYS}), got {days}"
+            )
+        days = days or DEFAULT_USAGE_DAYS
+        await self._require_org(caller, actor, "key.usage", org_id, key_id)
+        await self._require_member(actor, "key.usage", org_id, key_id)
+        key = await self.store.get_key(org_id, key_id)
+        await self.store.audit("key.usage", org_id, actor, key_id, "ok" if key else "not_found", {"days": days})
+        if key is None:
+            raise NotFound(f"no key {key_id} in organization {org_id}")
+        today = self.now().astimezone(UTC).date()
+        first = today - timedelta(days=days - 1)
+        stored = await self.store.key_usage(key_id, first, today)
+        series = [(first + timedelta(days=i), stored.get(first + timedelta(days=i), (0, 0, 0))) for i in range(days)]
+        return KeyUsage(days=series, last_used_time=key.last_used_time)
+
+    async def report_leaked_keys(self, keys: Sequence[str], source: str, url: str, *, address: str) -> LeakReport:
+        """Revoke every known key in ``keys``: whoever holds a key may end it (possession is the proof).
+
+        Malformed keys are never looked up. A key is never logged or
+        returned, only counted; logs name revoked keys by their prefix.
+        ``address`` is the reporter's network address, the unit of the rate
+        limit that keeps this from being a faster oracle than Authorize.
+        """
+        if not keys:
+            raise InvalidArgument("keys must list at least one leaked key")
+        if len(keys) > MAX_LEAKED_KEYS:
+            raise InvalidArgument(f"keys must list at most {MAX_LEAKED_KEYS} keys per call, got {len(keys)}")
+        # Both go into the reason, the audit trail and the logs.
+        source = self._no_key_in(
+            "source", validation.free_text("source", source, MAX_LEAK_SOURCE_LENGTH, example="github")
+        )
+        url = self._no_key_in("url", validation.free_text("url", url, MAX_LEAK_URL_LENGTH))
+        within, reset = await self._leak_limiter.hit(f"leak-report:{address}", time.time())
+        if not within:
+            raise ResourceExhausted(
+                f"at most {LEAK_REPORTS_PER_MINUTE} leak reports a minute from one address; retry in {reset} s"
+            )
+        reason = f"leaked: reported via {source}" + (f" at {url}" if url else "")
+        digests = {keyformat.digest(k) for k in keys if self.key_format.is_well_formed(k)}
+        unknown = len(set(keys)) - len(digests)
+        revoked = already = 0
+        for key_digest in digests:
+            found = (await self.store.find_by_digest(key_digest)).key
+            if found is None:
+                unknown += 1
+                continue
+            now = self.now()
+            result = await self.store.revoke_key(found.org_id, found.id, LEAK_REPORTER, reason, now)
+            if result is None:  # gone between the lookup and the revocation: keys are never deleted, but be safe
+                unknown += 1
+                continue
+            key, _ = result
+            self._evict(key_digest)
+            if key.revoke_time == now and key.revoked_by == LEAK_REPORTER.user_id:
+                revoked += 1
+                log.warning(
+                    "leaked key revoked",
+                    extra={
+                        "org_id": key.org_id,
+                        "key_id": key.id,
+                        "key_prefix": key.prefix[:DISPLAY_PREFIX_LENGTH],
+                        "source": source,
+                        "reporter": address,
+                    },
+                )
+            else:
+                already += 1
+        return LeakReport(revoked=revoked, already_revoked=already, unknown=unknown)
 
     def _check_labels(self, labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
         checked = validation.labels(labels)

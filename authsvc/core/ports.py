@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import NamedTuple, Protocol
 
 from authsvc.core.keys import Actor, ApiKey, KeyState, Reason
@@ -77,6 +77,44 @@ class KeyUpdate:
 class Page:
     keys: list[ApiKey]
     total: int
+
+
+#: One key's Authorize answers on one UTC day: (allowed, denied for scope, rate limited).
+UsageCounts = tuple[int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One stored audit row, as ``ListAuditEvents`` shows it."""
+
+    id: int
+    time: datetime
+    org_id: str
+    actor: Actor
+    action: str
+    key_id: str | None
+    outcome: str
+    detail: Mapping[str, object]
+    #: The event's link in its organization's hash chain.
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Which of an organization's audit events to read, newest first.
+
+    ``before_id``: only events with a smaller id (the page token's position);
+    ids grow in chain order within an organization. ``start_time`` is
+    inclusive, ``end_time`` exclusive.
+    """
+
+    org_id: str
+    key_id: str | None = None
+    action: str | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    before_id: int | None = None
+    limit: int = 50
 
 
 class Found(NamedTuple):
@@ -164,14 +202,25 @@ class KeyStore(Protocol):
         """The hot-path lookup, with the server it read from; bounded by the store's lookup timeout."""
         ...
 
-    async def record_last_used(self, used: Mapping[str, datetime]) -> None:
-        """Move ``last_used_time`` forward (never backwards) for many keys in one statement."""
+    async def record_last_used(
+        self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None
+    ) -> None:
+        """Move ``last_used_time`` forward (never backwards) for many keys and add ``counts`` to
+        their daily usage, all in one statement (one per flush per process)."""
+        ...
+
+    async def key_usage(self, key_id: str, first: date, last: date) -> dict[date, UsageCounts]:
+        """The key's stored daily counts from ``first`` to ``last`` (UTC days, inclusive); days without calls absent."""
         ...
 
     async def audit(
         self, action: str, org_id: str, actor: Actor, key_id: str | None, outcome: str, detail: Mapping[str, object]
     ) -> None:
         """Record a management call that wrote nothing else (reads, denials)."""
+        ...
+
+    async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
+        """At most ``query.limit`` of the organization's events matching ``query``, highest id first."""
         ...
 
     async def ping(self, budget: float = 1.0) -> bool:

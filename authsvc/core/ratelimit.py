@@ -62,6 +62,12 @@ class RateLimiter:
         reason = Reason.OK if count <= limit else Reason.RATE_LIMITED
         return Decision(reason, decision.principal, status)
 
+    async def hit(self, name: str, now: float) -> tuple[bool, int]:
+        """Count one event for ``name`` (not a key) against the default limit: (within it, seconds to reset)."""
+        window_index = int(now // self.window)
+        count = await self._count(name, window_index)
+        return count <= self.default_limit, max(1, math.ceil((window_index + 1) * self.window - now))
+
     async def _count(self, key_id: str, window_index: int) -> int:
         if self.shared is not None and self._may_ask_redis():
             probe = self._open_until != float("-inf")

@@ -112,6 +112,18 @@ def reason(value: str) -> str:
     return trimmed
 
 
+def free_text(field: str, value: str, max_length: int, *, example: str = "") -> str:
+    """Short free text stored in reasons and logs: trimmed, bounded, no control characters; ``example``: required."""
+    trimmed = value.strip()
+    if example and not trimmed:
+        raise InvalidArgument(f"{field} is required, e.g. {example}")
+    if len(trimmed) > max_length:
+        raise InvalidArgument(f"{field} must be at most {max_length} characters, got {len(trimmed)}")
+    if _has_control(trimmed):
+        raise InvalidArgument(f"{field} must not contain control characters (newlines, tabs, escapes)")
+    return trimmed
+
+
 def scopes(values: Sequence[str], catalog: ScopeCatalog) -> tuple[str, ...]:
     if not values:
         raise InvalidArgument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime, timedelta
 
@@ -12,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authsvc.core import validation
 from authsvc.core.errors import InvalidArgument
 from authsvc.core.keys import Actor, ApiKey, Decision, Principal, Reason
+from authsvc.core.ports import AuditEvent
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # google.protobuf.Timestamp's own range, 0001-01-01T00:00:00Z to
@@ -80,6 +82,25 @@ def api_key(key: ApiKey, now: datetime) -> pb.ApiKey:
         labels=dict(key.labels),
         rotated_to=key.rotated_to,
         rotated_from=key.rotated_from,
+    )
+
+
+def audit_event(event: AuditEvent) -> pb.AuditEvent:
+    return pb.AuditEvent(
+        id=event.id,
+        time=timestamp(event.time),
+        org_id=event.org_id,
+        actor=pb.Actor(user_id=event.actor.user_id, role=int(event.actor.role)),  # type: ignore[arg-type]
+        caller=event.actor.caller or "",
+        action=event.action,
+        key_id=event.key_id or "",
+        outcome=event.outcome,
+        details={
+            name: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            for name, value in event.detail.items()
+            if value is not None
+        },
+        hash=event.hash,
     )
 
 

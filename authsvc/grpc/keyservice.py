@@ -93,6 +93,42 @@ class KeyServiceAdapter:
         now = self._manager.now()
         return pb.RevokeKeysResponse(keys=[convert.api_key(k, now) for k in keys])
 
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, caller: Caller) -> pb.ListAuditEventsResponse:
+        start = convert.from_timestamp(request.start_time, "start_time") if request.HasField("start_time") else None
+        end = convert.from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else None
+        events, token = await self._manager.list_audit_events(
+            request.org_id,
+            convert.actor(request.actor),
+            key_id=request.key_id,
+            action=request.action,
+            start_time=start,
+            end_time=end,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            caller=caller,
+        )
+        return pb.ListAuditEventsResponse(events=[convert.audit_event(e) for e in events], next_page_token=token)
+
+    async def ReportLeakedKeys(self, request: pb.ReportLeakedKeysRequest, address: str) -> pb.ReportLeakedKeysResponse:
+        report = await self._manager.report_leaked_keys(
+            list(request.keys), request.source, request.url, address=address
+        )
+        return pb.ReportLeakedKeysResponse(
+            revoked=report.revoked, already_revoked=report.already_revoked, unknown=report.unknown
+        )
+
+    async def GetKeyUsage(self, request: pb.GetKeyUsageRequest, caller: Caller) -> pb.GetKeyUsageResponse:
+        usage = await self._manager.get_key_usage(
+            request.org_id, convert.actor(request.actor), request.key_id, request.days, caller=caller
+        )
+        return pb.GetKeyUsageResponse(
+            days=[
+                pb.KeyUsageDay(date=day.isoformat(), allowed=a, denied=d, rate_limited=r)
+                for day, (a, d, r) in usage.days
+            ],
+            last_used_time=convert.timestamp(usage.last_used_time),
+        )
+
     async def Authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
         answer = self._authorizer.check(request.key, request.required_scope)
         if isinstance(answer, Pending):  # a miss or a rate limit: the only await on this path

@@ -32,11 +32,15 @@ from authsvc.grpc.admission import AT_CAPACITY, Admission
 from authsvc.grpc.status import to_status
 
 KEY_SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["KeyService"]
-# Every KeyService method but Authorize is a management call behind the admin
+# Methods where possession of a key is the proof, open to anyone who reaches the port.
+OPEN_METHODS = frozenset({"Authorize", "WatchDecisions", "ReportLeakedKeys"})
+# Every other KeyService method is a management call behind the admin
 # tokens: derived from the contract, so a method added later is guarded by default.
 # WatchDecisions is the client cache's stream (digests and heartbeats, no secret,
 # no principal), as open as Authorize.
-MANAGEMENT_METHODS = frozenset(m.name for m in KEY_SERVICE.methods if m.name not in ("Authorize", "WatchDecisions"))
+MANAGEMENT_METHODS = frozenset(m.name for m in KEY_SERVICE.methods if m.name not in OPEN_METHODS)
+# Called as ``behavior(request, address)`` with the caller's network address (rate limits per address).
+PEER_METHODS = frozenset({"ReportLeakedKeys"})
 _UNDECODABLE = object()
 
 Behavior = Callable[..., Awaitable[Any]]
@@ -107,14 +111,24 @@ def _certificate_names(auth: Mapping[str, Iterable[bytes]]) -> list[str]:
     return [n.decode("utf-8", "replace") for n in names]
 
 
+def peer_address(peer: str) -> str:
+    """The address part of gRPC's ``ipv4:1.2.3.4:5678`` / ``ipv6:[::1]:5678`` peer: one per host, not per port."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
+
+
 def _wrap(
     behavior: Behavior,
     method: str,
     admin: AdminTokens | None,
     metrics: Recorder | None = None,
+    peer: bool = False,
     admission: Admission | None = None,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
-    """``admin`` set: a management method, called as ``behavior(request, caller)``.
+    """``admin`` set: a management method, called as ``behavior(request, caller)``;
+    ``peer``: called as ``behavior(request, address)``.
 
     ``metrics`` set: every call is counted by its status code's name.
     """
@@ -141,6 +155,8 @@ def _wrap(
         try:
             if admin is not None:
                 response = await behavior(request, admin.check(context))
+            elif peer:
+                response = await behavior(request, peer_address(context.peer()))
             else:
                 response = await behavior(request)
         except Exception as exc:  # mapped in one place; a traceback never reaches the caller
@@ -189,6 +205,7 @@ def service_handler(
                 f"/{descriptor.full_name}/{method.name}",
                 admin if method.name in protected else None,
                 metrics if method.name in protected else None,
+                method.name in PEER_METHODS,
                 admission,
             ),
             request_deserializer=_lenient(request_class.FromString),

@@ -22,8 +22,9 @@ from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc.core import validation
 from authsvc.core.errors import InvalidArgument
 from authsvc.core.fanout import STALL_SECONDS, Event, Fanout, Signal
+from authsvc.core.keys import Reason
 from authsvc.core.ports import WallClock
-from authsvc.core.usage import UsageRecorder
+from authsvc.core.usage import ALLOWED, DENIED, RATE_LIMITED, UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ _HEARTBEAT = pb.WatchDecisionsResponse(heartbeat=pb.Heartbeat())
 _RESET = pb.WatchDecisionsResponse(reset=pb.Reset())
 #: Entries of one usage report beyond this are ignored (a report is per key, sent every few seconds).
 MAX_USAGE_ENTRIES = 10_000
+#: A client reports at least every 5 s; more calls than this in one entry is not a real report.
+MAX_REPORTED_CALLS = 10_000_000
+_OUTCOMES = {int(Reason.OK): ALLOWED, int(Reason.INSUFFICIENT_SCOPE): DENIED, int(Reason.RATE_LIMITED): RATE_LIMITED}
 
 
 def _message(batch: list[Event]) -> pb.WatchDecisionsResponse:
@@ -86,3 +90,9 @@ class WatchAdapter:
                     continue
                 at = entry.last_used_time.seconds + entry.last_used_time.nanos / 1e9
                 self._usage.touch(key_id, min(at, now))
+                # Calls the client's cache decided count in GetKeyUsage like the server's own, on the day of
+                # the report's last use (a report straddling midnight UTC lands on the later day).
+                for reason, calls in entry.calls_by_reason.items():
+                    outcome = _OUTCOMES.get(reason)
+                    if outcome is not None and 0 < calls <= MAX_REPORTED_CALLS:
+                        self._usage.count(key_id, min(at, now), outcome, calls)

@@ -12,14 +12,28 @@ the write.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, date, datetime
 
 from authsvc.core.keys import Actor, ApiKey, KeyState
-from authsvc.core.ports import FeedSubscriber, Found, KeyUpdate, NewKey, Page, Rotated, Rotation, TooManyActiveKeys
+from authsvc.core.ports import (
+    AuditEvent,
+    AuditQuery,
+    FeedSubscriber,
+    Found,
+    KeyUpdate,
+    NewKey,
+    Page,
+    Rotated,
+    Rotation,
+    TooManyActiveKeys,
+    UsageCounts,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +98,9 @@ class InMemoryStore:
         self._digests: dict[str, bytes] = {}
         self._by_digest: dict[bytes, str] = {}
         self.audit_rows: list[AuditRow] = []
+        self._events: list[AuditEvent] = []
+        self._heads: dict[str, bytes] = {}
+        self._usage: dict[tuple[str, date], UsageCounts] = {}
         self._lock = asyncio.Lock()
 
     async def create_key(self, new: NewKey, actor: Actor, max_active: int, now: datetime) -> ApiKey:
@@ -96,7 +113,7 @@ class InMemoryStore:
             if active >= max_active:
                 raise TooManyActiveKeys
             key = self.insert(new, now)
-            self.audit_rows.append(
+            self._record(
                 AuditRow(
                     "key.create",
                     new.org_id,
@@ -147,13 +164,11 @@ class InMemoryStore:
                 return None
             key_digest = self._digests[key_id]
             if key.revoke_time is not None:  # final: the first revocation stands
-                self.audit_rows.append(
-                    AuditRow("key.revoke", org_id, actor, key_id, "already_revoked", {"reason": reason})
-                )
+                self._record(AuditRow("key.revoke", org_id, actor, key_id, "already_revoked", {"reason": reason}))
                 return key, key_digest
             key = replace(key, revoke_time=now, revoked_by=actor.user_id, revoke_reason=reason)
             self._keys[key_id] = key
-            self.audit_rows.append(AuditRow("key.revoke", org_id, actor, key_id, "ok", {"reason": reason}))
+            self._record(AuditRow("key.revoke", org_id, actor, key_id, "ok", {"reason": reason}))
             self.feed.publish(key_digest)
             return key, key_digest
 
@@ -168,7 +183,7 @@ class InMemoryStore:
             key = self.insert(rotation.successor, now)
             previous = replace(old, rotated_to=key.id, expire_time=rotation.old_expire_time)
             self._keys[key_id] = previous
-            self.audit_rows.append(
+            self._record(
                 AuditRow(
                     "key.rotate",
                     org_id,
@@ -183,7 +198,7 @@ class InMemoryStore:
                     },
                 )
             )
-            self.audit_rows.append(
+            self._record(
                 AuditRow(
                     "key.create",
                     org_id,
@@ -207,7 +222,7 @@ class InMemoryStore:
             update = change(current)
             key = replace(current, name=update.name, labels=update.labels)
             self._keys[key_id] = key
-            self.audit_rows.append(
+            self._record(
                 AuditRow(
                     "key.update", org_id, actor, key_id, "ok", {"name": update.name, "labels": dict(update.labels)}
                 )
@@ -228,11 +243,11 @@ class InMemoryStore:
                     revoked.append((key, self._digests[key.id]))
             revoked.sort(key=lambda pair: (pair[0].create_time, pair[0].id), reverse=True)
             for key, digest in revoked:
-                self.audit_rows.append(
+                self._record(
                     AuditRow("key.revoke", org_id, actor, key.id, "ok", {"reason": reason, "created_by": created_by})
                 )
                 self.feed.publish(digest)
-            self.audit_rows.append(
+            self._record(
                 AuditRow(
                     "key.revoke_created_by",
                     org_id,
@@ -248,16 +263,70 @@ class InMemoryStore:
         key_id = self._by_digest.get(digest)
         return Found(self._keys[key_id] if key_id is not None else None)
 
-    async def record_last_used(self, used: Mapping[str, datetime]) -> None:
+    async def record_last_used(
+        self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None
+    ) -> None:
+        for (key_id, day), (allowed, denied, limited) in (counts or {}).items():
+            a, d, r = self._usage.get((key_id, day), (0, 0, 0))
+            self._usage[(key_id, day)] = (a + allowed, d + denied, r + limited)
         for key_id, at in used.items():
             key = self._keys.get(key_id)
             if key is not None and (key.last_used_time is None or key.last_used_time < at):
                 self._keys[key_id] = replace(key, last_used_time=at)
 
+    async def key_usage(self, key_id: str, first: date, last: date) -> dict[date, UsageCounts]:
+        return {day: c for (k, day), c in self._usage.items() if k == key_id and first <= day <= last}
+
     async def audit(
         self, action: str, org_id: str, actor: Actor, key_id: str | None, outcome: str, detail: Mapping[str, object]
     ) -> None:
-        self.audit_rows.append(AuditRow(action, org_id, actor, key_id, outcome, dict(detail)))
+        self._record(AuditRow(action, org_id, actor, key_id, outcome, dict(detail)))
+
+    def _record(self, row: AuditRow) -> None:
+        """Keep the row, with an id, a time and its link in the org's hash chain (like the database's trigger)."""
+        self.audit_rows.append(row)
+        event_id = len(self._events) + 1
+        at = datetime.now(UTC)
+        previous = self._heads.get(row.org_id, bytes(32))
+        canonical = json.dumps(
+            [
+                event_id,
+                at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                row.org_id,
+                row.actor.user_id,
+                row.actor.role.name.lower(),
+                row.actor.caller,
+                row.action,
+                row.key_id,
+                row.outcome,
+                row.detail,
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        digest = hashlib.sha256(previous + canonical.encode()).digest()
+        self._heads[row.org_id] = digest
+        self._events.append(
+            AuditEvent(
+                event_id, at, row.org_id, row.actor, row.action, row.key_id, row.outcome, dict(row.detail), digest
+            )
+        )
+
+    async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
+        found: list[AuditEvent] = []
+        for event in reversed(self._events):
+            if len(found) >= query.limit:
+                break
+            if (
+                event.org_id == query.org_id
+                and (query.before_id is None or event.id < query.before_id)
+                and (query.key_id is None or event.key_id == query.key_id)
+                and (query.action is None or event.action == query.action)
+                and (query.start_time is None or event.time >= query.start_time)
+                and (query.end_time is None or event.time < query.end_time)
+            ):
+                found.append(event)
+        return found
 
     async def ping(self, budget: float = 1.0) -> bool:
         return True

@@ -23,16 +23,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import asyncpg
 
 from authsvc.config import scrub
 from authsvc.core.errors import Aborted, ConfigError, Unavailable
-from authsvc.core.keys import Actor, ApiKey, KeyState
+from authsvc.core.keys import Actor, ApiKey, KeyState, Role
 from authsvc.core.ports import (
     NO_METRICS,
+    AuditEvent,
+    AuditQuery,
     Found,
     KeyUpdate,
     NewKey,
@@ -41,6 +43,7 @@ from authsvc.core.ports import (
     Rotated,
     Rotation,
     TooManyActiveKeys,
+    UsageCounts,
 )
 from authsvc.storage.migrate import migrate
 from authsvc.storage.topology import NOT_WRITABLE, IdentifiedConnection, NotPrimary, connect_options, init_pooled
@@ -219,6 +222,14 @@ def _to_key(row: Mapping[str, Any]) -> ApiKey:
         rotated_to=str(row["rotated_to"]) if row["rotated_to"] else "",
         rotated_from=str(row["rotated_from"]) if row["rotated_from"] else "",
     )
+
+
+def _role(stored: str) -> Role:
+    """Audit rows store the role's lower-case name; one written by hand may say anything."""
+    try:
+        return Role[stored.upper()]
+    except KeyError:
+        return Role.UNSPECIFIED
 
 
 def _labels(raw: str | None) -> tuple[tuple[str, str], ...]:
@@ -476,8 +487,8 @@ class PostgresStore:
             revoked = [(_to_key(r), bytes(r["key_hash"])) for r in rows]
             revoked.sort(key=lambda pair: (pair[0].create_time, pair[0].id), reverse=True)
             await conn.executemany(
-                "INSERT INTO audit_events (org_id, actor_user_id, actor_role, action, key_id, outcome, detail) "
-                "VALUES ($1, $2, $3, 'key.revoke', $4, 'ok', $5::jsonb)",
+                "INSERT INTO audit_events (org_id, actor_user_id, actor_role, action, key_id, outcome, detail, caller) "
+                "VALUES ($1, $2, $3, 'key.revoke', $4, 'ok', $5::jsonb, $6)",
                 [
                     (
                         org_id,
@@ -485,6 +496,7 @@ class PostgresStore:
                         actor.role.name.lower(),
                         uuid.UUID(key.id),
                         json.dumps({"reason": reason, "created_by": created_by}),
+                        actor.caller,
                     )
                     for key, _ in revoked
                 ],
@@ -645,25 +657,83 @@ class PostgresStore:
                 row = found.get(digest)
                 future.set_result(Found(_to_key(row) if row is not None else None, source))
 
-    async def record_last_used(self, used: Mapping[str, datetime]) -> None:
-        if not used:
+    async def record_last_used(
+        self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None
+    ) -> None:
+        if not used and not counts:
             return
-        ids = [uuid.UUID(k) for k in used]
-        times = list(used.values())
+        # Sorted, so concurrent flushes from several processes lock rows in one order (no deadlocks).
+        pairs = sorted((uuid.UUID(k), t) for k, t in used.items())
+        rows = sorted((uuid.UUID(k), day, c[0], c[1], c[2]) for (k, day), c in (counts or {}).items())
         async with self._connection(self._write_timeout, "record_last_used") as conn:
+            # One statement: a data-modifying CTE runs whether or not the outer query reads it.
             await conn.execute(
-                "UPDATE api_keys AS k SET last_used_time = v.t "
+                "WITH used AS (UPDATE api_keys AS k SET last_used_time = v.t "
                 "FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, t) "
-                "WHERE k.id = v.id AND (k.last_used_time IS NULL OR k.last_used_time < v.t)",
-                ids,
-                times,
+                "WHERE k.id = v.id AND (k.last_used_time IS NULL OR k.last_used_time < v.t) RETURNING 1) "
+                "INSERT INTO key_usage_days (key_id, day, allowed, denied, rate_limited) "
+                "SELECT * FROM unnest($3::uuid[], $4::date[], $5::bigint[], $6::bigint[], $7::bigint[]) "
+                "ON CONFLICT (key_id, day) DO UPDATE SET allowed = key_usage_days.allowed + EXCLUDED.allowed, "
+                "denied = key_usage_days.denied + EXCLUDED.denied, "
+                "rate_limited = key_usage_days.rate_limited + EXCLUDED.rate_limited",
+                [p[0] for p in pairs],
+                [p[1] for p in pairs],
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+                [r[3] for r in rows],
+                [r[4] for r in rows],
             )
+
+    async def key_usage(self, key_id: str, first: date, last: date) -> dict[date, UsageCounts]:
+        async with self._connection(self._write_timeout, "key_usage") as conn:
+            rows = await conn.fetch(
+                "SELECT day, allowed, denied, rate_limited FROM key_usage_days "
+                "WHERE key_id = $1 AND day BETWEEN $2 AND $3",
+                uuid.UUID(key_id),
+                first,
+                last,
+            )
+        return {r["day"]: (r["allowed"], r["denied"], r["rate_limited"]) for r in rows}
 
     async def audit(
         self, action: str, org_id: str, actor: Actor, key_id: str | None, outcome: str, detail: Mapping[str, object]
     ) -> None:
         async with self._connection(self._write_timeout, "audit") as conn:
             await self._insert_audit(conn, action, org_id, actor, key_id, outcome, detail)
+
+    async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
+        # Filters are bound as NULL-or-value so one statement (and its plan) serves every combination;
+        # (org_id, id) is indexed (0004), and within an org id order is chain order.
+        async with self._connection(self._write_timeout, "list_audit_events") as conn:
+            rows = await conn.fetch(
+                "SELECT id, occurred_at, org_id, actor_user_id, actor_role, caller, action, key_id, outcome, "
+                "detail::text AS detail, hash FROM audit_events "
+                "WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2) AND ($3::uuid IS NULL OR key_id = $3) "
+                "AND ($4::text IS NULL OR action = $4) AND ($5::timestamptz IS NULL OR occurred_at >= $5) "
+                "AND ($6::timestamptz IS NULL OR occurred_at < $6) ORDER BY id DESC LIMIT $7",
+                query.org_id,
+                query.before_id,
+                uuid.UUID(query.key_id) if query.key_id else None,
+                query.action,
+                query.start_time,
+                query.end_time,
+                query.limit,
+            )
+        return [
+            AuditEvent(
+                id=r["id"],
+                time=r["occurred_at"],
+                org_id=r["org_id"],
+                actor=Actor(r["actor_user_id"], _role(r["actor_role"]), caller=r["caller"]),
+                action=r["action"],
+                key_id=str(r["key_id"]) if r["key_id"] is not None else None,
+                outcome=r["outcome"],
+                detail=json.loads(r["detail"]),
+                hash=bytes(r["hash"]),
+            )
+            for r in rows
+        ]
 
     @staticmethod
     async def _insert_audit(

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 from tests.support import ROOT, bin_path, serve_process
@@ -32,10 +33,17 @@ def test_readme_walkthrough_works_as_printed(tmp_path: Path, database_url: str) 
         "grpcurl",
         "grpcurl",
         "grpcurl",
+        "grpcurl",
+        "grpcurl",
     ]
     # The commands are under test here, not the lookup budget (test_hardening's test_14_* are): a first
     # lookup on a loaded 2-core machine can pass the default 100 ms and turn an allow into UNAVAILABLE.
-    env_vars = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_STORE_TIMEOUT_MS": "2000"}
+    # Usage counts are flushed every 0.5 s here (5 s by default), so GetKeyUsage can wait for them briefly.
+    env_vars = {
+        "AUTHSVC_DATABASE_URL": database_url,
+        "AUTHSVC_STORE_TIMEOUT_MS": "2000",
+        "AUTHSVC_LAST_USED_FLUSH_SECONDS": "0.5",
+    }
     with serve_process(env_vars, tmp_path) as server:
         env = {**os.environ}
         outputs: list[str] = []
@@ -43,6 +51,8 @@ def test_readme_walkthrough_works_as_printed(tmp_path: Path, database_url: str) 
             if line.startswith(("KEY=", "KEY_ID=", "NEW_KEY=")):
                 continue  # the reader pastes these from CreateKey's and RotateKey's answers; so do we, below
             command = line.replace("localhost:50051", server.target)
+            if "GetKeyUsage" in command:
+                time.sleep(1.5)  # as the README says: counts arrive within the flush interval
             result = subprocess.run(
                 ["bash", "-c", command],
                 env={**env, "PATH": f"{Path(bin_path('grpcurl')).parent}:{env['PATH']}"},
@@ -58,7 +68,7 @@ def test_readme_walkthrough_works_as_printed(tmp_path: Path, database_url: str) 
             if "RotateKey" in command:
                 env["NEW_KEY"] = json.loads(result.stdout)["secret"]
 
-    listed, created_out, allowed, rotated_out, new_allowed, old_in_grace, revoked, denied, keys = outputs
+    listed, created_out, allowed, rotated_out, new_allowed, old_in_grace, revoked, denied, keys, usage, trail = outputs
     assert {"authsvc.v1.KeyService", "envoy.service.auth.v3.Authorization", "grpc.health.v1.Health"} <= set(
         listed.split()
     )
@@ -80,3 +90,16 @@ def test_readme_walkthrough_works_as_printed(tmp_path: Path, database_url: str) 
     )
     assert any(k["id"] == new_id and k["rotated_from"] == env["KEY_ID"] for k in listed_keys)
     assert env["KEY"] not in keys and env["NEW_KEY"] not in keys
+    days = json.loads(usage)["days"]
+    # Two allowed answers (before the rotation, in the grace); the denial after revocation is not a use.
+    assert len(days) == 7 and days[-1] == {"date": days[-1]["date"], "allowed": "2"}
+    assert all(set(d) == {"date"} for d in days[:-1]) and json.loads(usage)["last_used_time"]
+    events = json.loads(trail)["events"]
+    assert [(e["action"], e["actor"]["user_id"]) for e in events] == [
+        ("key.usage", "bob"),
+        ("key.revoke", "alice"),
+        ("key.rotate", "bob"),
+        ("key.create", "alice"),
+    ]
+    assert events[1]["details"]["reason"] == "rotated" and all(e["hash"] for e in events)
+    assert env["KEY"] not in trail and env["NEW_KEY"] not in trail

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -24,7 +24,17 @@ from authsvc.core.errors import FailedPrecondition, PermissionDenied
 from authsvc.core.keyformat import KeyFormat
 from authsvc.core.keys import Actor, ApiKey, Caller, KeyGrant, KeyState, Reason, Role
 from authsvc.core.manager import KeyManager
-from authsvc.core.ports import Found, InvalidationFeed, KeyStore, KeyUpdate, NewKey, Page, Rotation, TooManyActiveKeys
+from authsvc.core.ports import (
+    AuditQuery,
+    Found,
+    InvalidationFeed,
+    KeyStore,
+    KeyUpdate,
+    NewKey,
+    Page,
+    Rotation,
+    TooManyActiveKeys,
+)
 from authsvc.storage.memory import InMemoryStore
 from authsvc.storage.notify import PostgresFeed
 from authsvc.storage.postgres import PostgresStore, create_pool, run_migrations
@@ -465,6 +475,65 @@ async def test_revoking_a_creators_keys_takes_only_theirs_once(backend: Backend)
         found = await store.get_key(org_id, key_id)
         assert found is not None and found.revoke_time is None
     assert await store.revoke_keys_created_by(org, "alice", ADMIN, "again", NOW) == []
+
+
+# -- the audit trail reads back, filtered and paged ---------------------------
+
+
+async def test_audit_events_read_back_newest_first_filtered_and_chained(backend: Backend) -> None:
+    org, other = new_org(), new_org()
+    by_token = Actor("alice", Role.ADMIN, caller="ci-deployer")
+    first = await backend.store.create_key(new_key(org)[0], by_token, 10, NOW)
+    second = await backend.store.create_key(new_key(org)[0], by_token, 10, NOW)
+    await backend.store.revoke_key(org, first.id, by_token, "left the team", NOW)
+    await backend.store.create_key(new_key(other)[0], by_token, 10, NOW)
+    events = await backend.store.list_audit_events(AuditQuery(org))
+    assert [(e.action, e.key_id) for e in events] == [
+        ("key.revoke", first.id),
+        ("key.create", second.id),
+        ("key.create", first.id),
+    ]
+    newest = events[0]
+    assert (newest.org_id, newest.actor, newest.outcome) == (org, by_token, "ok")
+    assert newest.detail == {"reason": "left the team"}
+    assert newest.time.tzinfo is not None and abs(newest.time - datetime.now(UTC)) < timedelta(minutes=1)
+    assert len({e.hash for e in events}) == 3 and all(len(e.hash) == 32 for e in events)
+    assert events[0].id > events[1].id > events[2].id
+    assert [e.key_id for e in await backend.store.list_audit_events(AuditQuery(org, key_id=first.id))] == [
+        first.id,
+        first.id,
+    ]
+    assert [e.action for e in await backend.store.list_audit_events(AuditQuery(org, action="key.revoke"))] == [
+        "key.revoke"
+    ]
+    paged = await backend.store.list_audit_events(AuditQuery(org, before_id=events[0].id, limit=1))
+    assert [e.id for e in paged] == [events[1].id]
+    later = newest.time + timedelta(microseconds=1)
+    assert await backend.store.list_audit_events(AuditQuery(org, start_time=later)) == []
+    assert len(await backend.store.list_audit_events(AuditQuery(org, end_time=later))) == 3
+    assert await backend.store.list_audit_events(AuditQuery(new_org())) == []
+
+
+# -- daily usage counts --------------------------------------------------------
+
+
+async def test_usage_counts_add_up_per_day_next_to_last_used(backend: Backend) -> None:
+    key, _, _ = await create(backend.store, new_org())
+    other, _, _ = await create(backend.store, new_org())
+    day = date(2026, 3, 1)
+    used = NOW + timedelta(seconds=5)
+    await backend.store.record_last_used({key.id: used}, {(key.id, day): (3, 1, 0), (other.id, day): (1, 0, 0)})
+    await backend.store.record_last_used({}, {(key.id, day): (2, 0, 4), (key.id, day + timedelta(days=1)): (1, 0, 0)})
+    assert await backend.store.key_usage(key.id, day - timedelta(days=5), day + timedelta(days=5)) == {
+        day: (5, 1, 4),
+        day + timedelta(days=1): (1, 0, 0),
+    }
+    assert await backend.store.key_usage(key.id, day + timedelta(days=1), day + timedelta(days=1)) == {
+        day + timedelta(days=1): (1, 0, 0)
+    }
+    assert await backend.store.key_usage(other.id, day, day) == {day: (1, 0, 0)}
+    stored = await backend.store.get_key(key.org_id, key.id)
+    assert stored is not None and stored.last_used_time == used
 
 
 def test_both_stores_are_under_contract() -> None:

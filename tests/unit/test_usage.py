@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import date, datetime
 
-from authsvc.core.usage import UsageRecorder
+from authsvc.core.ports import UsageCounts
+from authsvc.core.usage import ALLOWED, DENIED, RATE_LIMITED, UsageRecorder
 
 
 class RecordingStore:
@@ -13,12 +14,16 @@ class RecordingStore:
 
     def __init__(self, fail: bool = False) -> None:
         self.calls: list[dict[str, datetime]] = []
+        self.counts: list[dict[tuple[str, date], UsageCounts]] = []
         self.fail = fail
 
-    async def record_last_used(self, used: Mapping[str, datetime]) -> None:
+    async def record_last_used(
+        self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None
+    ) -> None:
         if self.fail:
             raise ConnectionError("down")
         self.calls.append(dict(used))
+        self.counts.append(dict(counts or {}))
 
 
 async def test_many_uses_become_one_write_with_the_latest_time() -> None:
@@ -63,3 +68,31 @@ async def test_stop_writes_what_is_pending() -> None:
     recorder.touch("k1", 1_700_000_000.0)
     await recorder.stop()
     assert [set(c) for c in store.calls] == [{"k1"}]
+
+
+async def test_answers_are_counted_per_key_and_utc_day_in_the_same_single_write() -> None:
+    store = RecordingStore()
+    recorder = UsageRecorder(store, interval=10)  # type: ignore[arg-type]
+    late = 86_399.0  # 23:59:59 the same day
+    day1 = 1_772_323_200.0  # 2026-03-01T00:00:00Z
+    for outcome in (ALLOWED, ALLOWED, DENIED, RATE_LIMITED):
+        recorder.count("k1", day1 + late, outcome)
+    recorder.count("k1", day1 + 86_400, ALLOWED)  # the next UTC day
+    recorder.count("k2", day1, DENIED)
+    await recorder.flush()
+    assert len(store.calls) == 1
+    assert store.counts == [
+        {("k1", date(2026, 3, 1)): (2, 1, 1), ("k1", date(2026, 3, 2)): (1, 0, 0), ("k2", date(2026, 3, 1)): (0, 1, 0)}
+    ]
+
+
+async def test_a_failed_flush_adds_its_counts_to_the_next_one_and_stop_writes_them() -> None:
+    store = RecordingStore(fail=True)
+    recorder = UsageRecorder(store, interval=10)  # type: ignore[arg-type]
+    recorder.start()
+    recorder.count("k1", 1_772_323_200.0, ALLOWED)
+    await recorder.flush()
+    recorder.count("k1", 1_772_323_200.0, ALLOWED)
+    store.fail = False
+    await recorder.stop()
+    assert store.counts == [{("k1", date(2026, 3, 1)): (2, 0, 0)}]

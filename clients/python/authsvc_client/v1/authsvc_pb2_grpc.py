@@ -76,6 +76,21 @@ class KeyServiceStub:
                 request_serializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysRequest.SerializeToString,
                 response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/authsvc.v1.KeyService/ListAuditEvents',
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
+        self.ReportLeakedKeys = channel.unary_unary(
+                '/authsvc.v1.KeyService/ReportLeakedKeys',
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysResponse.FromString,
+                _registered_method=True)
+        self.GetKeyUsage = channel.unary_unary(
+                '/authsvc.v1.KeyService/GetKeyUsage',
+                request_serializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageRequest.SerializeToString,
+                response_deserializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageResponse.FromString,
+                _registered_method=True)
         self.WatchDecisions = channel.stream_stream(
                 '/authsvc.v1.KeyService/WatchDecisions',
                 request_serializer=authsvc_dot_v1_dot_authsvc__pb2.WatchDecisionsRequest.SerializeToString,
@@ -158,6 +173,40 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """ListAuditEvents pages through the organization's audit trail, newest
+        first: every management call, permitted or refused, with the caller
+        that made it and its link in the organization's hash chain
+        (`authsvc audit verify` checks the chain). Requires ROLE_ADMIN or
+        ROLE_OWNER.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportLeakedKeys(self, request, context):
+        """ReportLeakedKeys revokes keys someone found where they do not belong
+        (public code, a paste, a log). Possession is the proof: no admin token
+        is needed, like Authorize. Each known key that is not yet revoked is
+        revoked at once (revoked_by "leak-report", the source in the reason) on
+        every replica. The answer only counts; it never says which key was which.
+        Rate limited per caller address (RESOURCE_EXHAUSTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyUsage(self, request, context):
+        """GetKeyUsage counts a key's Authorize answers per UTC day, so operators
+        see whether a key is still used before revoking it or ending a
+        rotation's grace. Counts lag by at most the usage flush interval
+        (AUTHSVC_LAST_USED_FLUSH_SECONDS). Revoked and expired keys keep their
+        history; another org's key is NOT_FOUND. Any role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchDecisions(self, request_iterator, context):
         """WatchDecisions keeps a client's decision cache true. A client process
         opens it once and keeps it open. The server sends the digests of keys
@@ -215,6 +264,21 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RevokeKeys,
                     request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysRequest.FromString,
                     response_serializer=authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'ReportLeakedKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLeakedKeys,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysResponse.SerializeToString,
+            ),
+            'GetKeyUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyUsage,
+                    request_deserializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageRequest.FromString,
+                    response_serializer=authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageResponse.SerializeToString,
             ),
             'WatchDecisions': grpc.stream_stream_rpc_method_handler(
                     servicer.WatchDecisions,
@@ -440,6 +504,87 @@ class KeyService:
             '/authsvc.v1.KeyService/RevokeKeys',
             authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysRequest.SerializeToString,
             authsvc_dot_v1_dot_authsvc__pb2.RevokeKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.KeyService/ListAuditEvents',
+            authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLeakedKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.KeyService/ReportLeakedKeys',
+            authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.ReportLeakedKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.KeyService/GetKeyUsage',
+            authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageRequest.SerializeToString,
+            authsvc_dot_v1_dot_authsvc__pb2.GetKeyUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

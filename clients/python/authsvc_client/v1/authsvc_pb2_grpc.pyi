@@ -77,6 +77,28 @@ class KeyServiceStub:
     organization, in one transaction (offboarding). Idempotent: a second
     call revokes, and returns, nothing. Requires ROLE_ADMIN or ROLE_OWNER.
     """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_authsvc_pb2.ListAuditEventsRequest, _authsvc_pb2.ListAuditEventsResponse]
+    """ListAuditEvents pages through the organization's audit trail, newest
+    first: every management call, permitted or refused, with the caller
+    that made it and its link in the organization's hash chain
+    (`authsvc audit verify` checks the chain). Requires ROLE_ADMIN or
+    ROLE_OWNER.
+    """
+    ReportLeakedKeys: _grpc.UnaryUnaryMultiCallable[_authsvc_pb2.ReportLeakedKeysRequest, _authsvc_pb2.ReportLeakedKeysResponse]
+    """ReportLeakedKeys revokes keys someone found where they do not belong
+    (public code, a paste, a log). Possession is the proof: no admin token
+    is needed, like Authorize. Each known key that is not yet revoked is
+    revoked at once (revoked_by "leak-report", the source in the reason) on
+    every replica. The answer only counts; it never says which key was which.
+    Rate limited per caller address (RESOURCE_EXHAUSTED).
+    """
+    GetKeyUsage: _grpc.UnaryUnaryMultiCallable[_authsvc_pb2.GetKeyUsageRequest, _authsvc_pb2.GetKeyUsageResponse]
+    """GetKeyUsage counts a key's Authorize answers per UTC day, so operators
+    see whether a key is still used before revoking it or ending a
+    rotation's grace. Counts lag by at most the usage flush interval
+    (AUTHSVC_LAST_USED_FLUSH_SECONDS). Revoked and expired keys keep their
+    history; another org's key is NOT_FOUND. Any role.
+    """
     WatchDecisions: _grpc.StreamStreamMultiCallable[_authsvc_pb2.WatchDecisionsRequest, _authsvc_pb2.WatchDecisionsResponse]
     """WatchDecisions keeps a client's decision cache true. A client process
     opens it once and keeps it open. The server sends the digests of keys
@@ -133,6 +155,28 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """RevokeKeys revokes every active key one user created in the
     organization, in one transaction (offboarding). Idempotent: a second
     call revokes, and returns, nothing. Requires ROLE_ADMIN or ROLE_OWNER.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_authsvc_pb2.ListAuditEventsRequest, _authsvc_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """ListAuditEvents pages through the organization's audit trail, newest
+    first: every management call, permitted or refused, with the caller
+    that made it and its link in the organization's hash chain
+    (`authsvc audit verify` checks the chain). Requires ROLE_ADMIN or
+    ROLE_OWNER.
+    """
+    ReportLeakedKeys: _aio.UnaryUnaryMultiCallable[_authsvc_pb2.ReportLeakedKeysRequest, _authsvc_pb2.ReportLeakedKeysResponse]  # type: ignore[assignment]
+    """ReportLeakedKeys revokes keys someone found where they do not belong
+    (public code, a paste, a log). Possession is the proof: no admin token
+    is needed, like Authorize. Each known key that is not yet revoked is
+    revoked at once (revoked_by "leak-report", the source in the reason) on
+    every replica. The answer only counts; it never says which key was which.
+    Rate limited per caller address (RESOURCE_EXHAUSTED).
+    """
+    GetKeyUsage: _aio.UnaryUnaryMultiCallable[_authsvc_pb2.GetKeyUsageRequest, _authsvc_pb2.GetKeyUsageResponse]  # type: ignore[assignment]
+    """GetKeyUsage counts a key's Authorize answers per UTC day, so operators
+    see whether a key is still used before revoking it or ending a
+    rotation's grace. Counts lag by at most the usage flush interval
+    (AUTHSVC_LAST_USED_FLUSH_SECONDS). Revoked and expired keys keep their
+    history; another org's key is NOT_FOUND. Any role.
     """
     WatchDecisions: _aio.StreamStreamMultiCallable[_authsvc_pb2.WatchDecisionsRequest, _authsvc_pb2.WatchDecisionsResponse]  # type: ignore[assignment]
     """WatchDecisions keeps a client's decision cache true. A client process
@@ -235,6 +279,46 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         """RevokeKeys revokes every active key one user created in the
         organization, in one transaction (offboarding). Idempotent: a second
         call revokes, and returns, nothing. Requires ROLE_ADMIN or ROLE_OWNER.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _authsvc_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authsvc_pb2.ListAuditEventsResponse, _abc.Awaitable[_authsvc_pb2.ListAuditEventsResponse]]:
+        """ListAuditEvents pages through the organization's audit trail, newest
+        first: every management call, permitted or refused, with the caller
+        that made it and its link in the organization's hash chain
+        (`authsvc audit verify` checks the chain). Requires ROLE_ADMIN or
+        ROLE_OWNER.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportLeakedKeys(
+        self,
+        request: _authsvc_pb2.ReportLeakedKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authsvc_pb2.ReportLeakedKeysResponse, _abc.Awaitable[_authsvc_pb2.ReportLeakedKeysResponse]]:
+        """ReportLeakedKeys revokes keys someone found where they do not belong
+        (public code, a paste, a log). Possession is the proof: no admin token
+        is needed, like Authorize. Each known key that is not yet revoked is
+        revoked at once (revoked_by "leak-report", the source in the reason) on
+        every replica. The answer only counts; it never says which key was which.
+        Rate limited per caller address (RESOURCE_EXHAUSTED).
+        """
+
+    @_abc_1.abstractmethod
+    def GetKeyUsage(
+        self,
+        request: _authsvc_pb2.GetKeyUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_authsvc_pb2.GetKeyUsageResponse, _abc.Awaitable[_authsvc_pb2.GetKeyUsageResponse]]:
+        """GetKeyUsage counts a key's Authorize answers per UTC day, so operators
+        see whether a key is still used before revoking it or ending a
+        rotation's grace. Counts lag by at most the usage flush interval
+        (AUTHSVC_LAST_USED_FLUSH_SECONDS). Revoked and expired keys keep their
+        history; another org's key is NOT_FOUND. Any role.
         """
 
     @_abc_1.abstractmethod

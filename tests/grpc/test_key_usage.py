@@ -1,0 +1,98 @@
+"""Issue 14: GetKeyUsage through a real channel to a server on the real PostgreSQL (flush every 0.2 s)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import grpc
+import pytest
+from authsvc_client.v1 import authsvc_pb2 as pb
+
+from tests.grpc.test_lifecycle import authorize, code_of, create
+from tests.support import ADMIN, MEMBER, Stub, new_org
+
+
+async def usage(stub: Stub, org: str, key_id: str, **kw: object) -> pb.GetKeyUsageResponse:
+    request = pb.GetKeyUsageRequest(org_id=org, key_id=key_id, actor=kw.pop("actor", MEMBER), **kw)  # type: ignore[arg-type]
+    return await stub.GetKeyUsage(request, timeout=10)
+
+
+async def counted(stub: Stub, org: str, key_id: str, expected: tuple[int, int, int]) -> pb.GetKeyUsageResponse:
+    """Counts lag by at most the flush interval (0.2 s here): wait a bounded time for them."""
+    for _ in range(50):
+        answer = await usage(stub, org, key_id)
+        today = answer.days[-1]
+        if (today.allowed, today.denied, today.rate_limited) == expected:
+            return answer
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"today's counts {today} never reached {expected}")
+
+
+async def test_every_answer_is_counted_for_today_and_the_other_days_are_zeros(stub: Stub) -> None:
+    org = new_org()
+    created = await create(stub, org, rate_limit=2)
+    answers = [await authorize(stub, created.secret, "read") for _ in range(4)]
+    answers += [await authorize(stub, created.secret, "write") for _ in range(3)]
+    assert [a.reason for a in answers] == [pb.REASON_OK] * 2 + [pb.REASON_RATE_LIMITED] * 2 + [
+        pb.REASON_INSUFFICIENT_SCOPE
+    ] * 3
+    answer = await counted(stub, org, created.key.id, (2, 3, 2))
+    today = datetime.now(UTC).date()
+    assert [d.date for d in answer.days] == [(today - timedelta(days=29 - i)).isoformat() for i in range(30)]
+    assert all((d.allowed, d.denied, d.rate_limited) == (0, 0, 0) for d in answer.days[:-1])
+    assert answer.last_used_time.ToDatetime(UTC) > datetime.now(UTC) - timedelta(minutes=1)
+    assert len((await usage(stub, org, created.key.id, days=90)).days) == 90
+    assert len((await usage(stub, org, created.key.id, days=1)).days) == 1
+
+
+async def test_a_revoked_key_keeps_its_history_and_a_new_key_has_none(stub: Stub, db: asyncpg.Connection) -> None:
+    org = new_org()
+    created = await create(stub, org)
+    assert (await authorize(stub, created.secret)).allowed
+    await counted(stub, org, created.key.id, (1, 0, 0))
+    await stub.RevokeKey(pb.RevokeKeyRequest(org_id=org, key_id=created.key.id, actor=ADMIN, reason="done"))
+    assert (await authorize(stub, created.secret)).reason == pb.REASON_REVOKED  # not counted: not an answer for it
+    old = datetime.now(UTC).date() - timedelta(days=10)
+    await db.execute(
+        "INSERT INTO key_usage_days (key_id, day, allowed, denied, rate_limited) VALUES ($1::uuid, $2, 7, 1, 0)",
+        created.key.id,
+        old,
+    )
+    answer = await usage(stub, org, created.key.id)
+    assert (answer.days[-1].allowed, answer.days[-11].allowed, answer.days[-11].date) == (1, 7, old.isoformat())
+    fresh = await create(stub, org)
+    empty = await usage(stub, org, fresh.key.id)
+    assert all(d.allowed == d.denied == d.rate_limited == 0 for d in empty.days) and not empty.HasField(
+        "last_used_time"
+    )
+
+
+async def test_another_organizations_key_is_not_found(stub: Stub) -> None:
+    created = await create(stub, new_org())
+    code, _ = await code_of(usage(stub, new_org(), created.key.id))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [({"days": 91}, "days must be between 1 and 90"), ({"days": -1}, "days"), ({"key_id": "nope"}, "key_id")],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field_and_writes_nothing(
+    stub: Stub, db: asyncpg.Connection, fields: dict[str, object], named: str
+) -> None:
+    org = new_org()
+    created = await create(stub, org)
+    before = await db.fetchval("SELECT count(*) FROM audit_events")
+    code, message = await code_of(usage(stub, org, str(fields.pop("key_id", created.key.id)), **fields))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and named in message
+    assert await db.fetchval("SELECT count(*) FROM audit_events") == before
+
+
+async def test_any_role_but_unspecified_may_read_usage(stub: Stub) -> None:
+    org = new_org()
+    created = await create(stub, org)
+    await usage(stub, org, created.key.id, actor=MEMBER)
+    code, _ = await code_of(usage(stub, org, created.key.id, actor=pb.Actor(user_id="x")))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
