@@ -82,6 +82,19 @@ class Settings:
     """PEM CA certificates; set: every client must present a certificate they issued (mTLS)."""
     store_timeout_ms: int = 100
     """Authorize's budget for a database lookup; past it the answer is UNAVAILABLE (fail closed)."""
+    max_concurrent_calls: int = 1000
+    """Calls one process works on at once; more are refused at once with UNAVAILABLE (retry)."""
+    max_connections: int = 4000
+    """Open connections per process; more are closed as they arrive. Lowered to stay below the
+    open-file limit (raised to its hard limit at start)."""
+    handshake_timeout_ms: int = 5000
+    """A connection that has not finished TLS and the HTTP/2 preface by then is closed."""
+    max_connection_idle_seconds: int = 300
+    """A connection without a call for this long is closed; clients reconnect when they need to."""
+    max_waiting_lookups: int = 1024
+    """Distinct unknown-to-the-cache keys waiting for a database lookup; past it, UNAVAILABLE at once."""
+    redis_breaker_ms: int = 1000
+    """After a Redis failure, rate limits are counted locally without asking Redis for this long."""
     last_used_flush_seconds: float = 5.0
     """How often batched ``last_used_time`` updates are written (the documented delay bound)."""
     cache_size: int = 100_000
@@ -300,6 +313,14 @@ class Settings:
             tls_key_file=key_file,
             tls_client_ca_file=client_ca_file,
             store_timeout_ms=integer("STORE_TIMEOUT_MS", cls.store_timeout_ms, 5, 10_000),
+            max_concurrent_calls=integer("MAX_CONCURRENT_CALLS", cls.max_concurrent_calls, 1, 1_000_000),
+            max_connections=integer("MAX_CONNECTIONS", cls.max_connections, 1, 1_000_000),
+            handshake_timeout_ms=integer("HANDSHAKE_TIMEOUT_MS", cls.handshake_timeout_ms, 100, 60_000),
+            max_connection_idle_seconds=integer(
+                "MAX_CONNECTION_IDLE_SECONDS", cls.max_connection_idle_seconds, 1, 86_400
+            ),
+            max_waiting_lookups=integer("MAX_WAITING_LOOKUPS", cls.max_waiting_lookups, 1, 1_000_000),
+            redis_breaker_ms=integer("REDIS_BREAKER_MS", cls.redis_breaker_ms, 10, 60_000),
             last_used_flush_seconds=flush,
             cache_size=integer("CACHE_SIZE", cls.cache_size, 0, 100_000_000),
             redis_url=Secret(redis_url) if redis_url else None,

@@ -50,6 +50,7 @@ from authsvc.config import Settings
 from authsvc.core.authorizer import Authorizer, Pending
 from authsvc.core.errors import InvalidArgument
 from authsvc.core.keys import Decision, Principal
+from authsvc.grpc.admission import Admission
 from authsvc.grpc.server import service_handler
 from authsvc.memo import ResponseMemo
 
@@ -323,6 +324,8 @@ class AuthorizationAdapter:
         return self._misconfigured
 
 
-def service(authorizer: Authorizer, routes: RoutePolicy) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
+def service(
+    authorizer: Authorizer, routes: RoutePolicy, admission: Admission | None = None
+) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
     adapter = AuthorizationAdapter(authorizer, routes)
-    return AUTHORIZATION_SERVICE, service_handler(AUTHORIZATION_SERVICE, adapter)
+    return AUTHORIZATION_SERVICE, service_handler(AUTHORIZATION_SERVICE, adapter, admission=admission)

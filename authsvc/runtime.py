@@ -56,8 +56,17 @@ from authsvc.core.manager import LEAK_REPORTS_PER_MINUTE, KeyManager
 from authsvc.core.ports import NO_METRICS, Recorder
 from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import UsageRecorder
+from authsvc.fdlimit import connection_cap, raise_open_file_limit
+from authsvc.grpc.admission import Admission
 from authsvc.grpc.keyservice import KeyServiceAdapter
-from authsvc.grpc.server import KEY_SERVICE, MANAGEMENT_METHODS, AdminTokens, build_server, service_handler
+from authsvc.grpc.server import (
+    KEY_SERVICE,
+    MANAGEMENT_METHODS,
+    AdminTokens,
+    ConnectionLimits,
+    build_server,
+    service_handler,
+)
 from authsvc.grpc.tls import ReloadingCredentials
 from authsvc.grpc.watch import WatchAdapter
 from authsvc.http_server import HttpServer
@@ -200,7 +209,12 @@ class App:
         if s.metrics_listen:
             self.metrics = Metrics()
         recorder: Recorder = self.metrics or NO_METRICS
-        self.store = PostgresStore(self._pool, lookup_timeout=s.store_timeout_ms / 1000, metrics=recorder)
+        self.store = PostgresStore(
+            self._pool,
+            lookup_timeout=s.store_timeout_ms / 1000,
+            metrics=recorder,
+            max_waiting_lookups=s.max_waiting_lookups,
+        )
         cache: DecisionCache[Grant] = DecisionCache(s.cache_size, FRESHNESS, time.monotonic)
         self.feed = PostgresFeed(self.dsn, metrics=recorder)
         self.feed.subscribe(cache)
@@ -211,7 +225,13 @@ class App:
         self.fanout.start()
         self.usage = UsageRecorder(self.store, s.last_used_flush_seconds)
         self.usage.start()
-        self.limiter = RateLimiter(s.rate_limit, s.rate_limit_window_seconds, shared, monotonic=time.monotonic)
+        self.limiter = RateLimiter(
+            s.rate_limit,
+            s.rate_limit_window_seconds,
+            shared,
+            monotonic=time.monotonic,
+            breaker_seconds=s.redis_breaker_ms / 1000,
+        )
         key_format = KeyFormat(s.key_prefix)
         self.authorizer = Authorizer(
             self.store,
@@ -239,6 +259,8 @@ class App:
         )
         self.routes = extauthz.RoutePolicy.from_settings(s)
         admin = AdminTokens(s.admin_tokens, s.admin_client_names)
+        #: One bound for every service of the process: Authorize and Check compete for the same capacity.
+        self.admission = Admission(s.max_concurrent_calls)
         services = [
             (
                 KEY_SERVICE,
@@ -248,12 +270,18 @@ class App:
                     admin=admin,
                     protected=MANAGEMENT_METHODS,
                     metrics=recorder,
+                    admission=self.admission,
                 ),
             ),
-            extauthz.service(self.authorizer, self.routes),
+            extauthz.service(self.authorizer, self.routes, self.admission),
         ]
         self.health = HealthServicer()
-        self._server = build_server(services, self.health, reuse_port=self.reuse_port)
+        limits = ConnectionLimits(
+            max_connections=connection_cap(s.max_connections, raise_open_file_limit()),
+            handshake_timeout_ms=s.handshake_timeout_ms,
+            max_connection_idle_ms=s.max_connection_idle_seconds * 1000,
+        )
+        self._server = build_server(services, self.health, reuse_port=self.reuse_port, limits=limits)
         # Every listener, the per-worker ports included, speaks TLS when it is configured.
         self.tls = ReloadingCredentials(s.tls) if s.tls is not None else None
         failed = next((a for a in (self.listen, *self.extra_listen) if not self._bind(a)), None)
@@ -466,6 +494,7 @@ def serve(settings: Settings) -> int:
             "(AUTHSVC_INSECURE_MANAGEMENT=true); set AUTHSVC_ADMIN_TOKENS",
             settings.listen,
         )
+    raise_open_file_limit()  # here too, so the supervisor and every worker it spawns inherit it
     install_event_loop()
     dsn = database_dsn(settings)
     migrate(settings, dsn)  # once, before any process serves: the schema is at head for all of them

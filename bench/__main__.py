@@ -25,6 +25,7 @@ from bench import (
     envoy_path,
     machine,
     memory,
+    overload,
     ratelimit_accuracy,
     report,
     revocation,
@@ -43,6 +44,7 @@ PARTS: dict[str, Callable[[BenchConfig, Any], dict[str, Any]]] = {
     "ratelimit": ratelimit_accuracy.run,
     "memory": memory.run,
     "clientcache": clientcache.run,
+    "overload": overload.run,
 }
 
 

@@ -131,7 +131,30 @@ def targets(r: Results) -> list[tuple[str, bool, str]]:
                     f"p99 {fan['p99_ms']:.1f} ms, server RSS {fan['server_rss_kib']} KiB"))
         out.append(("<= 1 KiB per cached key in the client", mem["bytes_per_key"] <= 1024,
                     f"{mem['bytes_per_key']:.0f} bytes over {mem['keys']} keys"))
+    ov = r.get("overload")
+    if ov:
+        out += _overload_targets(ov)
     return out
+
+
+def _overload_targets(ov: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """Issue 10's targets (``bench/overload.py``)."""
+    f, t, rd = ov["flood"], ov["tenfold"], ov["redis"]
+    c, idle = f["cached"], f["idle_cached"]
+    return [
+        ("Forged-key flood: a cached key keeps >= 99.9% success, p99 <= 5x unloaded",
+         c["allowed_fraction"] >= 0.999 and c["p99_ms"] <= 5 * idle["p99_ms"],
+         f"{c['allowed_fraction']:.2%}, p99 {c['p99_ms']:.2f} vs {idle['p99_ms']:.2f} ms idle, "
+         f"under {f['forged_rps']:.0f} forged keys/s"),
+        ("Forged-key flood: uncached valid keys keep >= 99% success", f["uncached"]["allowed_fraction"] >= 0.99,
+         f"{f['uncached']['allowed_fraction']:.2%} of {f['uncached']['calls']} calls"),
+        ("10x capacity: every call answered within 100 ms", t["over_100ms"] == 0 and t["errored"] == 0,
+         f"offered {t['offered_rps']:.0f}/s (capacity {t['capacity_rps']:.0f}/s): {t['over_100ms']} of "
+         f"{t['done']} over 100 ms, p99 {t['p99_ms']:.1f} ms, max {t['max_ms']:.0f} ms; "
+         f"RSS {t['rss_before_mb']:.0f} -> {t['rss_after_mb']:.0f} MiB"),
+        ("Redis hung: rate-limited p99 within 5 ms of Redis up", rd["hung_p99_ms"] <= rd["up_p99_ms"] + 5,
+         f"p99 {rd['hung_p99_ms']:.2f} ms hung vs {rd['up_p99_ms']:.2f} ms up"),
+    ]
 
 
 # -- markdown --------------------------------------------------------------

@@ -8,6 +8,12 @@ admitted per window.
 Without Redis, or while Redis fails, each process counts locally. Rate
 limiting must never take authorization down: a Redis error is logged and
 counted, and the request is judged by the local counter instead.
+
+A circuit breaker keeps a hung Redis from costing every call its timeout:
+after a failure Redis is not asked at all for ``breaker_seconds`` (local
+counters at once); then one call probes it, and the breaker closes when
+the probe answers (or stays open another period when it fails). Calls
+arriving while the probe is out count locally rather than queue behind it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ log = logging.getLogger(__name__)
 
 class RateLimiter:
     def __init__(
-        self, default_limit: int, window_seconds: int, shared: SharedCounter | None = None, *, monotonic: Monotonic
+        self,
+        default_limit: int,
+        window_seconds: int,
+        shared: SharedCounter | None = None,
+        *,
+        monotonic: Monotonic,
+        breaker_seconds: float = 1.0,
     ) -> None:
         self.default_limit = default_limit
         self.window = window_seconds
@@ -33,6 +45,9 @@ class RateLimiter:
         self._last_failure_log = float("-inf")
         self._local: dict[str, int] = {}
         self._local_window = -1
+        self.breaker_seconds = breaker_seconds
+        self._open_until = float("-inf")  # the breaker is open (Redis skipped) until this monotonic time
+        self._probing = False
 
     async def apply(self, decision: Decision, key_limit: int, now: float) -> Decision:
         """Turn an allowed decision into RATE_LIMITED once the key is over its limit."""
@@ -54,12 +69,15 @@ class RateLimiter:
         return count <= self.default_limit, max(1, math.ceil((window_index + 1) * self.window - now))
 
     async def _count(self, key_id: str, window_index: int) -> int:
-        if self.shared is not None:
+        if self.shared is not None and self._may_ask_redis():
+            probe = self._open_until != float("-inf")
+            self._probing = probe
             try:
-                return await self.shared.incr(f"authsvc:rl:{key_id}:{window_index}", self.window + 1)
+                count = await self.shared.incr(f"authsvc:rl:{key_id}:{window_index}", self.window + 1)
             except Exception as exc:  # any Redis failure: fall back, never fail the request
                 self.shared_failures += 1
                 now = self._monotonic()
+                self._open_until = now + self.breaker_seconds
                 if now - self._last_failure_log > 10:
                     self._last_failure_log = now
                     log.warning(
@@ -67,7 +85,24 @@ class RateLimiter:
                         type(exc).__name__,
                         self.shared_failures,
                     )
+            else:
+                self._open_until = float("-inf")  # Redis answered: the breaker is closed
+                return count
+            finally:
+                if probe:
+                    self._probing = False
         return self._count_locally(key_id, window_index)
+
+    @property
+    def breaker_open(self) -> bool:
+        """Whether Redis is being skipped right now (after a failure, for ``breaker_seconds``)."""
+        return self._open_until != float("-inf")
+
+    def _may_ask_redis(self) -> bool:
+        if self._open_until == float("-inf"):
+            return True
+        # Open: nobody asks until the period is over, then only one probe at a time.
+        return not self._probing and self._monotonic() >= self._open_until
 
     def _count_locally(self, key_id: str, window_index: int) -> int:
         if window_index != self._local_window:

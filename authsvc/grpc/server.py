@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -27,6 +28,7 @@ from authsvc.access import AdminClient, AdminToken
 from authsvc.core.errors import Unauthenticated
 from authsvc.core.keys import ANONYMOUS, Caller
 from authsvc.core.ports import Recorder
+from authsvc.grpc.admission import AT_CAPACITY, Admission
 from authsvc.grpc.status import to_status
 
 KEY_SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["KeyService"]
@@ -123,6 +125,7 @@ def _wrap(
     admin: AdminTokens | None,
     metrics: Recorder | None = None,
     peer: bool = False,
+    admission: Admission | None = None,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     """``admin`` set: a management method, called as ``behavior(request, caller)``;
     ``peer``: called as ``behavior(request, address)``.
@@ -132,6 +135,16 @@ def _wrap(
     name = method.rpartition("/")[2]
 
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if admission is None:
+            return await admitted(request, context)
+        if not admission.try_enter():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, AT_CAPACITY)
+        try:
+            return await admitted(request, context)
+        finally:
+            admission.leave()
+
+    async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNDECODABLE:
             if metrics is not None:
                 metrics.managed(name, grpc.StatusCode.INVALID_ARGUMENT.name)
@@ -166,11 +179,13 @@ def service_handler(
     admin: AdminTokens | None = None,
     protected: frozenset[str] = frozenset(),
     metrics: Recorder | None = None,
+    admission: Admission | None = None,
 ) -> grpc.GenericRpcHandler:
     """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``.
 
     ``protected`` methods are called as ``servicer.<Method>(request, caller)``,
     with the ``Caller`` that ``admin`` authenticated, and counted by ``metrics``.
+    ``admission`` (shared by every service of a process) bounds the calls in flight.
     """
     handlers = {}
     for method in descriptor.methods:
@@ -191,6 +206,7 @@ def service_handler(
                 admin if method.name in protected else None,
                 metrics if method.name in protected else None,
                 method.name in PEER_METHODS,
+                admission,
             ),
             request_deserializer=_lenient(request_class.FromString),
             response_serializer=response_class.SerializeToString,
@@ -198,11 +214,43 @@ def service_handler(
     return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one process's gRPC core allows its connections (enforced in C, before any Python runs)."""
+
+    max_connections: int = 4000
+    """Open connections; more are closed as they arrive. Kept below the open-file limit."""
+    handshake_timeout_ms: int = 5000
+    """A connection that has not completed TLS and the HTTP/2 preface by then is closed."""
+    max_connection_idle_ms: int = 300_000
+    """A connection with no call for this long is closed (GOAWAY); clients reconnect on demand."""
+
+    # Left at gRPC's defaults: the streams per connection (HTTP/2
+    # SETTINGS_MAX_CONCURRENT_STREAMS) and the queue of calls the core holds
+    # before Python takes them (grpc.server.max_pending_requests, 1000; past it
+    # the core refuses with CANCELLED, which clients read as Unavailable). Tried
+    # at 100 and 256: a 300-call burst on one channel then had calls fail with
+    # RST_STREAM REFUSED_STREAM, and the worst wait at 10x capacity was no shorter.
+
+    def channel_args(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.server_handshake_timeout_ms", self.handshake_timeout_ms),
+            ("grpc.max_connection_idle_ms", self.max_connection_idle_ms),
+        ]
+
+
 def build_server(
-    services: list[tuple[ServiceDescriptor, grpc.GenericRpcHandler]], health: HealthServicer, *, reuse_port: bool
+    services: list[tuple[ServiceDescriptor, grpc.GenericRpcHandler]],
+    health: HealthServicer,
+    *,
+    reuse_port: bool,
+    limits: ConnectionLimits | None = None,
 ) -> grpc.aio.Server:
+    limits = limits or ConnectionLimits()
     server = grpc.aio.server(
         options=[
+            *limits.channel_args(),
             # Without SO_REUSEPORT a second server on the same port fails to
             # bind (a clear start-up error) instead of silently sharing it.
             ("grpc.so_reuseport", 1 if reuse_port else 0),

@@ -102,6 +102,10 @@ _ABORTED = "the key store aborted the call on a conflict with another; nothing w
 # the cache off: 1 in flight gave 3500 req/s, 2 gave 2670 (bigger batches,
 # fewer queries); a lone lookup never waits either way.
 _LOOKUPS_IN_FLIGHT = 1
+# Digests one lookup query asks for at most; the rest wait for the next one.
+# Bounds a query's size (and its time) when a flood of unknown keys queues up.
+_MAX_BATCH = 256
+_QUEUE_FULL = "too many key lookups are waiting; retry shortly"
 # How long a ROLLBACK after a timed-out query, and then returning the
 # connection to the pool, may each take before the connection is closed
 # instead (see PostgresStore._connection). Normally instant.
@@ -265,6 +269,7 @@ class PostgresStore:
         *,
         lookup_timeout: float = 0.1,
         write_timeout: float = 5.0,
+        max_waiting_lookups: int = 1024,
         metrics: Recorder = NO_METRICS,
     ) -> None:
         self._pool = pool
@@ -273,6 +278,8 @@ class PostgresStore:
         self._write_timeout = write_timeout
         # Lookups waiting for the next batch, by digest; see find_by_digest.
         self._waiting: dict[bytes, asyncio.Future[Found]] = {}
+        self._callers: dict[bytes, int] = {}  # callers still waiting for each digest in _waiting
+        self._max_waiting = max_waiting_lookups
         self._lookups: set[asyncio.Task[None]] = set()  # strong references to running batches
 
     @asynccontextmanager
@@ -571,26 +578,55 @@ class PostgresStore:
         same digest share one result. Light load: a batch of one, at once.
         The caller's whole wait, queueing included, is bounded by the lookup
         budget (fail closed).
+
+        Overload: at most ``max_waiting_lookups`` distinct digests wait;
+        past that a lookup is refused at once with ``Unavailable`` (a flood
+        of forged keys must not queue up in front of real ones, nor grow
+        memory), and a digest whose every caller has given up (timed out,
+        or cancelled by its client) leaves the queue before it is asked for.
         """
         waiting = self._waiting.get(digest)
         if waiting is None:
+            if len(self._waiting) >= self._max_waiting:
+                raise Unavailable(_QUEUE_FULL)
             loop = asyncio.get_running_loop()
             if not self._waiting and len(self._lookups) < _LOOKUPS_IN_FLIGHT:
                 loop.call_soon(self._dispatch)
             waiting = self._waiting[digest] = loop.create_future()
             # A failure nobody is left waiting for (callers timed out) is not an unhandled error.
             waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._callers[digest] = self._callers.get(digest, 0) + 1
         try:
             async with asyncio.timeout(self._lookup_timeout):
                 # Shielded: one caller giving up must not cancel the others' answer.
                 return await asyncio.shield(waiting)
         except TimeoutError:
             raise Unavailable(_UNAVAILABLE) from None
+        finally:
+            self._leave(digest, waiting)
+
+    def _leave(self, digest: bytes, waiting: asyncio.Future[Found]) -> None:
+        left = self._callers.get(digest, 0) - 1
+        if self._waiting.get(digest) is not waiting:
+            return  # already in a batch (its count went with it) or answered
+        if left > 0:
+            self._callers[digest] = left
+            return
+        # Nobody wants this answer any more: drop it rather than ask for it.
+        del self._waiting[digest]
+        self._callers.pop(digest, None)
+        waiting.cancel()
 
     def _dispatch(self) -> None:
         if not self._waiting or len(self._lookups) >= _LOOKUPS_IN_FLIGHT:
             return
-        batch, self._waiting = self._waiting, {}
+        if len(self._waiting) <= _MAX_BATCH:
+            batch, self._waiting = self._waiting, {}
+        else:  # the oldest first; the rest go in the next query
+            digests = list(self._waiting)[:_MAX_BATCH]
+            batch = {d: self._waiting.pop(d) for d in digests}
+        for d in batch:
+            self._callers.pop(d, None)
         task = asyncio.get_running_loop().create_task(self._lookup(batch))
         self._lookups.add(task)
         task.add_done_callback(self._lookup_done)

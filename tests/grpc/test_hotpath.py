@@ -303,7 +303,8 @@ async def test_redis_down_keeps_keys_working_on_local_limits(settings: Settings,
         await fresh_window()
         replies = [await authorize(stub, created.secret) for _ in range(3)]
         assert [r.http_status for r in replies] == [200, 200, 429]  # the local fallback still limits
-        assert app.limiter.shared_failures >= 3
+        # Redis is asked once; its failure opens the circuit breaker and the rest count locally at once.
+        assert app.limiter.shared_failures >= 1 and app.limiter.breaker_open
 
 
 @pytest.mark.parametrize("limit", [0, 5])

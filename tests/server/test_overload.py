@@ -1,0 +1,364 @@
+"""Issue 10, overload: ``authsvc serve`` stays fast and answers everyone when pushed past what it can do.
+
+Every test runs a real server process and talks to it over real sockets.
+Slow work is made slow for real: a transaction of the test's own holds an
+ACCESS EXCLUSIVE lock on ``api_keys``, so lookups of keys the cache does not
+know wait in PostgreSQL while the invalidation feed (which never reads that
+table) stays live and cached keys stay fresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from authsvc_client.v1 import authsvc_pb2 as pb
+from authsvc_client.v1 import authsvc_pb2_grpc
+
+from authsvc.core.keyformat import KeyFormat
+from tests.support import ADMIN, Stub, free_port, new_org, serve_process, wait_serving
+
+FORGED = KeyFormat("authsvc")
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def create_key(target: str) -> str:
+    with grpc.insecure_channel(target) as channel:
+        stub = authsvc_pb2_grpc.KeyServiceStub(channel)
+        reply = stub.CreateKey(
+            pb.CreateKeyRequest(org_id=new_org(), actor=ADMIN, name="overload", scopes=["read"]), timeout=10
+        )
+        return str(reply.secret)
+
+
+@contextlib.asynccontextmanager
+async def lookups_blocked(database_url: str) -> AsyncIterator[None]:
+    """Every read of ``api_keys`` waits until the block ends (a slow database, for real)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            await tx.rollback()
+    finally:
+        await conn.close()
+
+
+async def call(stub: Stub, key: str) -> tuple[str, float, str]:
+    """(outcome, seconds, detail): outcome is an Authorize reason name or a status code name."""
+    start = time.monotonic()
+    try:
+        reply = await stub.Authorize(pb.AuthorizeRequest(key=key, required_scope="read"), timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name, time.monotonic() - start, exc.details() or ""
+    return pb.Reason.Name(reply.reason), time.monotonic() - start, ""
+
+
+@pytest.mark.slow
+async def test_calls_past_capacity_are_refused_at_once_with_unavailable_and_every_call_is_answered(
+    tmp_path: Path, database_url: str
+) -> None:
+    """8 calls stuck in a slow lookup fill the worker; 300 more are refused at once, UNAVAILABLE, never INTERNAL."""
+    env = {
+        "AUTHSVC_DATABASE_URL": database_url,
+        "AUTHSVC_MAX_CONCURRENT_CALLS": "8",
+        "AUTHSVC_STORE_TIMEOUT_MS": "3000",
+    }
+    with serve_process(env, tmp_path) as server:
+        key = create_key(server.target)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub: Stub = authsvc_pb2_grpc.KeyServiceStub(channel)
+            assert (await call(stub, key))[0] == "REASON_OK"
+            async with lookups_blocked(database_url):
+                stuck = [asyncio.create_task(call(stub, FORGED.generate().secret)) for _ in range(8)]
+                await asyncio.sleep(0.5)  # all eight are in the worker, waiting for PostgreSQL
+                flood = await asyncio.gather(*(call(stub, FORGED.generate().secret) for _ in range(300)))
+                cached_while_full = await call(stub, key)
+            stuck_results = await asyncio.gather(*stuck)
+            after = await call(stub, key)
+    assert {outcome for outcome, _, _ in flood} == {"UNAVAILABLE"}
+    assert all("at capacity" in detail for _, _, detail in flood)
+    assert max(seconds for _, seconds, _ in flood) < 1.0, sorted(s for _, s, _ in flood)[-5:]
+    # Even a cached key is refused while every slot is taken: admission comes first.
+    assert cached_while_full[0] == "UNAVAILABLE"
+    # The stuck calls get their answer once the database answers: nothing was dropped or crashed.
+    assert {outcome for outcome, _, _ in stuck_results} <= {"REASON_UNKNOWN_KEY", "UNAVAILABLE"}
+    assert after[0] == "REASON_OK"
+    assert server.proc.poll() is not None  # stopped by serve_process, not crashed before
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.slow
+async def test_a_flood_of_unknown_keys_past_the_lookup_queue_is_refused_at_once_while_a_cached_key_works(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Beyond 16 waiting lookups, unknown keys get UNAVAILABLE at once; a cached key is allowed throughout."""
+    env = {
+        "AUTHSVC_DATABASE_URL": database_url,
+        "AUTHSVC_MAX_WAITING_LOOKUPS": "16",
+        "AUTHSVC_STORE_TIMEOUT_MS": "3000",
+    }
+    with serve_process(env, tmp_path) as server:
+        key = create_key(server.target)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub: Stub = authsvc_pb2_grpc.KeyServiceStub(channel)
+            assert (await call(stub, key))[0] == "REASON_OK"  # now cached
+            async with lookups_blocked(database_url):
+                queued = [asyncio.create_task(call(stub, FORGED.generate().secret)) for _ in range(40)]
+                await asyncio.sleep(0.5)
+                flood = await asyncio.gather(*(call(stub, FORGED.generate().secret) for _ in range(200)))
+                cached = await asyncio.gather(*(call(stub, key) for _ in range(50)))
+            queued_results = await asyncio.gather(*queued)
+    refused = [r for r in flood if r[0] == "UNAVAILABLE" and "lookups are waiting" in r[2]]
+    assert len(refused) == 200, {r[0] + r[2] for r in flood}
+    assert max(seconds for _, seconds, _ in flood) < 1.0
+    assert {outcome for outcome, _, _ in cached} == {"REASON_OK"}
+    assert max(seconds for _, seconds, _ in cached) < 1.0
+    # Of the 40 queued first, at most 16 waiting plus one batch in flight were taken; the rest refused.
+    taken = [r for r in queued_results if r[0] == "REASON_UNKNOWN_KEY"]
+    assert 1 <= len(taken) <= 32
+    assert {r[0] for r in queued_results} <= {"REASON_UNKNOWN_KEY", "UNAVAILABLE"}
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed ``sock`` (EOF or reset), reading whatever it sends; None if still open."""
+    start = time.monotonic()
+    deadline = start + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if not sock.recv(65536):
+                return time.monotonic() - start
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - start
+        except TimeoutError:
+            return None
+    return None
+
+
+def test_connections_that_never_finish_the_http2_handshake_are_closed_within_the_bound(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Raw TCP that sends nothing, or only the HTTP/2 preface, is closed within the 1 s handshake bound."""
+    env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_HANDSHAKE_TIMEOUT_MS": "1000"}
+    with serve_process(env, tmp_path) as server:
+        host, port = server.target.split(":")
+        silent = [socket.create_connection((host, int(port)), timeout=5) for _ in range(5)]
+        preface_only = [socket.create_connection((host, int(port)), timeout=5) for _ in range(5)]
+        for sock in preface_only:
+            sock.sendall(PREFACE)
+        try:
+            closed = [closed_within(sock, 4.0) for sock in silent + preface_only]
+        finally:
+            for sock in silent + preface_only:
+                sock.close()
+        wait_serving(server.target, timeout=5)  # and the server still serves
+    assert all(c is not None for c in closed), closed
+    assert max(c for c in closed if c is not None) < 3.0, closed
+
+
+def test_more_connections_than_the_cap_are_refused_and_a_normal_client_works_afterwards(
+    tmp_path: Path, database_url: str
+) -> None:
+    """With a cap of 20, the 40 extra raw connections are closed at once; once they go, clients connect again."""
+    env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_MAX_CONNECTIONS": "20"}
+    with serve_process(env, tmp_path) as server:
+        host, port = server.target.split(":")
+        held: list[socket.socket] = []
+        try:
+            for _ in range(60):
+                sock = socket.create_connection((host, int(port)), timeout=5)
+                sock.sendall(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # preface and an empty SETTINGS
+                held.append(sock)
+            time.sleep(0.5)
+            closed = sum(1 for sock in held if closed_within(sock, 0.2) is not None)
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.5)
+        key = create_key(server.target)
+        with grpc.insecure_channel(server.target) as channel:
+            reply = authsvc_pb2_grpc.KeyServiceStub(channel).Authorize(
+                pb.AuthorizeRequest(key=key, required_scope="read"), timeout=10
+            )
+    assert closed >= 40, closed
+    assert reply.allowed
+
+
+def open_file_limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open-file limit for {pid}")
+
+
+def workers_of(pid: int) -> list[int]:
+    """The supervisor's worker processes (multiprocessing's resource tracker is a child too, not a worker)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return [c for c in found if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.slow
+def test_each_workers_open_file_limit_is_raised_to_the_hard_limit_and_the_connection_cap_stays_below(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Started with a soft limit of 256 under a hard one of 1024: every worker runs at 1024, its cap at 896."""
+    base, port = free_port(), free_port()
+    while base >= 65535 or port in (base, base + 1):
+        base, port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "AUTHSVC_DATABASE_URL": database_url,
+        "AUTHSVC_LISTEN": f"127.0.0.1:{port}",
+        "AUTHSVC_WORKERS": "2",
+        "AUTHSVC_WORKER_BASE_PORT": str(base),
+        "AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{free_port()}",
+        "AUTHSVC_DRAIN_SECONDS": "0",
+    }
+    hard = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "authsvc", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+        )
+    try:
+        for target in (port, base, base + 1):  # both workers have started
+            wait_serving(f"127.0.0.1:{target}", proc=proc)
+        deadline = time.monotonic() + 10
+        while len(workers := workers_of(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        limits = [open_file_limits(pid) for pid in workers]
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert len(limits) == 2
+    assert all(soft == hard_ == hard for soft, hard_ in limits), limits
+    assert f"AUTHSVC_MAX_CONNECTIONS=4000 lowered to {hard - 128}" in log.read_text()
+
+
+class HangableRedis:
+    """A TCP hop to the real Redis that a test can hang: it then accepts and reads, and never answers.
+
+    ``received_while_hung`` counts the bytes that reached it while hung: what
+    a circuit breaker should keep at zero once it is open.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.hung = False
+        self.received_while_hung = 0
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._socks: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            upstream = socket.create_connection(self.target, timeout=5)
+            upstream.settimeout(None)
+            self._socks += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if self.hung:
+                    if from_client:
+                        self.received_while_hung += len(data)
+                    continue  # swallowed: the client waits for an answer that never comes
+                sink.sendall(data)
+
+    def close(self) -> None:
+        for sock in self._socks:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+LIMIT = 100_000
+
+
+@pytest.fixture
+def hangable_redis(redis_url: str) -> Iterator[HangableRedis]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(redis_url)
+    proxy = HangableRedis((parts.hostname or "127.0.0.1", parts.port or 6379))
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.slow
+async def test_a_hung_redis_costs_the_timeout_once_then_the_breaker_counts_locally_until_redis_answers(
+    tmp_path: Path, database_url: str, redis_url: str, hangable_redis: HangableRedis
+) -> None:
+    """Hung: one call waits out the 50 ms timeout, then 2 s of calls are fast and send Redis nothing; back: shared."""
+    db = redis_url.rsplit("/", 1)[-1]
+    env = {
+        "AUTHSVC_DATABASE_URL": database_url,
+        "AUTHSVC_REDIS_URL": f"redis://127.0.0.1:{hangable_redis.port}/{db}",
+        "AUTHSVC_RATE_LIMIT": str(LIMIT),
+        "AUTHSVC_RATE_LIMIT_WINDOW_SECONDS": "86400",  # one window for the whole test
+        "AUTHSVC_REDIS_BREAKER_MS": "3000",
+    }
+    with serve_process(env, tmp_path) as server:
+        key = create_key(server.target)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub: Stub = authsvc_pb2_grpc.KeyServiceStub(channel)
+
+            async def remaining() -> tuple[float, int]:
+                start = time.monotonic()
+                reply = await stub.Authorize(pb.AuthorizeRequest(key=key, required_scope="read"), timeout=5)
+                assert reply.allowed
+                return time.monotonic() - start, reply.rate_limit.remaining
+
+            for _ in range(5):
+                await remaining()  # warm: cached key, Redis connection open
+            _, shared_before = await remaining()
+            hangable_redis.hung = True
+            first, _ = await remaining()
+            sent_by_first = hangable_redis.received_while_hung
+            open_calls = [await remaining() for _ in range(100)]
+            await asyncio.sleep(max(0.0, 2.0 - sum(t for t, _ in open_calls)))
+            open_calls += [await remaining() for _ in range(20)]
+            sent_while_open = hangable_redis.received_while_hung - sent_by_first
+            hangable_redis.hung = False
+            await asyncio.sleep(1.5)  # the open period (3 s from the failure) ends
+            back = [await remaining() for _ in range(5)]
+    assert first >= 0.045, first  # the one call that found out
+    assert sent_by_first > 0
+    assert sent_while_open == 0, f"{sent_while_open} bytes reached the hung Redis while the breaker was open"
+    latencies = sorted(t for t, _ in open_calls)
+    assert latencies[int(len(latencies) * 0.99) - 1] < 0.04, latencies[-5:]
+    # Counted locally while open (the failed call was the local count's first); shared again once Redis answers.
+    assert [r for _, r in open_calls] == [LIMIT - 2 - i for i in range(len(open_calls))]
+    assert [r for _, r in back] == [shared_before - 1 - i for i in range(5)]
