@@ -20,11 +20,9 @@ class Admission:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
-        self.refused = 0
 
     def try_enter(self) -> bool:
         if self.in_flight >= self.limit:
-            self.refused += 1
             return False
         self.in_flight += 1
         return True
