@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import time
 from collections.abc import Callable
 
@@ -158,15 +159,48 @@ class PostgresFeed:
 
 
 def _open_probe(connection: asyncpg.Connection) -> Callable[[], bool] | None:
-    """Whether the connection's socket is still open, known the moment its EOF is read.
+    """Whether the feed's socket is quiet: open, with nothing unread (no EOF, no pending notification).
 
-    ``is_closed()`` turns true only once the loop has run the driver's
-    connection-lost callbacks; the transport knows at once. asyncpg keeps
-    it private, hence the guard: without it the cache relies on
-    ``is_closed()``, the termination callback and the heartbeat alone.
+    The driver learns of a closed connection, or of a notification, only
+    when the loop runs its read callback, and a request read in the same
+    loop turn may run first: the kernel's readiness order is not arrival
+    order. So the socket itself is asked, with one ``poll(0)`` per loop turn
+    (the answer is kept until ``call_soon`` runs, i.e. for the requests of
+    the same turn), not one per request. A request that arrived after the
+    feed's end, or after an invalidation it has not yet read, is not
+    answered from the cache: it is looked up, and the lookup fails or reads
+    the new row. asyncpg keeps its transport private, hence the guards:
+    without it the cache relies on ``is_closed()``, the termination callback
+    and the heartbeat alone.
     """
     transport = getattr(connection, "_transport", None)
     is_closing = getattr(transport, "is_closing", None)
-    if not callable(is_closing):
+    get_extra_info = getattr(transport, "get_extra_info", None)
+    if not callable(is_closing) or not callable(get_extra_info):
         return None
-    return lambda: not is_closing() and not connection.is_closed()
+    try:
+        fd = get_extra_info("socket").fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLRDHUP)
+    loop = asyncio.get_running_loop()
+    probed = False
+    quiet = False
+
+    def next_turn() -> None:
+        nonlocal probed
+        probed = False
+
+    def alive() -> bool:
+        nonlocal probed, quiet
+        if is_closing():  # every call: closed by this process (or its EOF read) in this very turn
+            return False
+        if not probed:
+            probed = True
+            # is_closed() first: a closed descriptor's number may already belong to another socket.
+            quiet = not connection.is_closed() and not poller.poll(0)
+            loop.call_soon(next_turn)
+        return quiet
+
+    return alive

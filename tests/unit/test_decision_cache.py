@@ -6,6 +6,10 @@ One cache module serves authsvc's server and client-side caches alike
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from authsvc_client._cache import MISS, DecisionCache
@@ -229,3 +233,82 @@ async def test_the_feed_probe_sees_its_connection_closed_at_once(database_url: s
     assert probe()
     connection.terminate()  # closes the transport synchronously, as reading EOF does
     assert not probe()
+
+
+def _blocking(work: Callable[[], Awaitable[object]]) -> None:
+    """Run ``work`` on its own loop in another thread and wait for it, without giving this loop a turn."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(work())  # type: ignore[arg-type]
+        except BaseException as exc:  # re-raised in the test's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and not failure, failure
+
+
+async def test_the_feed_probe_sees_the_peer_close_before_the_loop_reads_it(database_url: str) -> None:
+    """The real failure: the database side goes away, and a request read in the same loop turn asks the cache.
+
+    The loop is not given a turn between the cut and the probe (the kernel's
+    readiness order may put the request first), so only asking the socket
+    itself can tell.
+    """
+    import asyncpg
+
+    from authsvc.storage.notify import _open_probe
+    from tests.support import TcpProxy
+
+    proxy = TcpProxy.for_database(database_url)
+    connection = await asyncpg.connect(proxy.url_for(database_url))
+    try:
+        probe = _open_probe(connection)
+        assert probe is not None and probe()
+        await asyncio.sleep(0)  # a new loop turn: the probe asks the socket again
+        proxy.cut()
+        time.sleep(0.05)  # noqa: ASYNC251 - blocking on purpose: the end of stream is in the kernel, unread by the loop
+        assert not connection.is_closed(), "the driver saw the close already: this test proves nothing"
+        assert not probe()
+    finally:
+        proxy.close()
+        connection.terminate()
+
+
+async def test_the_feed_probe_holds_the_cache_while_a_notification_is_unread(database_url: str) -> None:
+    """An invalidation that has reached this host but not the driver: no cached answer until it is read."""
+    import asyncpg
+
+    from authsvc.storage.notify import _open_probe
+    from authsvc.storage.postgres import NOTIFY_CHANNEL
+
+    connection = await asyncpg.connect(database_url)
+    heard: list[str] = []
+    await connection.add_listener(NOTIFY_CHANNEL, lambda *args: heard.append(args[-1]))
+    try:
+        probe = _open_probe(connection)
+        assert probe is not None and probe()
+        await asyncio.sleep(0)
+
+        async def notify() -> None:
+            other = await asyncpg.connect(database_url)
+            try:
+                await other.execute(f"SELECT pg_notify('{NOTIFY_CHANNEL}', 'ab:1')")
+            finally:
+                await other.close()
+
+        _blocking(notify)
+        time.sleep(0.05)  # noqa: ASYNC251 - blocking on purpose: the notification is in the socket, unread
+        assert not heard
+        assert not probe()
+        deadline = time.monotonic() + 5
+        while not heard:
+            assert time.monotonic() < deadline, "the notification never arrived"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
+        assert probe(), "read and handled: the cache may serve again"
+    finally:
+        await connection.close()

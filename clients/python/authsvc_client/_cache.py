@@ -152,10 +152,11 @@ class DecisionCache(Generic[V]):
 
         From now on only values read from ``source`` are stored. ``alive``
         says, without waiting for the event loop, whether the feed's
-        connection is still open: a driver may report a closed connection
-        loop turns after it read the end of the stream, and a request read in
-        the same turn (answered synchronously on a hit) must not be answered
-        from a cache whose feed is gone.
+        connection is still open with nothing unread: a driver reports a
+        closed connection (or a notification) only once the loop has run its
+        read callback, and a request read before that (answered
+        synchronously on a hit) must not be answered from a cache whose feed
+        is gone or has an invalidation waiting.
         """
         self.clear()
         self._source = source
