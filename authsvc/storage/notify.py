@@ -159,31 +159,39 @@ class PostgresFeed:
 
 
 def _open_probe(connection: asyncpg.Connection) -> Callable[[], bool] | None:
-    """Whether the feed's socket is quiet: open, with nothing unread (no EOF, no pending notification).
+    """Whether the feed's connection is still open, known from the socket before the driver reads its end.
 
-    The driver learns of a closed connection, or of a notification, only
+    The driver learns that the server closed (or reset) the connection only
     when the loop runs its read callback, and a request read in the same
     loop turn may run first: the kernel's readiness order is not arrival
-    order. So the socket itself is asked, with one ``poll(0)`` per loop turn
-    (the answer is kept until ``call_soon`` runs, i.e. for the requests of
-    the same turn), not one per request. A request that arrived after the
-    feed's end, or after an invalidation it has not yet read, is not
-    answered from the cache: it is looked up, and the lookup fails or reads
-    the new row. asyncpg keeps its transport private, hence the guards:
-    without it the cache relies on ``is_closed()``, the termination callback
-    and the heartbeat alone.
+    order. So the socket itself is asked, with one ``poll(0)`` for a hang-up
+    per loop turn (the answer is kept until ``call_soon`` runs, i.e. for
+    the requests of that turn), not one per request. A request that arrived
+    after the feed's end is looked up, and the lookup fails: never answered
+    from the cache.
+
+    Only the end of the stream counts, not unread data: a heartbeat reply
+    waits unread in most busy turns, and holding the cache for it would turn
+    a share of hits into lookups. A notification not yet read is the usual
+    delivery delay, inside the freshness bound. asyncpg keeps its transport
+    private, and ``POLLRDHUP`` is Linux's, hence the guards: without them
+    the cache relies on ``is_closing()``, the termination callback and the
+    heartbeat alone.
     """
     transport = getattr(connection, "_transport", None)
     is_closing = getattr(transport, "is_closing", None)
     get_extra_info = getattr(transport, "get_extra_info", None)
     if not callable(is_closing) or not callable(get_extra_info):
         return None
+    hang_up = getattr(select, "POLLRDHUP", 0)
     try:
         fd = get_extra_info("socket").fileno()
+        poller = select.poll()
     except (AttributeError, OSError, ValueError):
-        return None
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLRDHUP)
+        fd, poller = -1, None
+    if poller is None or not hang_up:
+        return lambda: not is_closing() and not connection.is_closed()
+    poller.register(fd, hang_up)  # POLLHUP, POLLERR and POLLNVAL are always reported too
     loop = asyncio.get_running_loop()
     probed = False
     quiet = False

@@ -278,8 +278,13 @@ async def test_the_feed_probe_sees_the_peer_close_before_the_loop_reads_it(datab
         connection.terminate()
 
 
-async def test_the_feed_probe_holds_the_cache_while_a_notification_is_unread(database_url: str) -> None:
-    """An invalidation that has reached this host but not the driver: no cached answer until it is read."""
+async def test_the_feed_probe_is_not_fooled_by_unread_data(database_url: str) -> None:
+    """A notification (or a heartbeat reply) waiting to be read is not a hang-up: hits go on being served.
+
+    Holding the cache for unread bytes would turn a share of hits into
+    lookups in every busy loop turn; an unread notification is the usual
+    delivery delay, inside the freshness bound.
+    """
     import asyncpg
 
     from authsvc.storage.notify import _open_probe
@@ -302,13 +307,7 @@ async def test_the_feed_probe_holds_the_cache_while_a_notification_is_unread(dat
 
         _blocking(notify)
         time.sleep(0.05)  # noqa: ASYNC251 - blocking on purpose: the notification is in the socket, unread
-        assert not heard
-        assert not probe()
-        deadline = time.monotonic() + 5
-        while not heard:
-            assert time.monotonic() < deadline, "the notification never arrived"
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0)
-        assert probe(), "read and handled: the cache may serve again"
+        assert not heard, "the driver read it already: this test proves nothing"
+        assert probe()
     finally:
         await connection.close()

@@ -152,11 +152,10 @@ class DecisionCache(Generic[V]):
 
         From now on only values read from ``source`` are stored. ``alive``
         says, without waiting for the event loop, whether the feed's
-        connection is still open with nothing unread: a driver reports a
-        closed connection (or a notification) only once the loop has run its
-        read callback, and a request read before that (answered
-        synchronously on a hit) must not be answered from a cache whose feed
-        is gone or has an invalidation waiting.
+        connection is still open: a driver reports a closed connection only
+        once the loop has run its read callback, and a request read before
+        that (answered synchronously on a hit) must not be answered from a
+        cache whose feed is gone.
         """
         self.clear()
         self._source = source
