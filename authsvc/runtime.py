@@ -260,7 +260,7 @@ class App:
         )
         self.routes = extauthz.RoutePolicy.from_settings(s)
         admin = AdminTokens(s.admin_tokens, s.admin_client_names)
-        #: One bound for every service of the process: Authorize and Check compete for the same capacity.
+        #: One bound for every service of the process: Authorize, Check and the HTTP check compete for it.
         self.admission = Admission(s.max_concurrent_calls)
         services = [
             (
@@ -323,8 +323,8 @@ class App:
         return gauges
 
     async def _start_http(self, listen: str) -> None:
-        """Envoy's ext_authz HTTP protocol, on the same Authorizer and route rules as Check."""
-        self._http_adapter = extauthz_http.HttpAuthorizationAdapter(self.authorizer, self.routes)
+        """Envoy's ext_authz HTTP protocol, on the same Authorizer, route rules and admission as Check."""
+        self._http_adapter = extauthz_http.HttpAuthorizationAdapter(self.authorizer, self.routes, self.admission)
         self._http = HttpServer(
             self._http_adapter,
             Limits(handshake_timeout=self.settings.handshake_timeout_ms / 1000),
