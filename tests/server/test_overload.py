@@ -30,7 +30,17 @@ from authsvc_client.v1 import authsvc_pb2_grpc
 from authsvc.config import Settings
 from authsvc.core.keyformat import KeyFormat
 from tests.extauthz.rawhttp import ask
-from tests.support import ADMIN, ServerProcess, Stub, TcpProxy, free_port, new_org, serve_process, wait_serving
+from tests.support import (
+    ADMIN,
+    ServerProcess,
+    Stub,
+    TcpProxy,
+    closed_within,
+    free_port,
+    new_org,
+    serve_process,
+    wait_serving,
+)
 
 FORGED = KeyFormat("authsvc")
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -238,22 +248,6 @@ async def test_a_flood_of_unknown_keys_past_the_lookup_queue_is_refused_at_once_
     taken = [r for r in queued_results if r[0] == "REASON_UNKNOWN_KEY"]
     assert 1 <= len(taken) <= 32
     assert {r[0] for r in queued_results} <= {"REASON_UNKNOWN_KEY", "UNAVAILABLE"}
-
-
-def closed_within(sock: socket.socket, seconds: float) -> float | None:
-    """Seconds until the server closed ``sock`` (EOF or reset), reading whatever it sends; None if still open."""
-    start = time.monotonic()
-    deadline = start + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            if not sock.recv(65536):
-                return time.monotonic() - start
-        except (ConnectionResetError, BrokenPipeError):
-            return time.monotonic() - start
-        except TimeoutError:
-            return None
-    return None
 
 
 def test_connections_that_never_finish_the_http2_handshake_are_closed_within_the_bound(

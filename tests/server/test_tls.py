@@ -43,7 +43,7 @@ from authsvc_client import AsyncClient, Client, TlsConfig, Unavailable
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 
-from tests.support import ADMIN, ServerProcess, bin_path, free_port, new_org, serve_process
+from tests.support import ADMIN, ServerProcess, bin_path, closed_within, free_port, new_org, serve_process
 from tests.tls import CertificateAuthority, Issued, serial_of, served_serial
 
 pytestmark = pytest.mark.slow
@@ -345,6 +345,43 @@ def test_metrics_are_scraped_over_tls_only(pki: Pki, tls: Served) -> None:
     assert refused(tls.metrics_port, "/metrics", None)
     assert refused(tls.metrics_port, "/metrics", ssl.create_default_context())
     quiet_about_handshakes(tls)
+
+
+def test_clients_that_never_finish_the_tls_handshake_are_closed_in_time_and_hold_up_no_one(
+    pki: Pki, database_url: str, tmp_path: Path
+) -> None:
+    """Raw TCP that sends nothing, or half a ClientHello, to either HTTP listener: closed after the 1 s bound.
+
+    Meanwhile an HTTPS client is answered at once: the handshakes wait on
+    their own (a task, a thread), never in the accept loop.
+    """
+    cert, key = _server_files(pki, tmp_path / "tls")
+    env = {
+        "AUTHSVC_DATABASE_URL": database_url,
+        "AUTHSVC_TLS_CERT_FILE": str(cert),
+        "AUTHSVC_TLS_KEY_FILE": str(key),
+        "AUTHSVC_HANDSHAKE_TIMEOUT_MS": "1000",
+        "AUTHSVC_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    with serve_process(env, tmp_path, credentials=_channel_credentials(pki)) as server:
+        served = Served(server, cert, key, 0, env)
+        ports = (served.http_port, served.metrics_port)
+        stalled = [socket.create_connection(("127.0.0.1", port), timeout=5) for port in ports for _ in range(5)]
+        for sock in stalled[::2]:
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, and then nothing
+        try:
+            started = time.monotonic()
+            assert http_get(served.http_port, "/healthz", https_context(pki)).status == 204
+            assert http_get(served.metrics_port, "/metrics", https_context(pki)).status == 200
+            answered = time.monotonic() - started
+            closed = [closed_within(sock, 4.0) for sock in stalled]
+        finally:
+            for sock in stalled:
+                sock.close()
+        quiet_about_handshakes(served)
+    assert answered < 0.9, answered  # neither waited for a stalled handshake
+    assert all(c is not None for c in closed), closed
+    assert max(c for c in closed if c is not None) < 3.0, closed
 
 
 def test_rotated_certificate_files_are_served_without_a_restart(pki: Pki, tls: Served) -> None:
