@@ -518,6 +518,9 @@ class HttpServer:
             self._server.close()
         for task in (*self._acceptors, *self._handshakes):
             task.cancel()
+        for task in (*self._acceptors, *self._handshakes):  # done waiting on their sockets before those close
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for listener in self._listeners:
             listener.close()
         for connection in list(self.connections):
@@ -531,9 +534,6 @@ class HttpServer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        for task in (*self._acceptors, *self._handshakes):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if self._server is not None:
             await self._server.wait_closed()
 
