@@ -75,20 +75,23 @@ class Settings:
     admin_client_names: tuple[AdminClient, ...] = ()
     """Client-certificate identities that may manage keys without a token (needs ``tls_client_ca_file``)."""
     tls_cert_file: Path | None = None
-    """PEM certificate chain served on every listener; with ``tls_key_file``. Unset: plaintext."""
+    """PEM certificate chain served on every listener (gRPC, the HTTP check, metrics); with ``tls_key_file``.
+    Unset: plaintext."""
     tls_key_file: Path | None = None
     """PEM private key of ``tls_cert_file``."""
     tls_client_ca_file: Path | None = None
-    """PEM CA certificates; set: every client must present a certificate they issued (mTLS)."""
+    """PEM CA certificates; set: every client of every listener must present a certificate they issued (mTLS)."""
     store_timeout_ms: int = 100
     """Authorize's budget for a database lookup; past it the answer is UNAVAILABLE (fail closed)."""
     max_concurrent_calls: int = 1000
-    """Calls one process works on at once; more are refused at once with UNAVAILABLE (retry)."""
+    """Calls one process works on at once, the HTTP check's waiting ones included; more are refused at once
+    with UNAVAILABLE (the HTTP check: 503), to retry."""
     max_connections: int = 4000
     """Open connections per process; more are closed as they arrive. Lowered to stay below the
     open-file limit (raised to its hard limit at start)."""
     handshake_timeout_ms: int = 5000
-    """A connection that has not finished TLS and the HTTP/2 preface by then is closed."""
+    """A connection that has not finished TLS and the HTTP/2 preface by then is closed (the HTTP check and
+    metrics listeners: the TLS handshake)."""
     max_connection_idle_seconds: int = 300
     """A connection without a call for this long is closed; clients reconnect when they need to."""
     max_waiting_lookups: int = 1024

@@ -34,6 +34,13 @@ rules live there, key reading and denials in the one HTTP policy,
 A cache hit is answered synchronously (``Authorizer.check``): no task, no
 suspension; answers are memoized per cached decision, like Check's
 (``authsvc.memo``).
+
+Admission: what waits (a cache miss, a key under a rate limit) takes a slot
+of the process's ``Admission``, the one bound Check and Authorize share
+(``AUTHSVC_MAX_CONCURRENT_CALLS``). Without a free slot it is answered at
+once with the answer of a store outage (503, the same body), never queued;
+Envoy then applies ``status_on_error``. A cache hit never waits and needs
+no slot.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from authsvc.core.authorizer import Authorizer, Pending
 from authsvc.core.errors import Unavailable
 from authsvc.core.keys import Decision
 from authsvc.extauthz import Outcome, Question, RoutePolicy, log_misconfigured, settle
+from authsvc.grpc.admission import Admission
 from authsvc.http_server import Request, Response
 from authsvc.memo import ResponseMemo
 
@@ -76,9 +84,10 @@ def route_settings(headers: Mapping[str, str]) -> Mapping[str, str]:
 class HttpAuthorizationAdapter:
     """The ``http_server`` handler: one Envoy check request in, its answer out."""
 
-    def __init__(self, authorizer: Authorizer, routes: RoutePolicy) -> None:
+    def __init__(self, authorizer: Authorizer, routes: RoutePolicy, admission: Admission | None = None) -> None:
         self._authorizer = authorizer
         self._routes = routes
+        self._admission = admission
         http = routes.http
         self._allowed: ResponseMemo[tuple[str, ...], Response] = ResponseMemo(self._build_allowed)
         self._denied: ResponseMemo[None, Response] = ResponseMemo(self._build_denied)
@@ -103,7 +112,23 @@ class HttpAuthorizationAdapter:
         return self.respond(outcome)
 
     async def _complete(self, question: Question, pending: Pending) -> Response:
-        """A cache miss (or a rate-limited key): the one path that waits, on the database or Redis."""
+        """A cache miss (or a rate-limited key): the one path that waits, on the database or Redis.
+
+        The slot is taken here, when the task runs, as gRPC's wrapper takes
+        it in its handler: a task cancelled before it ever ran (its client
+        gone) then holds none, and one cancelled while it waits gives it back.
+        """
+        admission = self._admission
+        if admission is None:
+            return await self._completed(question, pending)
+        if not admission.try_enter():
+            return self._unavailable
+        try:
+            return await self._completed(question, pending)
+        finally:
+            admission.leave()
+
+    async def _completed(self, question: Question, pending: Pending) -> Response:
         try:
             decision = await self._authorizer.complete(pending)
         except Unavailable:

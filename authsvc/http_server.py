@@ -22,6 +22,16 @@ responses in order and closes connections that misbehave:
   in flight is closed after ``idle_timeout``. One sweep per server checks
   every connection, so a request costs no timer of its own.
 
+TLS (``HttpServer(tls=...)``): the server accepts connections itself and
+hands each one to the event loop with the context ``tls()`` returns at that
+moment (``loop.connect_accepted_socket``), so a replaced certificate reaches
+the next connection while open ones keep theirs; an asyncio server's
+context is fixed when it starts. The handshake runs in a task of its own,
+bounded by ``handshake_timeout``, so a slow or plaintext client never holds
+up the accept loop; a failed handshake closes the connection and is logged
+at debug level only (a port scanner must not flood the log). Requests are
+only ever read from a connection whose handshake completed.
+
 Handlers are synchronous on the fast path: a handler returns a ``Response``
 or, only when it has to wait (a cache miss reads the database), an
 awaitable of one, which runs as a task. A cache hit costs no task and no
@@ -36,6 +46,8 @@ import contextlib
 import http
 import logging
 import math
+import socket
+import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -64,6 +76,8 @@ class Limits:
     """Seconds a connection may sit with no request; longer than Envoy's pool idle timeout, so Envoy closes first."""
     max_pipeline: int = 32
     """Answers outstanding on one connection before it stops reading."""
+    handshake_timeout: float = 5.0
+    """Seconds a TLS handshake may take; past it the connection is closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,24 +433,76 @@ def _parser_reason(exc: httptools.HttpParserError) -> str:
 
 
 class HttpServer:
-    """The listener: its connections, their timeouts, and an orderly stop."""
+    """The listener: its connections, their timeouts, and an orderly stop.
 
-    def __init__(self, handler: Handler, limits: Limits | None = None) -> None:
+    ``tls``: called for each new connection, the server context it gets
+    (TLS only, see the module docstring); ``None`` serves plaintext.
+    """
+
+    def __init__(
+        self, handler: Handler, limits: Limits | None = None, *, tls: Callable[[], ssl.SSLContext] | None = None
+    ) -> None:
         self.handler = handler
         self.limits = limits or Limits()
         self.connections: set[HttpConnection] = set()
         self.loop = asyncio.get_running_loop()
+        self._tls = tls
         self._server: asyncio.Server | None = None
+        self._listeners: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task[None]] = []
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, listen: str, *, reuse_port: bool = False) -> int:
         """Listen on ``host:port``; the bound port (``:0`` picks one). Raises ``OSError`` when the port is taken."""
         host, _, port = listen.rpartition(":")
-        self._server = await self.loop.create_server(
-            lambda: HttpConnection(self), host.strip("[]"), int(port), reuse_port=reuse_port or None, backlog=1024
-        )
+        tls = self._tls
+        if tls is None:
+            self._server = await self.loop.create_server(
+                lambda: HttpConnection(self), host.strip("[]"), int(port), reuse_port=reuse_port or None, backlog=1024
+            )
+            bound = int(self._server.sockets[0].getsockname()[1])
+        else:
+            self._listeners = _bind(host.strip("[]"), int(port), reuse_port)
+            self._acceptors = [
+                self.loop.create_task(self._accept(listener, tls), name="authsvc-http-accept")
+                for listener in self._listeners
+            ]
+            bound = int(self._listeners[0].getsockname()[1])
         self._sweeper = self.loop.create_task(self._sweep(), name="authsvc-http-timeouts")
-        return int(self._server.sockets[0].getsockname()[1])
+        return bound
+
+    async def _accept(self, listener: socket.socket, tls: Callable[[], ssl.SSLContext]) -> None:
+        short_of_files = False
+        while True:
+            try:
+                sock, _ = await self.loop.sock_accept(listener)
+            except OSError as exc:  # out of file descriptors, ...: back off, as asyncio's own server does
+                if not short_of_files:
+                    log.warning("the HTTP ext_authz listener cannot accept connections (%s); retrying", exc)
+                short_of_files = True
+                await asyncio.sleep(0.5)
+                continue
+            short_of_files = False
+            task = self.loop.create_task(self._handshake(sock, tls()))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        """TLS on one accepted connection; only then does it become an ``HttpConnection``."""
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: HttpConnection(self),
+                sock,
+                ssl=context,
+                ssl_handshake_timeout=self.limits.handshake_timeout,
+            )
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        except Exception as exc:  # a plaintext client, a wrong or missing certificate, a timeout, a reset
+            sock.close()
+            log.debug("TLS handshake on the HTTP ext_authz listener failed; connection closed: %r", exc)
 
     async def _sweep(self) -> None:
         period = min(1.0, max(0.02, min(self.limits.request_timeout, self.limits.idle_timeout) / 4))
@@ -450,6 +516,13 @@ class HttpServer:
         """Stop accepting, let answers in flight go out (up to ``grace``), then cut what is left."""
         if self._server is not None:
             self._server.close()
+        for task in (*self._acceptors, *self._handshakes):
+            task.cancel()
+        for task in (*self._acceptors, *self._handshakes):  # done waiting on their sockets before those close
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for listener in self._listeners:
+            listener.close()
         for connection in list(self.connections):
             connection.close_when_idle()
         deadline = self.loop.time() + grace
@@ -463,3 +536,26 @@ class HttpServer:
                 await self._sweeper
         if self._server is not None:
             await self._server.wait_closed()
+
+
+def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    """Listening sockets on every address of ``host``, as ``loop.create_server`` binds them."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(1024)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -39,6 +40,7 @@ from authsvc.core.errors import ConfigError
 from authsvc.core.keys import Reason
 from authsvc.core.ports import NO_METRICS as NO_METRICS
 from authsvc.core.ports import Recorder as Recorder
+from authsvc.tlsfiles import Reloading, TlsFiles, http_contexts
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +338,28 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class _Server(WSGIServer):
+    """One thread per scrape; with ``tls``, every connection TLS, with the context current when it arrived.
+
+    ``get_request`` (the accept loop) only wraps the accepted socket, which
+    does no I/O; the handshake runs in the connection's own thread, under
+    ``handshake_timeout``, so a slow or plaintext client never stalls the
+    listener. A failed handshake closes the connection, logged at debug
+    level only. Open connections keep the context they were made with.
+    """
+
     daemon_threads = True
+    tls: Reloading[ssl.SSLContext] | None = None
+    handshake_timeout = 5.0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = self.socket.accept()
+        if self.tls is None:
+            return sock, address
+        try:
+            return self.tls.current().wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+        except OSError:  # the client already left; socketserver drops a request whose get_request fails
+            sock.close()
+            raise
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # One thread per scrape, so a slow client does not hold up the next.
@@ -344,6 +367,14 @@ class _Server(WSGIServer):
 
     def _handle(self, request: Any, client_address: Any) -> None:
         try:
+            if isinstance(request, ssl.SSLSocket):
+                request.settimeout(self.handshake_timeout)
+                try:
+                    request.do_handshake()
+                except OSError as exc:  # plaintext, no or a foreign client certificate, a timeout, a reset
+                    log.debug("TLS handshake on the metrics listener with %s failed: %r", client_address, exc)
+                    return
+                request.settimeout(None)
             self.finish_request(request, client_address)
         except Exception:  # a client hanging up mid-answer
             self.handle_error(request, client_address)
@@ -359,9 +390,19 @@ class _Server6(_Server):
 
 
 class MetricsServer:
-    """``GET /metrics`` on ``address`` (host:port), in a daemon thread; anything else is 404."""
+    """``GET /metrics`` on ``address`` (host:port), in a daemon thread; anything else is 404.
 
-    def __init__(self, address: str, snapshots: Callable[[], list[Snapshot]]) -> None:
+    ``tls``: served over TLS only (mTLS with a client CA), following the files as every listener does.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        snapshots: Callable[[], list[Snapshot]],
+        *,
+        tls: TlsFiles | None = None,
+        handshake_timeout: float = 5.0,
+    ) -> None:
         from prometheus_client import CollectorRegistry, make_wsgi_app
 
         registry = CollectorRegistry(auto_describe=False)
@@ -377,11 +418,14 @@ class MetricsServer:
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         server_class = _Server6 if ":" in host else _Server
+        contexts = http_contexts(tls, "the metrics listener") if tls is not None else None
         try:
             self._server = make_server(host, int(port), app, server_class=server_class, handler_class=_QuietHandler)
         except OSError as exc:
             reason = exc.strerror or exc
             raise ConfigError(f"cannot listen on {address} ({reason}); set AUTHSVC_METRICS_LISTEN") from None
+        self._server.tls = contexts
+        self._server.handshake_timeout = handshake_timeout
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="authsvc-metrics", daemon=True)
 

@@ -69,12 +69,13 @@ from authsvc.grpc.server import (
 )
 from authsvc.grpc.tls import ReloadingCredentials
 from authsvc.grpc.watch import WatchAdapter
-from authsvc.http_server import HttpServer
+from authsvc.http_server import HttpServer, Limits
 from authsvc.metrics import Metrics, MetricsServer, file_snapshots, flush_forever, live_snapshots, write_snapshot
 from authsvc.storage import audit, embedded
 from authsvc.storage.notify import FRESHNESS, PostgresFeed
 from authsvc.storage.postgres import CONNECTION_ERRORS, PostgresStore, connect, create_pool, run_migrations
 from authsvc.storage.redis import RedisCounter
+from authsvc.tlsfiles import http_contexts
 
 log = logging.getLogger("authsvc")
 T = TypeVar("T")
@@ -259,7 +260,7 @@ class App:
         )
         self.routes = extauthz.RoutePolicy.from_settings(s)
         admin = AdminTokens(s.admin_tokens, s.admin_client_names)
-        #: One bound for every service of the process: Authorize and Check compete for the same capacity.
+        #: One bound for every service of the process: Authorize, Check and the HTTP check compete for it.
         self.admission = Admission(s.max_concurrent_calls)
         services = [
             (
@@ -282,8 +283,10 @@ class App:
             max_connection_idle_ms=s.max_connection_idle_seconds * 1000,
         )
         self._server = build_server(services, self.health, reuse_port=self.reuse_port, limits=limits)
-        # Every listener, the per-worker ports included, speaks TLS when it is configured.
+        # Every listener, the per-worker ports and the HTTP ext_authz listener included, speaks TLS when it
+        # is configured (the metrics listener too, see serve_process and _supervise).
         self.tls = ReloadingCredentials(s.tls) if s.tls is not None else None
+        self._http_tls = http_contexts(s.tls, "the HTTP ext_authz listener") if s.tls and s.http_authz_listen else None
         failed = next((a for a in (self.listen, *self.extra_listen) if not self._bind(a)), None)
         if failed is not None:
             await self._shutdown_internals()
@@ -320,9 +323,13 @@ class App:
         return gauges
 
     async def _start_http(self, listen: str) -> None:
-        """Envoy's ext_authz HTTP protocol, on the same Authorizer and route rules as Check."""
-        self._http_adapter = extauthz_http.HttpAuthorizationAdapter(self.authorizer, self.routes)
-        self._http = HttpServer(self._http_adapter)
+        """Envoy's ext_authz HTTP protocol, on the same Authorizer, route rules and admission as Check."""
+        self._http_adapter = extauthz_http.HttpAuthorizationAdapter(self.authorizer, self.routes, self.admission)
+        self._http = HttpServer(
+            self._http_adapter,
+            Limits(handshake_timeout=self.settings.handshake_timeout_ms / 1000),
+            tls=self._http_tls.current if self._http_tls is not None else None,
+        )
         try:
             self.http_port = await self._http.start(listen, reuse_port=self.reuse_port)
         except (OSError, ValueError) as exc:
@@ -447,7 +454,12 @@ async def serve_process(
     exporter = None
     if worker is None and app.metrics is not None:  # one process: its own endpoint, read live
         try:
-            exporter = MetricsServer(settings.metrics_listen, live_snapshots(app.metrics, loop))
+            exporter = MetricsServer(
+                settings.metrics_listen,
+                live_snapshots(app.metrics, loop),
+                tls=settings.tls,
+                handshake_timeout=settings.handshake_timeout_ms / 1000,
+            )
         except ConfigError:  # the port was taken after ensure_can_listen looked
             await app.stop(grace=0)
             raise
@@ -527,7 +539,12 @@ def _supervise(settings: Settings, dsn: str) -> int:
         metrics_dir = None
         if settings.metrics_listen:
             metrics_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="authsvc-metrics-")))
-            exporter = MetricsServer(settings.metrics_listen, file_snapshots(metrics_dir))
+            exporter = MetricsServer(
+                settings.metrics_listen,
+                file_snapshots(metrics_dir),
+                tls=settings.tls,
+                handshake_timeout=settings.handshake_timeout_ms / 1000,
+            )
             exporter.start()
             stack.callback(exporter.stop)
         return _run_workers(settings, dsn, metrics_dir)

@@ -145,6 +145,22 @@ def serve_process(
         server.terminate()
 
 
+def closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed ``sock`` (EOF or reset), reading whatever it sends; None if still open."""
+    start = time.monotonic()
+    deadline = start + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if not sock.recv(65536):
+                return time.monotonic() - start
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - start
+        except TimeoutError:
+            return None
+    return None
+
+
 class TcpProxy:
     """A real TCP hop to PostgreSQL that a test can cut and restore.
 

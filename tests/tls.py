@@ -131,16 +131,23 @@ class CertificateAuthority:
         )
 
 
-def served_serial(host: str, port: int) -> int:
-    """The serial number of the certificate the server presents to a new connection (no verification)."""
+def served_serial(host: str, port: int, alpn: str = "h2") -> int:
+    """The serial number of the certificate the server presents to a new connection (no verification).
+
+    ``alpn``: ``h2`` for the gRPC ports, ``http/1.1`` for the HTTP ext_authz and metrics listeners.
+    """
     import socket
     import ssl
 
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
+    context.set_alpn_protocols([alpn])
     with socket.create_connection((host, port), timeout=5) as raw, context.wrap_socket(raw) as tls:
-        der = tls.getpeercert(binary_form=True)
+        return serial_of(tls.getpeercert(binary_form=True))
+
+
+def serial_of(der: bytes | None) -> int:
+    """The serial number of a DER certificate (``SSLSocket.getpeercert(binary_form=True)``)."""
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number

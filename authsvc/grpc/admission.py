@@ -7,6 +7,11 @@ keep their latency. The refusal is UNAVAILABLE, not RESOURCE_EXHAUSTED:
 it is the process that is full, not the caller over a quota, and every
 client of ours (interceptors, middleware, Envoy's failure_mode_allow=false)
 already treats UNAVAILABLE as "no answer: 503, retry", never as a denial.
+
+One ``Admission`` per process bounds every transport: the gRPC services
+through their handler wrapper (``authsvc.grpc.server``), and Envoy's HTTP
+check (``authsvc.extauthz_http``) for what waits there, whose refusal is the
+HTTP form of UNAVAILABLE: the 503 of a store outage.
 """
 
 from __future__ import annotations

@@ -2,25 +2,18 @@
 
 gRPC asks the fetcher for a certificate configuration before handshakes
 (``grpc.dynamic_ssl_server_credentials``); it answers ``None`` (keep the
-current one) unless a file's signature changed, and then re-reads and checks
-them. Connections already open keep the certificate they were made with;
-new ones get the new files. A half-written or broken set (a rotation caught
-midway) is logged, once per change, and the last good configuration is kept,
-so a bad file never takes a serving process off the air; the next change is
-tried again.
+current one) unless the files were re-read since that port last asked.
+When and how they are re-read is ``authsvc.tlsfiles.Reloading``'s rule, the
+same for every listener: on a changed ``signature``, keeping the last good
+set when the new one cannot be used. Connections already open keep the
+certificate they were made with; new ones get the new files.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-
 import grpc
 
-from authsvc.core.errors import ConfigError
-from authsvc.tlsfiles import TlsFiles, TlsMaterial
-
-log = logging.getLogger(__name__)
+from authsvc.tlsfiles import Reloading, TlsFiles, TlsMaterial
 
 
 def _configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration:
@@ -30,48 +23,36 @@ def _configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration
 
 
 class ReloadingCredentials:
-    """``credentials()`` for ``add_secure_port``: one set per port.
+    """``credentials()`` for ``add_secure_port``: one set per port, all following the same files.
 
     gRPC keeps a fetcher's state per port (it takes over the initial
     configuration, and "unchanged" means unchanged for that port), so each
-    port gets a fetcher of its own; all of them follow the same files.
+    port gets a fetcher of its own, which remembers the version it last
+    handed out; the files are read once per change for all of them.
     """
 
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
-        self._signature = files.signature()
-        self._material = files.load()
+        # On every handshake, as gRPC asks: its fetcher runs on gRPC's own threads, not the event loop.
+        self._reloading = Reloading(files, TlsFiles.load, listener="the gRPC listeners")
 
     def credentials(self) -> grpc.ServerCredentials:
-        fetcher = _Fetcher(self.files, self._signature)
+        version, material = self._reloading.latest()
         return grpc.dynamic_ssl_server_credentials(
-            _configuration(self._material),
-            fetcher,  # type: ignore[arg-type]  # the stub omits None, which gRPC documents as "no change"
+            _configuration(material),
+            _Fetcher(self._reloading, version),  # type: ignore[arg-type]  # the stub omits None, which gRPC documents as "no change"
             require_client_authentication=self.files.client_ca_file is not None,
         )
 
 
 class _Fetcher:
-    def __init__(self, files: TlsFiles, signature: tuple[tuple[int, int, int], ...]) -> None:
-        self.files = files
-        self._seen = signature
-        self._lock = threading.Lock()  # called on gRPC's threads
+    def __init__(self, reloading: Reloading[TlsMaterial], version: int) -> None:
+        self._reloading = reloading
+        self._version = version
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
-        with self._lock:
-            signature = self.files.signature()
-            if signature == self._seen:
-                return None
-            self._seen = signature
-            try:
-                material = self.files.load()
-            except ConfigError as exc:
-                log.warning("TLS files changed but cannot be used; still serving the previous ones: %s", exc)
-                return None
-            except Exception:  # never into gRPC's handshake thread; keep serving the last good files
-                log.exception("TLS files changed but reading them failed; still serving the previous ones")
-                return None
-            if self.files.signature() != signature:
-                self._seen = ()  # changed while being read: read again at the next handshake
-            log.info("TLS files changed; new connections get the new certificate")
-            return _configuration(material)
+        version, material = self._reloading.latest()
+        if version == self._version:
+            return None
+        self._version = version
+        return _configuration(material)

@@ -67,6 +67,16 @@ async def one(port: int, data: bytes) -> tuple[Answer, bool]:
         client.close()
 
 
+async def ask(port: int, method: str, path: str, headers: dict[str, str] | None = None) -> Answer:
+    """One request on a fresh connection, and its answer."""
+    client = await Client.connect(port)
+    try:
+        await client.send(request_bytes(method, path, headers))
+        return await client.answer(head=method == "HEAD")
+    finally:
+        client.close()
+
+
 def request_bytes(method: str, path: str, headers: dict[str, str] | None = None) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "host: authz", "content-length: 0"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]

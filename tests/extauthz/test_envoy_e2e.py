@@ -617,9 +617,13 @@ def test_authsvc_down_means_503_on_every_route_then_service_returns(stack: Stack
     wait_until(allowed_again, "authsvc serving through Envoy again")
 
 
-# -- Envoy talking mTLS to authsvc: deploy/envoy/envoy-tls.yaml ------------------
+# -- Envoy talking mTLS to authsvc: deploy/envoy/envoy-tls.yaml, envoy-http-tls.yaml ---
 
-TLS_CONFIG = ROOT / "deploy" / "envoy" / "envoy-tls.yaml"
+# Each TLS variant is a shipped config plus its marked TLS blocks, and runs in that config's mode.
+TLS_CONFIGS = {
+    "http": ROOT / "deploy" / "envoy" / "envoy-http-tls.yaml",
+    "grpc": ROOT / "deploy" / "envoy" / "envoy-tls.yaml",
+}
 TLS_MARKERS = ("# >>> TLS to authsvc", "# <<< TLS to authsvc")
 
 
@@ -635,18 +639,31 @@ def without_tls_blocks(text: str) -> str:
     return "".join(kept)
 
 
-def test_the_tls_variant_is_the_shipped_config_plus_its_tls_blocks() -> None:
-    """envoy-tls.yaml cannot drift from envoy-grpc.yaml (gRPC mode): only the marked TLS blocks differ."""
-    assert without_tls_blocks(TLS_CONFIG.read_text()) == CONFIGS["grpc"].read_text()
-    assert "UpstreamTlsContext" in TLS_CONFIG.read_text()
+@pytest.mark.parametrize("mode", list(TLS_CONFIGS))
+def test_the_tls_variant_is_the_shipped_config_plus_its_tls_blocks(mode: str) -> None:
+    """envoy-tls.yaml cannot drift from envoy-grpc.yaml, nor envoy-http-tls.yaml from envoy.yaml.
+
+    Only the marked TLS blocks differ.
+    """
+    text = TLS_CONFIGS[mode].read_text()
+    assert without_tls_blocks(text) == CONFIGS[mode].read_text()
+    assert "UpstreamTlsContext" in text
+    assert ("alpn_protocols: [http/1.1]" if mode == "http" else "alpn_protocols: [h2]") in text
 
 
-@pytest.fixture(scope="module")
-def tls_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """authsvc requiring client certificates; Envoy with the shipped TLS variant, only ports and file paths changed."""
+@pytest.fixture(scope="module", params=list(TLS_CONFIGS))
+def tls_stack(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    """authsvc requiring client certificates; Envoy with the shipped TLS variant, only ports and file paths changed.
+
+    In HTTP mode Envoy's checks and its /healthz health checks go to authsvc's
+    HTTP ext_authz listener, which serves TLS only once TLS is configured.
+    """
     from tests.tls import CertificateAuthority
 
-    tmp = tmp_path_factory.mktemp("envoy-tls")
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(f"envoy-tls-{mode}")
     ca = CertificateAuthority(tmp)
     server = ca.issue("authsvc", common_name="authsvc", dns=("authsvc.internal", "localhost"), ips=("127.0.0.1",))
     envoy = ca.issue("envoy", common_name="envoy", dns=("envoy.internal",), client=True)
@@ -671,7 +688,7 @@ def tls_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         "AUTHSVC_ADMIN_CLIENT_NAMES": "e2e-admin",  # this test's own management calls; Envoy is no admin
     }
     credentials = grpc.ssl_channel_credentials(ca.cert_pem, admin.key_pem, admin.cert_pem)
-    with start_stack(database_url, tmp, "grpc", TLS_CONFIG, env, credentials, with_tls_paths) as stack:
+    with start_stack(database_url, tmp, mode, TLS_CONFIGS[mode], env, credentials, with_tls_paths) as stack:
         yield stack
 
 

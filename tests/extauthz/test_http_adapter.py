@@ -22,20 +22,11 @@ from authsvc.core.keyformat import KeyFormat
 from authsvc.extauthz_http import HttpAuthorizationAdapter
 from authsvc.http_server import Request, Response
 from authsvc.runtime import App
-from tests.extauthz.rawhttp import Answer, Client, request_bytes
+from tests.extauthz.rawhttp import Answer, Client, ask, request_bytes
 from tests.replicas import behind_a_proxy
 from tests.support import ADMIN, Stub, TcpProxy, new_org
 
 IDENTITY = ("x-authsvc-org-id", "x-authsvc-key-id", "x-authsvc-user-id", "x-authsvc-scopes")
-
-
-async def ask(port: int, method: str, path: str, headers: dict[str, str] | None = None) -> Answer:
-    client = await Client.connect(port)
-    try:
-        await client.send(request_bytes(method, path, headers))
-        return await client.answer(head=method == "HEAD")
-    finally:
-        client.close()
 
 
 async def create(stub: Stub, scopes: list[str], rate_limit: int = 0) -> tuple[str, str, str]:
@@ -258,4 +249,3 @@ async def test_database_down_is_503_fast_for_cached_and_unknown_keys_and_health_
     while (await ask(app.http_port, "GET", "/healthz")).status != 204:
         assert time.monotonic() < deadline, "HTTP health did not recover with the database"
         await asyncio.sleep(0.1)
-

@@ -9,13 +9,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from pathlib import Path
 
 import pytest
 
 from authsvc.http_server import HttpServer, Limits, Request, Response
 from tests.extauthz.rawhttp import DEADLINE, Answer, Client, one
+from tests.support import closed_within
+from tests.tls import CertificateAuthority
 
 LIMITS = Limits(
     max_request_target=1024,
@@ -107,8 +112,10 @@ async def test_http_1_0_and_connection_close_are_answered_then_closed(port: int)
         ("obs-fold continuation line", b"GET /a HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n 2\r\n\r\n"),
         ("space before the colon", b"GET /a HTTP/1.1\r\nHost : a\r\n\r\n"),
         ("NUL in a header value", b"GET /a HTTP/1.1\r\nX-A: a\x00b\r\n\r\n"),
-        ("Content-Length and Transfer-Encoding", b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
-         b"Content-Length: 4\r\n\r\n0\r\n\r\n"),
+        (
+            "Content-Length and Transfer-Encoding",
+            b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+        ),
         ("two equal Content-Length", b"GET /a HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n"),
         ("two different Content-Length", b"GET /a HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n"),
         ("a Content-Length list", b"GET /a HTTP/1.1\r\nContent-Length: 0, 0\r\n\r\n"),
@@ -320,6 +327,32 @@ async def test_stop_lets_an_answer_in_flight_go_out_then_closes() -> None:
         await asyncio.wait_for(stopping, DEADLINE)
     finally:
         client.close()
+
+
+async def test_stop_with_tls_ends_pending_handshakes_and_lets_an_answer_in_flight_go_out(tmp_path: Path) -> None:
+    """Under TLS too: a client stuck before its handshake is closed, a request in flight is answered."""
+    ca = CertificateAuthority(tmp_path)
+    issued = ca.server()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(issued.cert_file, issued.key_file)
+    server = HttpServer(handler, LIMITS, tls=lambda: context)
+    port = await server.start("127.0.0.1:0")
+    stuck = socket.create_connection(("127.0.0.1", port), timeout=5)  # never says hello
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ssl.create_default_context(cafile=ca.cert_file)
+    )
+    client = Client(reader, writer)
+    try:
+        await client.send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.sleep(0.02)
+        stopping = asyncio.create_task(server.stop(grace=2.0))
+        assert (await client.answer()).status == 201
+        assert await client.closed()
+        await asyncio.wait_for(stopping, DEADLINE)
+        assert await asyncio.to_thread(closed_within, stuck, 1.0) is not None
+    finally:
+        client.close()
+        stuck.close()
 
 
 def test_response_headers_with_line_breaks_are_refused_not_sent() -> None:

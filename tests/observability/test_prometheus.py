@@ -2,7 +2,8 @@
 
 Prometheus (Debian's ``prometheus`` package) runs with its own temporary data
 directory and port on 127.0.0.1, a generated config that scrapes every
-second, and the shipped alert rules. Under CI=true a missing ``prometheus``
+second, and the shipped alert rules; over mTLS too (``scheme: https``,
+``tls_config``), with certificates made for this run (``tests.tls``). Under CI=true a missing ``prometheus``
 binary fails the test; elsewhere it is skipped, saying what to install.
 """
 
@@ -19,7 +20,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import pytest
@@ -28,6 +29,7 @@ from authsvc_client.v1 import authsvc_pb2_grpc
 
 from authsvc.core.keyformat import KeyFormat
 from tests.support import ADMIN, ROOT, free_port, new_org, serve_process, wait_serving
+from tests.tls import CertificateAuthority
 
 pytestmark = pytest.mark.slow
 DEPLOY = ROOT / "deploy"
@@ -78,12 +80,19 @@ class Prometheus:
         raise AssertionError(f"Prometheus still reports {seen!r}, expected {expected!r}")
 
 
+class StartPrometheus(Protocol):
+    def __call__(self, target: str, scrape_configs: list[dict[str, object]] | None = None) -> Prometheus: ...
+
+
 @pytest.fixture
-def prometheus_for(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
+def prometheus_for(tmp_path: Path) -> Iterator[StartPrometheus]:
     binary = prometheus_binary()
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(target: str) -> Prometheus:
+    def start(target: str, scrape_configs: list[dict[str, object]] | None = None) -> Prometheus:
+        """Prometheus scraping ``target`` as job ``authsvc`` (plaintext), or with ``scrape_configs`` as given."""
+        if scrape_configs is None:
+            scrape_configs = [{"job_name": "authsvc", "static_configs": [{"targets": [target]}]}]
         rules = tmp_path / "alerts.yaml"
         shutil.copy(DEPLOY / "prometheus" / "alerts.yaml", rules)
         config = tmp_path / "prometheus.yaml"
@@ -92,7 +101,7 @@ def prometheus_for(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
                 {
                     "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                     "rule_files": [str(rules)],
-                    "scrape_configs": [{"job_name": "authsvc", "static_configs": [{"targets": [target]}]}],
+                    "scrape_configs": scrape_configs,
                 }
             )
         )
@@ -133,7 +142,7 @@ def prometheus_for(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
 
 
 def test_prometheus_sees_the_totals_of_both_workers(
-    tmp_path: Path, database_url: str, prometheus_for: Callable[[str], Prometheus]
+    tmp_path: Path, database_url: str, prometheus_for: StartPrometheus
 ) -> None:
     metrics_port = free_port()
     base = free_port()
@@ -220,4 +229,57 @@ def test_prometheus_sees_the_totals_of_both_workers(
                 assert secret not in text
         assert org not in text and unknown not in text
         assert not re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-", text)  # no UUID of any kind
+        assert server.terminate() == 0
+
+
+def test_prometheus_scrapes_over_mtls_and_scrapes_without_tls_or_a_client_certificate_fail(
+    tmp_path: Path, database_url: str, prometheus_for: StartPrometheus
+) -> None:
+    """``scheme: https`` with the CA and a client certificate from the client CA: up; plaintext or no certificate: down.
+
+    With ``--workers 2`` the supervisor serves ``/metrics``, so this is the
+    supervisor's listener; ``server/test_tls.py`` covers a single process's.
+    """
+    ca = CertificateAuthority(tmp_path)
+    server_cert = ca.server()
+    scraper = ca.issue("prometheus", common_name="prometheus", client=True)
+    metrics_port = free_port()
+    env = {
+        "AUTHSVC_DATABASE_URL": database_url,
+        "AUTHSVC_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        "AUTHSVC_TLS_CERT_FILE": str(server_cert.cert_file),
+        "AUTHSVC_TLS_KEY_FILE": str(server_cert.key_file),
+        "AUTHSVC_TLS_CLIENT_CA_FILE": str(ca.cert_file),
+    }
+    credentials = grpc.ssl_channel_credentials(ca.cert_pem, scraper.key_pem, scraper.cert_pem)
+    target = f"127.0.0.1:{metrics_port}"
+
+    def job(name: str, scheme: str, tls_config: dict[str, str] | None = None) -> dict[str, object]:
+        config: dict[str, object] = {"job_name": name, "scheme": scheme, "static_configs": [{"targets": [target]}]}
+        if tls_config is not None:
+            config["tls_config"] = tls_config
+        return config
+
+    with serve_process(env, tmp_path, args=("--workers", "2"), credentials=credentials) as server:
+        prometheus = prometheus_for(
+            target,
+            [
+                job(
+                    "authsvc",
+                    "https",
+                    {
+                        "ca_file": str(ca.cert_file),
+                        "cert_file": str(scraper.cert_file),
+                        "key_file": str(scraper.key_file),
+                    },
+                ),
+                job("plaintext", "http"),
+                job("no-client-certificate", "https", {"ca_file": str(ca.cert_file)}),
+            ],
+        )
+        expected = {"authsvc": 1.0, "plaintext": 0.0, "no-client-certificate": 0.0}
+        prometheus.until(lambda: prometheus.by_label("up", "job"), expected)
+        assert prometheus.by_label("authsvc_build_info", "job") == {"authsvc": 1.0}
+        rules = json.loads(http_get(f"{prometheus.url}/api/v1/rules"))["data"]["groups"][0]["rules"]
+        assert all(r["health"] == "ok" for r in rules), rules
         assert server.terminate() == 0

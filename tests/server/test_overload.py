@@ -27,8 +27,20 @@ import pytest
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 
+from authsvc.config import Settings
 from authsvc.core.keyformat import KeyFormat
-from tests.support import ADMIN, Stub, free_port, new_org, serve_process, wait_serving
+from tests.extauthz.rawhttp import ask
+from tests.support import (
+    ADMIN,
+    ServerProcess,
+    Stub,
+    TcpProxy,
+    closed_within,
+    free_port,
+    new_org,
+    serve_process,
+    wait_serving,
+)
 
 FORGED = KeyFormat("authsvc")
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -103,6 +115,109 @@ async def test_calls_past_capacity_are_refused_at_once_with_unavailable_and_ever
     assert "Traceback" not in server.log()
 
 
+async def http_check(port: int, key: str) -> tuple[int, float, bytes]:
+    """Envoy's HTTP check for a GET with ``key``: (status, seconds, body)."""
+    start = time.monotonic()
+    answer = await ask(port, "GET", "/check/x", {"x-api-key": key})
+    return answer.status, time.monotonic() - start, answer.body
+
+
+def http_port(server: ServerProcess) -> int:
+    return int(server.http_target.rpartition(":")[2])
+
+
+#: What the HTTP check answers when the store cannot answer: the same 503, the same body.
+STORE_OUTAGE = Settings().http_policy.unavailable
+
+
+@pytest.mark.slow
+async def test_http_cache_misses_past_capacity_get_503_at_once_and_service_recovers_after_the_store_thaws(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Envoy's HTTP check shares the worker's bound: 4 misses wait on a frozen store, 60 more get 503 at once.
+
+    Two of the four clients hang up while they wait; every slot comes back
+    once its lookup ends, so after the thaw all four take cache misses again.
+    """
+    proxy = TcpProxy.for_database(database_url)
+    env = {
+        "AUTHSVC_DATABASE_URL": proxy.url_for(database_url),
+        "AUTHSVC_MAX_CONCURRENT_CALLS": "4",
+        "AUTHSVC_STORE_TIMEOUT_MS": "5000",  # the stuck lookups hold their slots for as long as the store is frozen
+    }
+
+    async def fill_every_slot() -> list[asyncio.Task[tuple[int, float, bytes]]]:
+        stuck = [asyncio.create_task(http_check(port, FORGED.generate().secret)) for _ in range(4)]
+        await asyncio.sleep(0.5)  # all four are in the worker, waiting for PostgreSQL
+        return stuck
+
+    try:
+        with serve_process(env, tmp_path) as server:
+            port = http_port(server)
+            key = create_key(server.target)
+            assert (await http_check(port, key))[0] == 200
+            proxy.freeze()
+            try:
+                stuck = await fill_every_slot()
+                flood = await asyncio.gather(*(http_check(port, FORGED.generate().secret) for _ in range(60)))
+                for gone in stuck[2:]:  # their clients give up: the connection closes while the lookup waits
+                    gone.cancel()
+                await asyncio.sleep(0.2)
+            finally:
+                proxy.thaw()
+            stuck_results = await asyncio.gather(*stuck[:2])
+            deadline = time.monotonic() + 10
+            while (await http_check(port, key))[0] != 200:  # recovered: the store answers again
+                assert time.monotonic() < deadline, "no recovery after the store thawed"
+                await asyncio.sleep(0.1)
+            unknown = await http_check(port, FORGED.generate().secret)
+            proxy.freeze()  # every slot is free again: four misses are taken, the fifth is refused
+            try:
+                again = await fill_every_slot()
+                fifth = await http_check(port, FORGED.generate().secret)
+            finally:
+                proxy.thaw()
+            again_results = await asyncio.gather(*again)
+    finally:
+        proxy.close()
+    assert {(status, body) for status, _, body in flood} == {(503, STORE_OUTAGE.body)}
+    assert max(seconds for _, seconds, _ in flood) < 1.0, sorted(s for _, s, _ in flood)[-5:]
+    # The stuck ones are answered once the store answers: nothing dropped, nothing crashed.
+    assert {status for status, _, _ in stuck_results} <= {401, 503}
+    assert unknown[0] == 401
+    assert fifth[0] == 503
+    assert {status for status, _, _ in again_results} == {401}, again_results
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.slow
+async def test_a_cached_key_is_allowed_over_http_while_every_slot_waits_on_the_database(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A cache hit never waits, so it needs no slot: allowed at once while misses are refused (unlike gRPC)."""
+    env = {
+        "AUTHSVC_DATABASE_URL": database_url,
+        "AUTHSVC_MAX_CONCURRENT_CALLS": "4",
+        "AUTHSVC_STORE_TIMEOUT_MS": "3000",
+    }
+    with serve_process(env, tmp_path) as server:
+        port = http_port(server)
+        key = create_key(server.target)
+        assert (await http_check(port, key))[0] == 200  # now cached
+        async with lookups_blocked(database_url):
+            stuck = [asyncio.create_task(http_check(port, FORGED.generate().secret)) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            miss = await http_check(port, FORGED.generate().secret)
+            hits = [await http_check(port, key) for _ in range(20)]
+        await asyncio.gather(*stuck)
+    assert (miss[0], miss[2]) == (503, STORE_OUTAGE.body)
+    # Were hits to need a slot, every one would be 503. A hit can still turn into a miss, and so a 503,
+    # in a moment when the invalidation feed is late (a busy machine): the cache then fails closed.
+    statuses = [status for status, _, _ in hits]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= len(statuses) // 2, statuses
+    assert max(seconds for _, seconds, _ in [miss, *hits]) < 1.0
+
+
 @pytest.mark.slow
 async def test_a_flood_of_unknown_keys_past_the_lookup_queue_is_refused_at_once_while_a_cached_key_works(
     tmp_path: Path, database_url: str
@@ -133,22 +248,6 @@ async def test_a_flood_of_unknown_keys_past_the_lookup_queue_is_refused_at_once_
     taken = [r for r in queued_results if r[0] == "REASON_UNKNOWN_KEY"]
     assert 1 <= len(taken) <= 32
     assert {r[0] for r in queued_results} <= {"REASON_UNKNOWN_KEY", "UNAVAILABLE"}
-
-
-def closed_within(sock: socket.socket, seconds: float) -> float | None:
-    """Seconds until the server closed ``sock`` (EOF or reset), reading whatever it sends; None if still open."""
-    start = time.monotonic()
-    deadline = start + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            if not sock.recv(65536):
-                return time.monotonic() - start
-        except (ConnectionResetError, BrokenPipeError):
-            return time.monotonic() - start
-        except TimeoutError:
-            return None
-    return None
 
 
 def test_connections_that_never_finish_the_http2_handshake_are_closed_within_the_bound(

@@ -1,7 +1,9 @@
 """TLS and mTLS on every listener, and who may manage keys: ``authsvc serve`` processes, the real grpcurl.
 
 Two servers for the module, both real ``authsvc serve`` processes with
-certificates made for this run (``tests.tls``):
+certificates made for this run (``tests.tls``), each with all its
+listeners: gRPC, Envoy's HTTP check (``AUTHSVC_HTTP_AUTHZ_LISTEN``) and
+metrics (``AUTHSVC_METRICS_LISTEN``):
 
 * ``tls``: TLS only, with a per-worker port too (``AUTHSVC_WORKER_BASE_PORT``),
   management behind a named admin token;
@@ -10,17 +12,23 @@ certificates made for this run (``tests.tls``):
   certificate names (one bound to an organization).
 
 What a user checks: grpcurl with ``-cacert`` (and ``-cert/-key``) gets in,
-plaintext and foreign certificates do not; who the audit trail names as the
-caller, read from the database; rotation of the server's files without a
-restart, seen by the serial number of the certificate served.
+plaintext and foreign certificates do not; the HTTP listeners answer an
+HTTPS client (Python's ``http.client``) as they answer plaintext ones
+elsewhere, and refuse plaintext and foreign certificates; who the audit
+trail names as the caller, read from the database; rotation of the
+server's files without a restart, seen by the serial number of the
+certificate each listener serves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -35,8 +43,8 @@ from authsvc_client import AsyncClient, Client, TlsConfig, Unavailable
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 
-from tests.support import ADMIN, ServerProcess, bin_path, free_port, new_org, serve_process
-from tests.tls import CertificateAuthority, Issued, served_serial
+from tests.support import ADMIN, ServerProcess, bin_path, closed_within, free_port, new_org, serve_process
+from tests.tls import CertificateAuthority, Issued, serial_of, served_serial
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +108,15 @@ class Served:
     def port(self) -> int:
         return int(self.server.target.rpartition(":")[2])
 
+    @property
+    def http_port(self) -> int:
+        """Envoy's HTTP check."""
+        return int(self.server.http_target.rpartition(":")[2])
+
+    @property
+    def metrics_port(self) -> int:
+        return int(self.env["AUTHSVC_METRICS_LISTEN"].rpartition(":")[2])
+
 
 @pytest.fixture(scope="module")
 def tls(pki: Pki, database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
@@ -112,6 +129,7 @@ def tls(pki: Pki, database_url: str, tmp_path_factory: pytest.TempPathFactory) -
         "AUTHSVC_TLS_KEY_FILE": str(key),
         "AUTHSVC_ADMIN_TOKENS": f"deployer:{DEPLOYER}",
         "AUTHSVC_WORKER_BASE_PORT": str(worker_port),
+        "AUTHSVC_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
     }
     with serve_process(env, tmp, credentials=_channel_credentials(pki)) as server:
         yield Served(server, cert, key, worker_port, env)
@@ -129,6 +147,7 @@ def mtls(pki: Pki, database_url: str, tmp_path_factory: pytest.TempPathFactory) 
         "AUTHSVC_TLS_CLIENT_CA_FILE": str(pki.ca.cert_file),
         "AUTHSVC_ADMIN_TOKENS": f"deployer:{DEPLOYER},acme-bot:{BOUND}:{ACME}",
         "AUTHSVC_ADMIN_CLIENT_NAMES": f"ops.admin.test,spiffe://test/acme-admin={ACME}",
+        "AUTHSVC_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
     }
     with serve_process(env, tmp, credentials=_channel_credentials(pki, pki.service)) as server:
         yield Served(server, cert, key, 0, env)
@@ -158,6 +177,73 @@ async def audit_callers(db: asyncpg.Connection, org: str) -> list[tuple[str, str
 
 def bearer(token: str) -> tuple[tuple[str, str | bytes], ...]:
     return (("authorization", f"Bearer {token}"),)
+
+
+def https_context(pki: Pki, client: Issued | None = None) -> ssl.SSLContext:
+    """What an HTTPS client of authsvc's HTTP listeners uses: our CA, and a client certificate under mTLS."""
+    context = ssl.create_default_context(cafile=pki.ca.cert_file)
+    if client is not None:
+        context.load_cert_chain(client.cert_file, client.key_file)
+    return context
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def http_get(
+    port: int,
+    path: str,
+    context: ssl.SSLContext | None,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+) -> HttpAnswer:
+    """One request on a fresh connection: HTTPS with ``context``, plaintext without.
+
+    A refused connection raises (``OSError``: a failed handshake, a reset, or
+    ``http.client.RemoteDisconnected`` when the server closed without an answer).
+    """
+    conn = (
+        http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=context)
+        if context is not None
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    )
+    try:
+        conn.request(method, path, headers=headers or {})
+        reply = conn.getresponse()
+        return HttpAnswer(reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read())
+    finally:
+        conn.close()
+
+
+def refused(port: int, path: str, context: ssl.SSLContext | None) -> bool:
+    """The listener gives this client no HTTP answer at all."""
+    try:
+        http_get(port, path, context)
+    except (OSError, http.client.HTTPException):
+        return True
+    return False
+
+
+def error_code(answer: HttpAnswer) -> str:
+    code = json.loads(answer.body)["error"]["code"]
+    assert isinstance(code, str)
+    return code
+
+
+# Who would log a refused handshake: the two HTTP listeners, and asyncio under the ext_authz one.
+QUIET_LOGGERS = ("authsvc.http_server", "authsvc.metrics", "asyncio")
+
+
+def quiet_about_handshakes(served: Served) -> None:
+    """Refused handshakes are not an error log flood: nothing at the default level, never a traceback."""
+    log = served.server.log()
+    assert "Traceback" not in log
+    noisy = [line for line in log.splitlines() if any(f" {name}: " in line for name in QUIET_LOGGERS)]
+    assert noisy == [], noisy
 
 
 # -- TLS ----------------------------------------------------------------------
@@ -213,9 +299,100 @@ def test_healthcheck_speaks_tls_with_the_servers_own_settings(tls: Served) -> No
     assert (result.returncode, result.stdout.strip()) == (0, "SERVING"), result.stderr
 
 
+def test_envoys_http_check_over_tls_answers_200_401_403_and_healthz_204_and_plaintext_gets_nothing(
+    pki: Pki, tls: Served
+) -> None:
+    """``AUTHSVC_HTTP_AUTHZ_LISTEN`` under TLS: the answers Envoy gets in plaintext elsewhere, over HTTPS only."""
+    org = new_org()
+    with key_service(tls, _channel_credentials(pki)) as keys:
+        request = pb.CreateKeyRequest(org_id=org, actor=ADMIN, name="http", scopes=["read"])
+        secret = keys.CreateKey(request, timeout=5, metadata=bearer(DEPLOYER)).secret
+    context = https_context(pki)
+    allowed = http_get(tls.http_port, "/check/items", context, {"x-api-key": secret})
+    assert (allowed.status, allowed.headers["x-authsvc-org-id"]) == (200, org)
+    missing = http_get(tls.http_port, "/check/items", context)
+    assert (missing.status, error_code(missing)) == (401, "missing_key")
+    scope = http_get(tls.http_port, "/check/items", context, {"x-api-key": secret}, method="POST")
+    assert (scope.status, error_code(scope)) == (403, "insufficient_scope")
+    assert http_get(tls.http_port, "/healthz", context).status == 204
+    # Negotiated as HTTP/1.1, over TLS 1.2 or newer.
+    with socket_to(tls.http_port) as raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+        assert conn.selected_alpn_protocol() is None  # the client offered none
+        assert conn.version() in ("TLSv1.2", "TLSv1.3")
+    offered = https_context(pki)
+    offered.set_alpn_protocols(["h2", "http/1.1"])
+    with socket_to(tls.http_port) as raw, offered.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+        assert conn.selected_alpn_protocol() == "http/1.1"
+    assert refused(tls.http_port, "/healthz", None)  # plaintext: no answer, not even a 400
+    assert refused(tls.http_port, "/healthz", ssl.create_default_context())  # the system's roots: not our CA
+    quiet_about_handshakes(tls)
+
+
+def read_status(conn: http.client.HTTPConnection) -> int:
+    reply = conn.getresponse()
+    reply.read()  # the connection is reused: its answer must be read to the end
+    return reply.status
+
+
+def socket_to(port: int) -> contextlib.closing[socket.socket]:
+    return contextlib.closing(socket.create_connection(("127.0.0.1", port), timeout=5))
+
+
+def test_metrics_are_scraped_over_tls_only(pki: Pki, tls: Served) -> None:
+    scraped = http_get(tls.metrics_port, "/metrics", https_context(pki))
+    assert scraped.status == 200
+    assert b"authsvc_build_info" in scraped.body
+    assert refused(tls.metrics_port, "/metrics", None)
+    assert refused(tls.metrics_port, "/metrics", ssl.create_default_context())
+    quiet_about_handshakes(tls)
+
+
+def test_clients_that_never_finish_the_tls_handshake_are_closed_in_time_and_hold_up_no_one(
+    pki: Pki, database_url: str, tmp_path: Path
+) -> None:
+    """Raw TCP that sends nothing, or half a ClientHello, to either HTTP listener: closed after the 1 s bound.
+
+    Meanwhile an HTTPS client is answered at once: the handshakes wait on
+    their own (a task, a thread), never in the accept loop.
+    """
+    cert, key = _server_files(pki, tmp_path / "tls")
+    env = {
+        "AUTHSVC_DATABASE_URL": database_url,
+        "AUTHSVC_TLS_CERT_FILE": str(cert),
+        "AUTHSVC_TLS_KEY_FILE": str(key),
+        "AUTHSVC_HANDSHAKE_TIMEOUT_MS": "1000",
+        "AUTHSVC_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    with serve_process(env, tmp_path, credentials=_channel_credentials(pki)) as server:
+        served = Served(server, cert, key, 0, env)
+        ports = (served.http_port, served.metrics_port)
+        stalled = [socket.create_connection(("127.0.0.1", port), timeout=5) for port in ports for _ in range(5)]
+        for sock in stalled[::2]:
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, and then nothing
+        try:
+            started = time.monotonic()
+            assert http_get(served.http_port, "/healthz", https_context(pki)).status == 204
+            assert http_get(served.metrics_port, "/metrics", https_context(pki)).status == 200
+            answered = time.monotonic() - started
+            closed = [closed_within(sock, 4.0) for sock in stalled]
+        finally:
+            for sock in stalled:
+                sock.close()
+        quiet_about_handshakes(served)
+    assert answered < 0.9, answered  # neither waited for a stalled handshake
+    assert all(c is not None for c in closed), closed
+    assert max(c for c in closed if c is not None) < 3.0, closed
+
+
 def test_rotated_certificate_files_are_served_without_a_restart(pki: Pki, tls: Served) -> None:
+    """Every listener: both gRPC ports, Envoy's HTTP check and metrics; open connections keep theirs."""
     before = served_serial("127.0.0.1", tls.port)
     assert before == pki.server.serial
+    for port in (tls.http_port, tls.metrics_port):
+        assert served_serial("127.0.0.1", port, "http/1.1") == pki.server.serial
+    kept_open = http.client.HTTPSConnection("127.0.0.1", tls.http_port, timeout=5, context=https_context(pki))
+    kept_open.request("GET", "/healthz")
+    assert read_status(kept_open) == 204
     fresh = pki.ca.server("rotated")
     # As a secret manager does: write new files beside the old, then rename over them.
     for data, target in ((fresh.cert_pem + pki.ca.cert_pem, tls.cert_file), (fresh.key_pem, tls.key_file)):
@@ -228,13 +405,30 @@ def test_rotated_certificate_files_are_served_without_a_restart(pki: Pki, tls: S
         assert time.monotonic() < deadline, "the new certificate was not served within 10 s"
         time.sleep(0.1)
     assert served_serial("127.0.0.1", tls.worker_port) == fresh.serial  # every listener
+    for port in (tls.http_port, tls.metrics_port):  # looked at once a second at most
+        while served_serial("127.0.0.1", port, "http/1.1") != fresh.serial:
+            assert time.monotonic() < deadline, f"port {port} did not serve the new certificate within 10 s"
+            time.sleep(0.1)
     assert tls.server.proc.poll() is None  # the same process
     listed = grpcurl("-cacert", str(pki.ca.cert_file), tls.server.target, "list")
     assert listed.returncode == 0, listed.stderr
-    # A broken rotation (a key that is not the certificate's) keeps the last good files.
+    assert http_get(tls.http_port, "/healthz", https_context(pki)).status == 204  # verified against the CA
+    # The connection opened before the rotation keeps its certificate and still serves.
+    kept_open.request("GET", "/healthz")
+    assert read_status(kept_open) == 204
+    assert kept_open.sock is not None
+    assert serial_of(kept_open.sock.getpeercert(binary_form=True)) == pki.server.serial
+    kept_open.close()
+    # A broken rotation (a key that is not the certificate's) keeps the last good files, on every listener.
     tls.key_file.write_bytes(pki.service.key_pem)
     assert served_serial("127.0.0.1", tls.port) == fresh.serial
-    assert "cannot be used" in tls.server.log()
+    time.sleep(1.1)  # past the HTTP listeners' once-a-second look
+    for port in (tls.http_port, tls.metrics_port):
+        assert served_serial("127.0.0.1", port, "http/1.1") == fresh.serial
+    log = tls.server.log()
+    for listener in ("gRPC listeners", "HTTP ext_authz listener", "metrics listener"):
+        assert f"cannot be used on the {listener}" in log, log
+    assert "PRIVATE KEY" not in log
     tls.key_file.write_bytes(fresh.key_pem)
 
 
@@ -326,6 +520,23 @@ async def test_org_bound_token_and_certificate_are_denied_in_other_orgs_and_audi
         ("key.list", "ok", "spiffe://test/acme-admin"),
     ]
     assert await db.fetchval("SELECT count(*) FROM api_keys WHERE org_id = $1", OTHER) == 0
+
+
+def test_envoys_http_check_and_metrics_over_mtls_need_a_client_certificate_from_the_ca(pki: Pki, mtls: Served) -> None:
+    """Under mTLS the HTTP listeners, like gRPC, answer only clients with a certificate from the client CA."""
+    with key_service(mtls, _channel_credentials(pki, pki.admin)) as keys:
+        request = pb.CreateKeyRequest(org_id=new_org(), actor=ADMIN, name="http", scopes=["read"])
+        secret = keys.CreateKey(request, timeout=5).secret
+    service = https_context(pki, pki.service)
+    assert http_get(mtls.http_port, "/check/items", service, {"x-api-key": secret}).status == 200
+    assert http_get(mtls.http_port, "/check/items", service).status == 401
+    assert http_get(mtls.http_port, "/healthz", service).status == 204
+    assert http_get(mtls.metrics_port, "/metrics", service).status == 200
+    for port, path in ((mtls.http_port, "/healthz"), (mtls.metrics_port, "/metrics")):
+        assert refused(port, path, https_context(pki)), "no client certificate"
+        assert refused(port, path, https_context(pki, pki.foreign)), "a certificate from another CA"
+        assert refused(port, path, None), "plaintext"
+    quiet_about_handshakes(mtls)
 
 
 async def test_the_python_clients_over_mtls(pki: Pki, mtls: Served) -> None:
