@@ -314,17 +314,21 @@ async def test_reading_pauses_at_the_pipeline_bound_and_every_request_is_still_a
         client.close()
 
 
+async def _stop_answers_in_flight_then_closes(server: HttpServer, client: Client) -> None:
+    await client.send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    await asyncio.sleep(0.02)
+    stopping = asyncio.create_task(server.stop(grace=2.0))
+    assert (await client.answer()).status == 201
+    assert await client.closed()
+    await asyncio.wait_for(stopping, DEADLINE)
+
+
 async def test_stop_lets_an_answer_in_flight_go_out_then_closes() -> None:
     server = HttpServer(handler, LIMITS)
     port = await server.start("127.0.0.1:0")
     client = await Client.connect(port)
     try:
-        await client.send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-        await asyncio.sleep(0.02)
-        stopping = asyncio.create_task(server.stop(grace=2.0))
-        assert (await client.answer()).status == 201
-        assert await client.closed()
-        await asyncio.wait_for(stopping, DEADLINE)
+        await _stop_answers_in_flight_then_closes(server, client)
     finally:
         client.close()
 
@@ -343,12 +347,7 @@ async def test_stop_with_tls_ends_pending_handshakes_and_lets_an_answer_in_fligh
     )
     client = Client(reader, writer)
     try:
-        await client.send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-        await asyncio.sleep(0.02)
-        stopping = asyncio.create_task(server.stop(grace=2.0))
-        assert (await client.answer()).status == 201
-        assert await client.closed()
-        await asyncio.wait_for(stopping, DEADLINE)
+        await _stop_answers_in_flight_then_closes(server, client)
         assert await asyncio.to_thread(closed_within, stuck, 1.0) is not None
     finally:
         client.close()
