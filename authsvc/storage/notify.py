@@ -162,13 +162,15 @@ def _open_probe(connection: asyncpg.Connection) -> Callable[[], bool] | None:
     """Whether the feed's connection is still open, known from the socket before the driver reads its end.
 
     The driver learns that the server closed (or reset) the connection only
-    when the loop runs its read callback, and a request read in the same
-    loop turn may run first: the kernel's readiness order is not arrival
-    order. So the socket itself is asked, with one ``poll(0)`` for a hang-up
-    per loop turn (the answer is kept until ``call_soon`` runs, i.e. for
-    the requests of that turn), not one per request. A request that arrived
-    after the feed's end is looked up, and the lookup fails: never answered
-    from the cache.
+    when the loop runs its read callback, and a request read before that
+    would be answered from the cache: the kernel's readiness order is not
+    arrival order, and under TLS the transport reports closing a turn after
+    the raw socket's end was read. So every cached answer asks the socket
+    itself, with a ``poll(0)`` for a hang-up (about 0.5 us; a verdict kept
+    for a loop turn is not safe, since uvloop runs queued callbacks before
+    the poll that reads the next requests). A request that arrives after the
+    feed's end is looked up, and the lookup fails: never answered from the
+    cache.
 
     Only the end of the stream counts, not unread data: a heartbeat reply
     waits unread in most busy turns, and holding the cache for it would turn
@@ -192,23 +194,6 @@ def _open_probe(connection: asyncpg.Connection) -> Callable[[], bool] | None:
     if poller is None or not hang_up:
         return lambda: not is_closing() and not connection.is_closed()
     poller.register(fd, hang_up)  # POLLHUP, POLLERR and POLLNVAL are always reported too
-    loop = asyncio.get_running_loop()
-    probed = False
-    quiet = False
-
-    def next_turn() -> None:
-        nonlocal probed
-        probed = False
-
-    def alive() -> bool:
-        nonlocal probed, quiet
-        if is_closing():  # every call: closed by this process (or its EOF read) in this very turn
-            return False
-        if not probed:
-            probed = True
-            # is_closed() first: a closed descriptor's number may already belong to another socket.
-            quiet = not connection.is_closed() and not poller.poll(0)
-            loop.call_soon(next_turn)
-        return quiet
-
-    return alive
+    poll = poller.poll
+    # is_closed() before the poll: a closed descriptor's number may already belong to another socket.
+    return lambda: not is_closing() and not connection.is_closed() and not poll(0)
