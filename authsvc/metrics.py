@@ -54,6 +54,8 @@ LAG_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FLUSH_SECONDS = 0.5
+#: A scrape's request must arrive, and its answer be taken, within this (Prometheus's own default timeout).
+REQUEST_SECONDS = 10.0
 
 # One histogram: counts per bucket (the last one is +Inf), then the sum.
 Histogram = list[float]
@@ -374,7 +376,9 @@ class _Server(WSGIServer):
                 except OSError as exc:  # plaintext, no or a foreign client certificate, a timeout, a reset
                     log.debug("TLS handshake on the metrics listener with %s failed: %r", client_address, exc)
                     return
-                request.settimeout(None)
+            # A client that connects (and shakes hands) but never sends its request, or never reads the answer,
+            # must not hold a thread and a descriptor for ever.
+            request.settimeout(REQUEST_SECONDS)
             self.finish_request(request, client_address)
         except Exception:  # a client hanging up mid-answer
             self.handle_error(request, client_address)

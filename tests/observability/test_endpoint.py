@@ -97,3 +97,19 @@ def test_a_malformed_metrics_listen_names_the_variable() -> None:
         Settings.from_env({"AUTHSVC_METRICS_LISTEN": "9464"})
     assert Settings.from_env({}).metrics_listen == "127.0.0.1:9464"
     assert Settings.from_env({"AUTHSVC_METRICS_LISTEN": " "}).metrics_listen == ""
+
+
+def test_a_client_that_never_sends_its_request_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One thread and descriptor per scrape: a connection that sends nothing is closed after the request timeout."""
+    from authsvc import metrics
+
+    monkeypatch.setattr(metrics, "REQUEST_SECONDS", 0.5)
+    server = metrics.MetricsServer(f"127.0.0.1:{free_port()}", list)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as silent:
+            started = time.monotonic()
+            assert silent.recv(1) == b""  # closed by the server, not by our own timeout
+            assert time.monotonic() - started < 3
+    finally:
+        server.stop()
