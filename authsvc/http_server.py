@@ -78,6 +78,8 @@ class Limits:
     """Answers outstanding on one connection before it stops reading."""
     handshake_timeout: float = 5.0
     """Seconds a TLS handshake may take; past it the connection is closed."""
+    max_connections: int = 4000
+    """Open connections (TLS handshakes in progress included); one more is closed as it arrives."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +188,10 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        if self._server.full(handshaking=0):
+            self._closing = True
+            self._transport.abort()  # over the cap: closed as it arrives, before a byte is read
+            return
         self._server.connections.add(self)
         self.deadline = self._loop.time() + self._limits.idle_timeout
 
@@ -484,6 +490,9 @@ class HttpServer:
                 await asyncio.sleep(0.5)
                 continue
             short_of_files = False
+            if self.full(handshaking=len(self._handshakes)):
+                sock.close()  # over the cap: no handshake is spent on it
+                continue
             task = self.loop.create_task(self._handshake(sock, tls()))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
@@ -503,6 +512,10 @@ class HttpServer:
         except Exception as exc:  # a plaintext client, a wrong or missing certificate, a timeout, a reset
             sock.close()
             log.debug("TLS handshake on the HTTP ext_authz listener failed; connection closed: %r", exc)
+
+    def full(self, handshaking: int) -> bool:
+        """Whether the connection cap is reached (those still shaking hands count: each holds a descriptor)."""
+        return len(self.connections) + handshaking >= self.limits.max_connections
 
     async def _sweep(self) -> None:
         period = min(1.0, max(0.02, min(self.limits.request_timeout, self.limits.idle_timeout) / 4))

@@ -277,8 +277,10 @@ class App:
             extauthz.service(self.authorizer, self.routes, self.admission),
         ]
         self.health = HealthServicer()
+        #: Per listener (gRPC, HTTP ext_authz), below the raised open-file limit.
+        self.connection_cap = connection_cap(s.max_connections, raise_open_file_limit())
         limits = ConnectionLimits(
-            max_connections=connection_cap(s.max_connections, raise_open_file_limit()),
+            max_connections=self.connection_cap,
             handshake_timeout_ms=s.handshake_timeout_ms,
             max_connection_idle_ms=s.max_connection_idle_seconds * 1000,
         )
@@ -327,7 +329,7 @@ class App:
         self._http_adapter = extauthz_http.HttpAuthorizationAdapter(self.authorizer, self.routes, self.admission)
         self._http = HttpServer(
             self._http_adapter,
-            Limits(handshake_timeout=self.settings.handshake_timeout_ms / 1000),
+            Limits(handshake_timeout=self.settings.handshake_timeout_ms / 1000, max_connections=self.connection_cap),
             tls=self._http_tls.current if self._http_tls is not None else None,
         )
         try:

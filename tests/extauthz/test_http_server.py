@@ -357,3 +357,50 @@ async def test_stop_with_tls_ends_pending_handshakes_and_lets_an_answer_in_fligh
 def test_response_headers_with_line_breaks_are_refused_not_sent() -> None:
     with pytest.raises(ValueError, match="line break"):
         Response(200, (("x-org", "acme\r\nx-admin: 1"),)).encode()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+async def test_connections_past_the_cap_are_closed_as_they_arrive_and_the_others_are_served(
+    tmp_path: Path, tls: bool
+) -> None:
+    """The listener holds at most ``max_connections`` (handshakes in progress count); a freed place is reused."""
+    ca = CertificateAuthority(tmp_path)
+    issued = ca.server()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(issued.cert_file, issued.key_file)
+    client_context = ssl.create_default_context(cafile=ca.cert_file) if tls else None
+    limits = Limits(max_connections=2, idle_timeout=5.0, request_timeout=5.0)
+    server = HttpServer(handler, limits, tls=(lambda: context) if tls else None)
+    port = await server.start("127.0.0.1:0")
+
+    async def connect() -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context)
+        return Client(reader, writer)
+
+    async def served(client: Client) -> bool:
+        await client.send(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+        return (await client.answer()).status == 200
+
+    first, second = await connect(), await connect()
+    try:
+        assert await served(first) and await served(second)
+        if tls:  # the third TCP connection is closed before any handshake
+            third_raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            assert await asyncio.to_thread(closed_within, third_raw, 2.0) is not None
+            third_raw.close()
+        else:
+            third = await connect()
+            assert await third.closed()
+            third.close()
+        assert await served(first)  # the others go on
+        first.close()
+        deadline = time.monotonic() + 5
+        while len(server.connections) >= 2:
+            assert time.monotonic() < deadline, "the closed connection still counts"
+            await asyncio.sleep(0.02)
+        fourth = await connect()
+        assert await served(fourth)  # the place is free again
+        fourth.close()
+    finally:
+        second.close()
+        await server.stop(grace=0.5)
