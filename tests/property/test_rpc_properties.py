@@ -20,7 +20,9 @@ Failures print the seed and a reproduction blob (``@reproduce_failure``).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -153,9 +155,22 @@ async def call_and_check(channel: grpc.aio.Channel, db: asyncpg.Connection, meth
     return code
 
 
-async def still_serving(channel: grpc.aio.Channel) -> None:
-    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+async def still_serving(channel: grpc.aio.Channel, within: float = 5.0) -> None:
+    """The server still answers health, SERVING, within ``within`` seconds.
+
+    Not at this instant: one health ping that misses its budget (a stalled
+    disk under the test database) reports NOT_SERVING until the next ping,
+    half a second later, and that is the database, not this request. A
+    crashed or wedged server never comes back.
+    """
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + within
+    while True:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        assert time.monotonic() < deadline, f"health is {reply.status} after {within:g} s"
+        await asyncio.sleep(0.1)
 
 
 # Strategies -----------------------------------------------------------------
