@@ -317,16 +317,17 @@ def test_each_workers_open_file_limit_is_raised_to_the_hard_limit_and_the_connec
     tmp_path: Path, database_url: str
 ) -> None:
     """Started with a soft limit of 256 under a hard one of 1024: every worker runs at 1024, its cap at 896."""
-    base, port = free_port(), free_port()
-    while base >= 65535 or port in (base, base + 1):
-        base, port = free_port(), free_port()
+    base, port, http = free_port(), free_port(), free_port()
+    while base >= 65535 or len({base, base + 1, port, http}) < 4:  # the worker ports are base and base + 1
+        base, port, http = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "AUTHSVC_DATABASE_URL": database_url,
         "AUTHSVC_LISTEN": f"127.0.0.1:{port}",
         "AUTHSVC_WORKERS": "2",
         "AUTHSVC_WORKER_BASE_PORT": str(base),
-        "AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{free_port()}",
+        "AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{http}",
+        "AUTHSVC_METRICS_LISTEN": "",  # not what this test is about, and its fixed default port may be taken
         "AUTHSVC_DRAIN_SECONDS": "0",
     }
     hard = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
@@ -342,7 +343,10 @@ def test_each_workers_open_file_limit_is_raised_to_the_hard_limit_and_the_connec
         )
     try:
         for target in (port, base, base + 1):  # both workers have started
-            wait_serving(f"127.0.0.1:{target}", proc=proc)
+            try:
+                wait_serving(f"127.0.0.1:{target}", proc=proc)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}: {log.read_text()[-2000:]}") from None
         deadline = time.monotonic() + 10
         while len(workers := workers_of(proc.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
