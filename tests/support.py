@@ -42,6 +42,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_range(count: int) -> int:
+    """A base port P with P..P+count-1 all free right now (worker ports are consecutive)."""
+    for _ in range(200):
+        base = free_port()
+        if base + count >= 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for i in range(count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no run of {count} free ports found")
+
+
 def new_org() -> str:
     """Each test works in its own organization: isolation by construction."""
     return f"org-{uuid.uuid4().hex[:12]}"

@@ -37,6 +37,7 @@ from tests.support import (
     TcpProxy,
     closed_within,
     free_port,
+    free_port_range,
     new_org,
     serve_process,
     wait_serving,
@@ -317,9 +318,10 @@ def test_each_workers_open_file_limit_is_raised_to_the_hard_limit_and_the_connec
     tmp_path: Path, database_url: str
 ) -> None:
     """Started with a soft limit of 256 under a hard one of 1024: every worker runs at 1024, its cap at 896."""
-    base, port, http = free_port(), free_port(), free_port()
-    while base >= 65535 or len({base, base + 1, port, http}) < 4:  # the worker ports are base and base + 1
-        base, port, http = free_port(), free_port(), free_port()
+    base = free_port_range(2)  # the worker ports: base and base + 1, both free, not just base
+    port, http = free_port(), free_port()
+    while len({base, base + 1, port, http}) < 4:
+        port, http = free_port(), free_port()
     env = {
         **os.environ,
         "AUTHSVC_DATABASE_URL": database_url,
