@@ -28,7 +28,7 @@ from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 
 from authsvc.core.keyformat import KeyFormat
-from tests.support import ADMIN, ROOT, free_port, new_org, serve_process, wait_serving
+from tests.support import ADMIN, ROOT, free_port, free_port_range, new_org, serve_process, wait_serving
 from tests.tls import CertificateAuthority
 
 pytestmark = pytest.mark.slow
@@ -145,9 +145,9 @@ def test_prometheus_sees_the_totals_of_both_workers(
     tmp_path: Path, database_url: str, prometheus_for: StartPrometheus
 ) -> None:
     metrics_port = free_port()
-    base = free_port()
+    base = free_port_range(2)
     while metrics_port in (base, base + 1):
-        base = free_port()
+        base = free_port_range(2)
     env = {
         "AUTHSVC_DATABASE_URL": database_url,
         "AUTHSVC_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",

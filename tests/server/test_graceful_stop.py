@@ -21,7 +21,7 @@ from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import ADMIN, free_port, new_org, serve_process, wait_serving
+from tests.support import ADMIN, free_port, free_port_range, new_org, serve_process, wait_serving
 
 # Without Redis each process counts alone (README, Rate limits), so the
 # "remaining" of a huge limit tells the two replicas' sequences apart.
@@ -120,9 +120,9 @@ def test_stopping_one_of_two_replicas_fails_no_call(tmp_path: Path, database_url
 @pytest.mark.slow
 def test_every_worker_drains_on_sigterm(tmp_path: Path, database_url: str) -> None:
     """With --workers N the supervisor passes SIGTERM on; each worker reports NOT_SERVING and keeps answering."""
-    base, shared = free_port(), free_port()
-    while base >= 65535 or shared in (base, base + 1):
-        base, shared = free_port(), free_port()
+    base, shared = free_port_range(2), free_port()
+    while shared in (base, base + 1):
+        shared = free_port()
     env = {
         "AUTHSVC_DATABASE_URL": database_url,
         "AUTHSVC_DRAIN_SECONDS": "4",
