@@ -43,8 +43,25 @@ class ResponseMemo(Generic[Variant, V]):
         hit = self._entries.get(key)
         if hit is not None and hit[0] is principal:
             return hit[1]
-        value = self._build(decision, variant)
+        return self.put(decision, variant, self._build(decision, variant))
+
+    def get(self, decision: Decision, variant: Variant) -> V | None:
+        """The stored response, or ``None``: for a caller that works out what to build only when it must."""
+        principal = decision.principal
+        hit = self._entries.get(
+            (principal.key_id if principal is not None else decision.message, decision.reason, variant)
+        )
+        return hit[1] if hit is not None and hit[0] is principal and decision.rate_limit is None else None
+
+    def put(self, decision: Decision, variant: Variant, value: V) -> V:
+        """Keep ``value`` as the response to ``decision`` (unless it carries rate-limit counters); returns it."""
+        if decision.rate_limit is not None:
+            return value
+        principal = decision.principal
         if len(self._entries) >= self._max_entries:
             self._entries.clear()  # bounded; rebuilding is cheap and rare
-        self._entries[key] = (principal, value)
+        self._entries[(principal.key_id if principal is not None else decision.message, decision.reason, variant)] = (
+            principal,
+            value,
+        )
         return value

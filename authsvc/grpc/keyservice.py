@@ -10,12 +10,21 @@ from __future__ import annotations
 
 from authsvc_client.v1 import authsvc_pb2 as pb
 
-from authsvc.core.authorizer import Authorizer, Pending
-from authsvc.core.keys import Caller
+from authsvc.core.authorizer import NOT_CACHEABLE, Authorizer, Pending
+from authsvc.core.keyformat import digest
+from authsvc.core.keys import Caller, Decision, Reason
 from authsvc.core.manager import KeyManager
 from authsvc.grpc import convert
 from authsvc.grpc.watch import WatchAdapter
 from authsvc.memo import ResponseMemo
+
+View = tuple[float | None, bool]
+#: The memo variant of answers ``check`` gave from the cache (see ``Authorize``).
+FROM_CACHE = None
+
+
+def _authorize_bytes(decision: Decision, view: View | None) -> bytes:
+    return convert.authorize_response_for_client(decision, view or NOT_CACHEABLE).SerializeToString()
 
 
 class KeyServiceAdapter:
@@ -23,9 +32,8 @@ class KeyServiceAdapter:
         self._manager = manager
         self._authorizer = authorizer
         self.WatchDecisions = watch.WatchDecisions
-        self._responses: ResponseMemo[tuple[float | None, bool], pb.AuthorizeResponse] = ResponseMemo(
-            convert.authorize_response_for_client
-        )
+        # Serialized once per principal too: the gRPC server passes bytes through (``authsvc.grpc.server``).
+        self._responses: ResponseMemo[View | None, bytes] = ResponseMemo(_authorize_bytes)
 
     async def CreateKey(self, request: pb.CreateKeyRequest, caller: Caller) -> pb.CreateKeyResponse:
         expire = convert.from_timestamp(request.expire_time, "expire_time") if request.HasField("expire_time") else None
@@ -129,8 +137,23 @@ class KeyServiceAdapter:
             last_used_time=convert.timestamp(usage.last_used_time),
         )
 
-    async def Authorize(self, request: pb.AuthorizeRequest) -> pb.AuthorizeResponse:
-        answer = self._authorizer.check(request.key, request.required_scope)
+    async def Authorize(self, request: pb.AuthorizeRequest) -> bytes:
+        """The serialized ``AuthorizeResponse``.
+
+        A hit (no await) is keyed ``FROM_CACHE``: what a client cache may keep
+        of it depends on the cached grant alone, so the view is read back only
+        when the response for that principal is first built. A lookup's view
+        is read back every time (the cache may not have kept its answer).
+        """
+        key = request.key
+        authorizer = self._authorizer
+        answer = authorizer.check(key, request.required_scope)
         if isinstance(answer, Pending):  # a miss or a rate limit: the only await on this path
-            answer = await self._authorizer.complete(answer)
-        return self._responses(answer, self._authorizer.client_view(request.key))
+            decision = await authorizer.complete(answer)
+            return self._responses(decision, authorizer.client_view(answer.digest))
+        response = self._responses.get(answer, FROM_CACHE)
+        if response is None:
+            identified = answer.principal is not None or answer.reason is Reason.UNKNOWN_KEY
+            view = authorizer.client_view(digest(key)) if identified else NOT_CACHEABLE
+            response = self._responses.put(answer, FROM_CACHE, _authorize_bytes(answer, view))
+        return response
