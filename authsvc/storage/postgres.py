@@ -60,6 +60,7 @@ _COLUMNS = (
 )
 # Active keys that hold a slot of the org's limit: a key in a rotation's grace
 # period (rotated_to set) does not. $1 = org, $2 = now.
+_LOOKUP = f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ANY($1::bytea[])"
 _COUNTED_ACTIVE = (
     "SELECT count(*) FROM api_keys WHERE org_id = $1 AND revoke_time IS NULL "
     "AND (expire_time IS NULL OR expire_time > $2) AND rotated_to IS NULL"
@@ -83,7 +84,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # shutting down or cancelled by an operator (class 57, with
     # CannotConnectNow, AdminShutdown, CrashShutdown), out of connections,
     # memory or disk (53), I/O errors (58). (A read-only server, 25006, is
-    # handled on its own in PostgresStore._connection: the pool must look
+    # handled on its own in PostgresStore._translate: the pool must look
     # for the writable primary again.)
     asyncpg.OperatorInterventionError,
     asyncpg.InsufficientResourcesError,
@@ -94,6 +95,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 # The server rolled the transaction back to resolve a conflict; the same call
 # again may well succeed (class 40: serialization failure, deadlock).
 RETRY_ERRORS: tuple[type[BaseException], ...] = (asyncpg.TransactionRollbackError,)
+#: What ``PostgresStore._translate`` maps: everything the driver raises for a call.
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 _UNAVAILABLE = "the key store is unavailable; retry shortly"
 _READ_ONLY = "the database is read-only (no writable primary reached); retry shortly"
 _ABORTED = "the key store aborted the call on a conflict with another; nothing was written, retry it"
@@ -303,32 +306,35 @@ class PostgresStore:
             async with guard, asyncio.timeout(budget):  # one budget for acquiring and using it
                 connection = await self._pool.acquire()
                 yield connection
-        except CONNECTION_ERRORS as exc:
+        except _DRIVER_ERRORS as exc:
+            raise await self._translate(exc, operation, connection) from None
+        finally:
+            if connection is not None:
+                await self._release(connection)
+
+    async def _translate(
+        self, exc: BaseException, operation: str, connection: asyncpg.Connection | None
+    ) -> BaseException:
+        """The domain error for a driver error (``_DRIVER_ERRORS``), counted; the one place that maps them."""
+        self._metrics.store_error(operation)
+        if isinstance(exc, CONNECTION_ERRORS):
             if connection is not None and isinstance(exc, asyncpg.InternalClientError):
                 # Its protocol state is unknown: it must not serve the next call. (A proxy
                 # the pool has already detached from a lost connection refuses the call.)
                 with contextlib.suppress(asyncpg.InterfaceError):
                     connection.terminate()
             _faults.report(exc)
-            self._metrics.store_error(operation)
-            raise Unavailable(_UNAVAILABLE) from None
-        except asyncpg.ReadOnlySQLTransactionError as exc:
+            return Unavailable(_UNAVAILABLE)
+        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
             # A server that turned read-only under us: have every pooled
             # connection find the writable primary again.
             _faults.report(exc)
-            self._metrics.store_error(operation)
             await self._pool.expire_connections()
-            raise Unavailable(_READ_ONLY) from None
-        except RETRY_ERRORS as exc:
+            return Unavailable(_READ_ONLY)
+        if isinstance(exc, RETRY_ERRORS):
             _faults.report(exc)
-            self._metrics.store_error(operation)
-            raise Aborted(_ABORTED) from None
-        except asyncpg.PostgresError:
-            self._metrics.store_error(operation)
-            raise
-        finally:
-            if connection is not None:
-                await self._release(connection)
+            return Aborted(_ABORTED)
+        return exc  # any other PostgresError: the caller's to handle (a constraint, say)
 
     async def _release(self, connection: asyncpg.Connection) -> None:
         try:
@@ -636,13 +642,22 @@ class PostgresStore:
         self._dispatch()  # whatever queued up while this query ran
 
     async def _lookup(self, batch: dict[bytes, asyncio.Future[Found]]) -> None:
+        # ``_connection``'s work written out, without its context managers: this
+        # runs once per batch of misses, and each async context manager costs
+        # coroutines of its own. Same budget, same error mapping (``_translate``).
         self._metrics.lookup_batch(len(batch))
+        connection: asyncpg.Connection | None = None
         try:
-            async with self._connection(self._lookup_timeout, "lookup", hot=True) as conn:
-                rows = await conn.fetch(
-                    f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ANY($1::bytea[])", list(batch)
-                )
-                source = conn.server  # identified once, when the pool opened the connection
+            try:
+                async with asyncio.timeout(self._lookup_timeout):
+                    connection = await self._pool.acquire()
+                    rows = await connection.fetch(_LOOKUP, list(batch))
+                source = connection.server  # identified once, when the pool opened the connection
+            except _DRIVER_ERRORS as exc:
+                raise await self._translate(exc, "lookup", connection) from None
+            finally:
+                if connection is not None:
+                    await self._release(connection)
         except BaseException as exc:  # every waiter learns of the failure; nothing is left hanging
             error = exc if isinstance(exc, Exception) else Unavailable(_UNAVAILABLE)
             for future in batch.values():
