@@ -146,7 +146,11 @@ def _wrap(
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         # One coroutine per call: a cache hit never awaits, and each level would cost it a frame.
         if admission is not None and not admission.try_enter():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, AT_CAPACITY)
+            # A status without an exception: grpc discards the (absent) response
+            # of a call whose code is not OK, and a refusal must cost as little as it can.
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(AT_CAPACITY)
+            return None
         try:
             if request is _UNDECODABLE:
                 if metrics is not None:
