@@ -1,10 +1,11 @@
 """Instructions per Authorize, counted by valgrind's callgrind: a figure that load on the machine cannot move.
 
-    python -m bench.instructions --scenario miss --database-url URL [--calls 300] [--python PY]
+    python -m bench.instructions --scenario miss|hit|check --database-url URL [--calls 300] [--python PY]
 
 Starts ``PY -m authsvc serve --workers 1`` (the tree on ``PY``'s path, or
 from ``--tree``, another checkout) under callgrind, with the cache off (``miss``: every call
-is a PostgreSQL lookup of seed key 0) or on (``hit``). Once it answers,
+is a PostgreSQL lookup of seed key 0) or on (``hit``; ``check``: Envoy's gRPC Check of a
+GET with the key in ``x-api-key``, as Envoy sends it, straight to authsvc). Once it answers,
 sends ``calls`` serial Authorize calls from this process, then stays idle
 for as long as the calls took. Callgrind's counters are zeroed before the
 calls and dumped after each of the two windows, so the idle window's count
@@ -27,11 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc as pb_grpc
+from envoy.service.auth.v3 import external_auth_pb2 as ext
 
 from bench.procs import free_port
 from bench.seed import seed_key
@@ -53,6 +56,25 @@ def _control(pid: int, *args: str) -> None:
 def _call(stub: pb_grpc.KeyServiceStub, key: str) -> int:
     reply: pb.AuthorizeResponse = stub.Authorize(pb.AuthorizeRequest(key=key, required_scope="read"), timeout=60)
     return int(reply.reason)
+
+
+def _checker(channel: grpc.Channel, key: str) -> Callable[[], int]:
+    """Envoy's Check of ``GET /items`` with the key, as Envoy 1.40 sends it; answers pb.REASON_OK for an OK."""
+    request = ext.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path, http.host, http.scheme, http.protocol = "GET", "/items", "localhost", "http", "HTTP/1.1"
+    http.headers.update({":method": "GET", ":path": "/items", ":authority": "localhost", ":scheme": "http",
+                         "user-agent": "wrk", "x-forwarded-proto": "http", "x-request-id": "7a1e0c9b-0d6f-4c52",
+                         "x-api-key": key})
+    check = channel.unary_unary("/envoy.service.auth.v3.Authorization/Check",
+                                request_serializer=ext.CheckRequest.SerializeToString,
+                                response_deserializer=ext.CheckResponse.FromString)
+
+    def call() -> int:
+        reply = check(request, timeout=60)
+        return pb.REASON_OK if reply.status.code == 0 else pb.REASON_UNSPECIFIED
+
+    return call
 
 
 def measure(python: str, tree: str, database_url: str, scenario: str, calls: int) -> dict[str, object]:
@@ -89,11 +111,12 @@ def measure(python: str, tree: str, database_url: str, scenario: str, calls: int
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"authsvc did not start: {(work / 'server.log').read_text()[-2000:]}")
                 time.sleep(1)
+            call = _checker(channel, key) if scenario == "check" else lambda: _call(stub, key)
             for _ in range(20):  # warm: imports, first connections, any lazy set-up
-                _call(stub, key)
+                call()
             _control(server.pid, "--zero")
             started = time.monotonic()
-            reasons = {_call(stub, key) for _ in range(calls)}
+            reasons = {call() for _ in range(calls)}
             busy = time.monotonic() - started
             _control(server.pid, "--dump=calls")
             time.sleep(busy)
@@ -120,7 +143,7 @@ def measure(python: str, tree: str, database_url: str, scenario: str, calls: int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=("miss", "hit"), default="miss")
+    parser.add_argument("--scenario", choices=("miss", "hit", "check"), default="miss")
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs the server")
