@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -41,6 +42,10 @@ def test_json_logs_are_one_object_per_line_with_the_structured_fields(tmp_path: 
             stub.RevokeKey(
                 pb.RevokeKeyRequest(org_id=org, key_id=created.key.id, actor=ADMIN), metadata=metadata, timeout=10
             )
+        # Ready means one worker answers on the shared port; the other may still be starting.
+        deadline = time.monotonic() + 30
+        while _serving_workers(server.log()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert server.terminate() == 0
     text = server.log()
     lines = text.splitlines()
@@ -86,3 +91,15 @@ def test_log_format_accepts_text_and_json_in_any_case(value: str) -> None:
     from authsvc.config import Settings
 
     assert Settings.from_env({"AUTHSVC_LOG_FORMAT": value}).log_format == value.strip().lower()
+
+
+def _serving_workers(text: str) -> int:
+    """How many workers have logged that they serve (lines that are not JSON yet are left to the test)."""
+    count = 0
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        count += isinstance(entry, dict) and entry.get("message") == "authsvc serving"
+    return count
