@@ -32,36 +32,30 @@ class ResponseMemo(Generic[Variant, V]):
 
     def __init__(self, build: Callable[[Decision, Variant], V], max_entries: int = 10_000) -> None:
         self._build = build
-        self._entries: dict[tuple[str, Reason, Variant], tuple[Principal | None, V]] = {}
+        self._entries: dict[tuple[str, Reason, Hashable], tuple[Principal | None, V]] = {}
         self._max_entries = max_entries
 
     def __call__(self, decision: Decision, variant: Variant) -> V:
-        if decision.rate_limit is not None:
-            return self._build(decision, variant)
-        principal = decision.principal
-        key = (principal.key_id if principal is not None else decision.message, decision.reason, variant)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] is principal:
-            return hit[1]
-        return self.put(decision, variant, self._build(decision, variant))
+        value = self.get(decision, variant)
+        return self.put(decision, variant, self._build(decision, variant)) if value is None else value
 
     def get(self, decision: Decision, variant: Variant) -> V | None:
         """The stored response, or ``None``: for a caller that works out what to build only when it must."""
-        principal = decision.principal
-        hit = self._entries.get(
-            (principal.key_id if principal is not None else decision.message, decision.reason, variant)
-        )
-        return hit[1] if hit is not None and hit[0] is principal and decision.rate_limit is None else None
+        if decision.rate_limit is not None:
+            return None
+        hit = self._entries.get(_slot(decision, variant))
+        return hit[1] if hit is not None and hit[0] is decision.principal else None
 
     def put(self, decision: Decision, variant: Variant, value: V) -> V:
         """Keep ``value`` as the response to ``decision`` (unless it carries rate-limit counters); returns it."""
-        if decision.rate_limit is not None:
-            return value
-        principal = decision.principal
-        if len(self._entries) >= self._max_entries:
-            self._entries.clear()  # bounded; rebuilding is cheap and rare
-        self._entries[(principal.key_id if principal is not None else decision.message, decision.reason, variant)] = (
-            principal,
-            value,
-        )
+        if decision.rate_limit is None:
+            if len(self._entries) >= self._max_entries:
+                self._entries.clear()  # bounded; rebuilding is cheap and rare
+            self._entries[_slot(decision, variant)] = (decision.principal, value)
         return value
+
+
+def _slot(decision: Decision, variant: Hashable) -> tuple[str, Reason, Hashable]:
+    """One entry per key (or, without a principal, per message), reason and variant."""
+    principal = decision.principal
+    return (principal.key_id if principal is not None else decision.message, decision.reason, variant)

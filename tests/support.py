@@ -20,6 +20,9 @@ from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.procs import free_port as free_port
+from bench.procs import free_port_range as free_port_range
+
 if TYPE_CHECKING:
     # The asyncio stub type exists only in the generated .pyi.
     from typing import TypeAlias
@@ -34,28 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN = pb.Actor(user_id="alice", role=pb.ROLE_ADMIN)
 OWNER = pb.Actor(user_id="olivia", role=pb.ROLE_OWNER)
 MEMBER = pb.Actor(user_id="mike", role=pb.ROLE_MEMBER)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_range(count: int) -> int:
-    """A base port P with P..P+count-1 all free right now (worker ports are consecutive)."""
-    for _ in range(200):
-        base = free_port()
-        if base + count >= 65535:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for i in range(count):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no run of {count} free ports found")
 
 
 def new_org() -> str:

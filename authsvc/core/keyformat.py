@@ -32,7 +32,6 @@ assert CHECKSUM_LENGTH == 6  # is_well_formed decodes it as three pairs
 MAX_KEY_LENGTH = 128
 PREFIX_PATTERN = re.compile(r"[a-z][a-z0-9]{1,9}")
 
-_BASE62_VALUE = {ch: i for i, ch in enumerate(BASE62)}
 # Two characters at a time (3,844 entries): the checksum decodes in three
 # lookups instead of a six-step loop, on every key that reaches a lookup.
 _BASE62_PAIR = {a + b: i * 62 + j for i, a in enumerate(BASE62) for j, b in enumerate(BASE62)}
