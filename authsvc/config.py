@@ -94,6 +94,9 @@ class Settings:
     metrics listeners: the TLS handshake)."""
     max_connection_idle_seconds: int = 300
     """A connection without a call for this long is closed; clients reconnect when they need to."""
+    max_queued_calls: int = 256
+    """Calls the gRPC core holds per process before Python takes them; from a quarter of it some new calls
+    are refused (CANCELLED), past it all: the bound on the wait under overload."""
     max_waiting_lookups: int = 1024
     """Distinct unknown-to-the-cache keys waiting for a database lookup; past it, UNAVAILABLE at once."""
     redis_breaker_ms: int = 1000
@@ -322,6 +325,7 @@ class Settings:
             max_connection_idle_seconds=integer(
                 "MAX_CONNECTION_IDLE_SECONDS", cls.max_connection_idle_seconds, 1, 86_400
             ),
+            max_queued_calls=integer("MAX_QUEUED_CALLS", cls.max_queued_calls, 4, 1_000_000),
             max_waiting_lookups=integer("MAX_WAITING_LOOKUPS", cls.max_waiting_lookups, 1, 1_000_000),
             redis_breaker_ms=integer("REDIS_BREAKER_MS", cls.redis_breaker_ms, 10, 60_000),
             last_used_flush_seconds=flush,

@@ -265,9 +265,10 @@ def settle(authorizer: Authorizer, question: Question, transport: str) -> Outcom
 class AuthorizationAdapter:
     """``Check``: one HTTP request's attributes in, Envoy's OK or Denied out."""
 
-    def __init__(self, authorizer: Authorizer, routes: RoutePolicy) -> None:
+    def __init__(self, authorizer: Authorizer, routes: RoutePolicy, admission: Admission | None = None) -> None:
         self._authorizer = authorizer
         self._routes = routes
+        self._admission = admission or Admission()
         self._allowed: ResponseMemo[tuple[str, ...], ext.CheckResponse] = ResponseMemo(self._build_allowed)
         self._denied: ResponseMemo[None, ext.CheckResponse] = ResponseMemo(self._build_denied)
         self._misconfigured = denied_response(routes.http.misconfigured)
@@ -279,7 +280,7 @@ class AuthorizationAdapter:
             return self.respond(question)
         outcome = settle(self._authorizer, question, "envoy_grpc")
         if isinstance(outcome, Pending):
-            outcome = question.answered(await self._authorizer.complete(outcome))
+            outcome = question.answered(await self._admission.complete(self._authorizer, outcome))
         return self.respond(outcome)
 
     def respond(self, outcome: Outcome) -> ext.CheckResponse:
@@ -330,5 +331,7 @@ class AuthorizationAdapter:
 def service(
     authorizer: Authorizer, routes: RoutePolicy, admission: Admission | None = None
 ) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
-    adapter = AuthorizationAdapter(authorizer, routes)
-    return AUTHORIZATION_SERVICE, service_handler(AUTHORIZATION_SERVICE, adapter, admission=admission)
+    adapter = AuthorizationAdapter(authorizer, routes, admission)
+    return AUTHORIZATION_SERVICE, service_handler(
+        AUTHORIZATION_SERVICE, adapter, admission=admission, admits_itself=frozenset({"Check"})
+    )

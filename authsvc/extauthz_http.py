@@ -87,7 +87,7 @@ class HttpAuthorizationAdapter:
     def __init__(self, authorizer: Authorizer, routes: RoutePolicy, admission: Admission | None = None) -> None:
         self._authorizer = authorizer
         self._routes = routes
-        self._admission = admission
+        self._admission = admission or Admission()
         http = routes.http
         self._allowed: ResponseMemo[tuple[str, ...], Response] = ResponseMemo(self._build_allowed)
         self._denied: ResponseMemo[None, Response] = ResponseMemo(self._build_denied)
@@ -114,24 +114,13 @@ class HttpAuthorizationAdapter:
     async def _complete(self, question: Question, pending: Pending) -> Response:
         """A cache miss (or a rate-limited key): the one path that waits, on the database or Redis.
 
-        The slot is taken here, when the task runs, as gRPC's wrapper takes
-        it in its handler: a task cancelled before it ever ran (its client
+        The slot is taken when the task runs (``Admission.complete``, as for
+        Authorize and Check): a task cancelled before it ever ran (its client
         gone) then holds none, and one cancelled while it waits gives it back.
         """
-        admission = self._admission
-        if admission is None:
-            return await self._completed(question, pending)
-        if not admission.try_enter():
-            return self._unavailable
         try:
-            return await self._completed(question, pending)
-        finally:
-            admission.leave()
-
-    async def _completed(self, question: Question, pending: Pending) -> Response:
-        try:
-            decision = await self._authorizer.complete(pending)
-        except Unavailable:
+            decision = await self._admission.complete(self._authorizer, pending)
+        except Unavailable:  # at capacity, or the store cannot answer: the same 503
             return self._unavailable
         return self.respond(question.answered(decision))
 

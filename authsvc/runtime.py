@@ -267,11 +267,17 @@ class App:
                 KEY_SERVICE,
                 service_handler(
                     KEY_SERVICE,
-                    KeyServiceAdapter(self.manager, self.authorizer, WatchAdapter(self.fanout, self.usage, time.time)),
+                    KeyServiceAdapter(
+                        self.manager,
+                        self.authorizer,
+                        WatchAdapter(self.fanout, self.usage, time.time),
+                        self.admission,
+                    ),
                     admin=admin,
                     protected=MANAGEMENT_METHODS,
                     metrics=recorder,
                     admission=self.admission,
+                    admits_itself=frozenset({"Authorize"}),
                 ),
             ),
             extauthz.service(self.authorizer, self.routes, self.admission),
@@ -283,6 +289,7 @@ class App:
             max_connections=self.connection_cap,
             handshake_timeout_ms=s.handshake_timeout_ms,
             max_connection_idle_ms=s.max_connection_idle_seconds * 1000,
+            max_queued_calls=s.max_queued_calls,
         )
         self._server = build_server(services, self.health, reuse_port=self.reuse_port, limits=limits)
         # Every listener, the per-worker ports and the HTTP ext_authz listener included, speaks TLS when it

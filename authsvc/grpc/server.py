@@ -190,12 +190,15 @@ def service_handler(
     protected: frozenset[str] = frozenset(),
     metrics: Recorder | None = None,
     admission: Admission | None = None,
+    admits_itself: frozenset[str] = frozenset(),
 ) -> grpc.GenericRpcHandler:
     """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``.
 
     ``protected`` methods are called as ``servicer.<Method>(request, caller)``,
     with the ``Caller`` that ``admin`` authenticated, and counted by ``metrics``.
-    ``admission`` (shared by every service of a process) bounds the calls in flight.
+    ``admission`` (shared by every service of a process) bounds the calls in flight;
+    the ``admits_itself`` methods (Authorize, Check) take its slot only for what
+    waits (``Admission.complete``), so a cache hit is never refused.
     """
     handlers = {}
     for method in descriptor.methods:
@@ -216,7 +219,7 @@ def service_handler(
                 admin if method.name in protected else None,
                 metrics if method.name in protected else None,
                 method.name in PEER_METHODS,
-                admission,
+                None if method.name in admits_itself else admission,
             ),
             request_deserializer=_lenient(request_class.FromString),
             response_serializer=_passthrough(response_class.SerializeToString),
@@ -234,19 +237,25 @@ class ConnectionLimits:
     """A connection that has not completed TLS and the HTTP/2 preface by then is closed."""
     max_connection_idle_ms: int = 300_000
     """A connection with no call for this long is closed (GOAWAY); clients reconnect on demand."""
+    max_queued_calls: int = 256
+    """Calls the core holds before Python has taken them (``grpc.server.max_pending_requests``).
 
-    # Left at gRPC's defaults: the streams per connection (HTTP/2
-    # SETTINGS_MAX_CONCURRENT_STREAMS) and the queue of calls the core holds
-    # before Python takes them (grpc.server.max_pending_requests, 1000; past it
-    # the core refuses with CANCELLED, which clients read as Unavailable). Tried
-    # at 100 and 256: a 300-call burst on one channel then had calls fail with
-    # RST_STREAM REFUSED_STREAM, and the worst wait at 10x capacity was no shorter.
+    Python takes one call at a time, and under overload it cannot even refuse
+    as fast as calls arrive, so this queue is the wait no Python code can shed:
+    at 5x one core's capacity, gRPC's own bound held calls here for up to a
+    second. From a quarter of it the core refuses a growing share of new calls
+    (random early drop), past it all of them, with CANCELLED. The price: a
+    burst of more calls than that, sent at the same instant, is partly
+    refused even by an idle process. Streams per connection stay at gRPC's
+    default: a limit there made clients fail with REFUSED_STREAM."""
 
     def channel_args(self) -> list[tuple[str, int]]:
         return [
             ("grpc.max_allowed_incoming_connections", self.max_connections),
             ("grpc.server_handshake_timeout_ms", self.handshake_timeout_ms),
             ("grpc.max_connection_idle_ms", self.max_connection_idle_ms),
+            ("grpc.server.max_pending_requests", max(1, self.max_queued_calls // 4)),
+            ("grpc.server.max_pending_requests_hard_limit", self.max_queued_calls),
         ]
 
 

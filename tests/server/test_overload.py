@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,6 +27,9 @@ import grpc
 import pytest
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2 as ext
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from google.rpc import code_pb2  # type: ignore[import-untyped]  # googleapis-common-protos ships no stubs
 
 from authsvc.config import Settings
 from authsvc.core.keyformat import KeyFormat
@@ -86,11 +90,17 @@ async def call(stub: Stub, key: str) -> tuple[str, float, str]:
 async def test_calls_past_capacity_are_refused_at_once_with_unavailable_and_every_call_is_answered(
     tmp_path: Path, database_url: str
 ) -> None:
-    """8 calls stuck in a slow lookup fill the worker; 300 more are refused at once, UNAVAILABLE, never INTERNAL."""
+    """8 calls stuck in a slow lookup fill the worker; 300 more are refused at once, UNAVAILABLE, never INTERNAL.
+
+    A cached key is allowed throughout, over Authorize and Envoy's Check: a hit
+    never waits, so it needs no slot, and a flood of unknown keys that holds
+    every slot cannot deny it.
+    """
     env = {
         "AUTHSVC_DATABASE_URL": database_url,
         "AUTHSVC_MAX_CONCURRENT_CALLS": "8",
         "AUTHSVC_STORE_TIMEOUT_MS": "3000",
+        "AUTHSVC_MAX_QUEUED_CALLS": "4096",  # the core's queue out of the way: this test is about admission
     }
     with serve_process(env, tmp_path) as server:
         key = create_key(server.target)
@@ -101,19 +111,35 @@ async def test_calls_past_capacity_are_refused_at_once_with_unavailable_and_ever
                 stuck = [asyncio.create_task(call(stub, FORGED.generate().secret)) for _ in range(8)]
                 await asyncio.sleep(0.5)  # all eight are in the worker, waiting for PostgreSQL
                 flood = await asyncio.gather(*(call(stub, FORGED.generate().secret) for _ in range(300)))
-                cached_while_full = await call(stub, key)
+                cached_while_full = [await call(stub, key) for _ in range(20)]
+                checks_while_full = [await envoy_check(channel, key) for _ in range(20)]
+                check_miss_while_full = await envoy_check(channel, FORGED.generate().secret)
             stuck_results = await asyncio.gather(*stuck)
             after = await call(stub, key)
     assert {outcome for outcome, _, _ in flood} == {"UNAVAILABLE"}
     assert all("at capacity" in detail for _, _, detail in flood)
     assert max(seconds for _, seconds, _ in flood) < 1.0, sorted(s for _, s, _ in flood)[-5:]
-    # Even a cached key is refused while every slot is taken: admission comes first.
-    assert cached_while_full[0] == "UNAVAILABLE"
+    # Were hits to need a slot, every one of these would be UNAVAILABLE.
+    assert [outcome for outcome, _, _ in cached_while_full] == ["REASON_OK"] * 20
+    assert checks_while_full == [code_pb2.OK] * 20
+    assert check_miss_while_full == "UNAVAILABLE"  # Check's misses take a slot like Authorize's
     # The stuck calls get their answer once the database answers: nothing was dropped or crashed.
     assert {outcome for outcome, _, _ in stuck_results} <= {"REASON_UNKNOWN_KEY", "UNAVAILABLE"}
     assert after[0] == "REASON_OK"
     assert server.proc.poll() is not None  # stopped by serve_process, not crashed before
     assert "Traceback" not in server.log()
+
+
+async def envoy_check(channel: grpc.aio.Channel, key: str) -> int | str:
+    """Envoy's gRPC Check of a GET with ``key`` in ``x-api-key``: the answer's code, or the call's status name."""
+    request = ext.CheckRequest()
+    request.attributes.request.http.method = "GET"
+    request.attributes.request.http.headers["x-api-key"] = key
+    try:
+        reply = await external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+    return int(reply.status.code)
 
 
 async def http_check(port: int, key: str) -> tuple[int, float, bytes]:
@@ -195,7 +221,7 @@ async def test_http_cache_misses_past_capacity_get_503_at_once_and_service_recov
 async def test_a_cached_key_is_allowed_over_http_while_every_slot_waits_on_the_database(
     tmp_path: Path, database_url: str
 ) -> None:
-    """A cache hit never waits, so it needs no slot: allowed at once while misses are refused (unlike gRPC)."""
+    """A cache hit never waits, so it needs no slot: allowed at once while misses are refused (as over gRPC)."""
     env = {
         "AUTHSVC_DATABASE_URL": database_url,
         "AUTHSVC_MAX_CONCURRENT_CALLS": "4",
@@ -217,6 +243,31 @@ async def test_a_cached_key_is_allowed_over_http_while_every_slot_waits_on_the_d
 
 
 @pytest.mark.slow
+async def test_a_burst_past_the_cores_queue_is_partly_refused_with_cancelled_at_once_and_the_rest_answered(
+    tmp_path: Path, database_url: str
+) -> None:
+    """1000 cache hits sent at the same instant: past ``AUTHSVC_MAX_QUEUED_CALLS`` (16) the core refuses.
+
+    With gRPC's own bound every one would wait its turn: under overload that
+    wait, which no Python code can shed, is what made answers seconds late.
+    """
+    env = {"AUTHSVC_DATABASE_URL": database_url, "AUTHSVC_MAX_QUEUED_CALLS": "16"}
+    with serve_process(env, tmp_path) as server:
+        key = create_key(server.target)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub: Stub = authsvc_pb2_grpc.KeyServiceStub(channel)
+            assert (await call(stub, key))[0] == "REASON_OK"  # now cached
+            burst = await asyncio.gather(*(call(stub, key) for _ in range(1000)))
+            after = [await call(stub, key) for _ in range(20)]
+    outcomes = Counter(outcome for outcome, _, _ in burst)
+    assert set(outcomes) == {"REASON_OK", "CANCELLED"}, outcomes
+    assert outcomes["CANCELLED"] >= 500, outcomes  # past 16 queued, nearly all of a burst of 1000
+    assert max(seconds for outcome, seconds, _ in burst if outcome == "CANCELLED") < 1.0
+    assert [outcome for outcome, _, _ in after] == ["REASON_OK"] * 20  # one at a time: nothing queues
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.slow
 async def test_a_flood_of_unknown_keys_past_the_lookup_queue_is_refused_at_once_while_a_cached_key_works(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -225,6 +276,7 @@ async def test_a_flood_of_unknown_keys_past_the_lookup_queue_is_refused_at_once_
         "AUTHSVC_DATABASE_URL": database_url,
         "AUTHSVC_MAX_WAITING_LOOKUPS": "16",
         "AUTHSVC_STORE_TIMEOUT_MS": "3000",
+        "AUTHSVC_MAX_QUEUED_CALLS": "4096",  # the core's queue out of the way: this test is about lookups
     }
     with serve_process(env, tmp_path) as server:
         key = create_key(server.target)
