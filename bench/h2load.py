@@ -96,6 +96,7 @@ def command(
 def run(
     ports: Sequence[int], path: str, data_file: Path, *, connections: int, streams: int, duration: float,
     warmup: float, log_dir: Path | None = None, during: Callable[[], object] | None = None,
+    prefix: Sequence[str] = (),
 ) -> LoadResult:
     """h2load against ``ports``; with several ports, one h2load per port in parallel (connections split evenly).
 
@@ -104,14 +105,17 @@ def run(
     totals but not in its request counts, which would break the per-answer
     size check). ``during`` is called shortly after the measured run starts,
     while the load runs (e.g. to sample CPU time or the connection split).
+    ``prefix`` goes before h2load's command (``taskset -c 0``: the generator on a core of its own).
     """
     if warmup > 0:
-        run(ports, path, data_file, connections=connections, streams=streams, duration=warmup, warmup=0)
+        run(ports, path, data_file, connections=connections, streams=streams, duration=warmup, warmup=0,
+            prefix=prefix)
     per_port = max(1, connections // len(ports))
     logs = [log_dir / f"h2load-{port}.tsv" if log_dir is not None else None for port in ports]
     procs = [
         subprocess.Popen(
-            command(port, path, data_file, connections=per_port, streams=streams, duration=duration, log_file=log),
+            [*prefix,
+             *command(port, path, data_file, connections=per_port, streams=streams, duration=duration, log_file=log)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for port, log in zip(ports, logs, strict=True)

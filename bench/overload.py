@@ -4,14 +4,24 @@
   send a new well-formed forged key on every call, each a cache miss and a
   lookup; meanwhile one probe repeats a cached valid key and another sends
   distinct uncached valid seed keys, one call at a time. Compared with the
-  same probes on the idle server. h2load cannot send distinct bodies, so the
-  flood is Python, and on 2 cores the flood clients share the CPU with the
-  server: "full capacity" is whatever the cores give the server then.
-* **10x**: h2load measures the cached key's closed-loop capacity (answers/s),
-  then offers 10x that rate open-loop (``--rps`` per connection) for the
-  run. Every request's time comes from h2load's log; refusals (UNAVAILABLE,
-  no DATA frame) are told apart from allows by the DATA bytes received.
-  Server RSS is read before and after.
+  same probes on the idle server, at growing flood concurrency. h2load
+  cannot send distinct bodies, so the flood is Python, and on 2 cores the
+  flood clients share the CPU with the server: "full capacity" is whatever
+  the cores give the server then. The **control**: the same floods and
+  probes against the empty-handler stand-in (``bench.baseline_server``,
+  grpc.aio answering every call at once): the p99 any grpc.aio server gets
+  on this machine under that flood.
+* **10x**: one authsvc worker on core 1, h2load on core 0 (on a machine of
+  two or more cores), so the generator does not take the server's CPU.
+  h2load measures the cached key's closed-loop capacity (allowed answers/s),
+  then offers 10x, then 5x that rate open-loop (``--rps`` per connection).
+  Every request's time comes from h2load's log; refusals (no DATA frame)
+  are told apart from allows by the DATA bytes received. Server RSS is read
+  before and after. The **control**: the same h2load, the same rates,
+  against Envoy on the same core answering every request itself
+  (``direct_response``): what the machine and the generator can carry at
+  all. Where the control misses 100 ms too, the target is out of this
+  machine's reach, whatever the server does.
 * **redis**: authsvc with a rate limit and Redis behind a TCP hop of the
   bench's own that can hang (accept, read, never answer). Serial h2load
   p99 of a rate-limited cached key with Redis up, then hung (after the
@@ -22,18 +32,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from bench import h2load
 from bench.config import BenchConfig
-from bench.procs import PYTHON, ROOT, Processes, rss_bytes
+from bench.procs import PYTHON, ROOT, Processes, cpu_seconds, free_port, rss_bytes, tool, wait_port
 from bench.seed import seed_key
-from bench.servers import Server, authsvc_env, start_authsvc
+from bench.servers import Server, authsvc_env, start_authsvc, start_standin
 from bench.throughput import PATH, authorize, request_body, verify
 
 CACHED = seed_key(0)
@@ -55,59 +68,144 @@ def _result(proc: subprocess.Popen[str], duration: float) -> dict[str, Any]:
     return result
 
 
+#: Calls each of the two flood processes keeps in flight; the last (the most forged keys a second) is the target's.
+FLOOD_CONCURRENCY = (4, 16, 64)
+
+
 def _flood(cfg: BenchConfig, server: Server, log: Any) -> dict[str, Any]:
+    """The probes idle, then under floods of growing concurrency (how the cached key's p99 follows the queue)."""
     d = cfg.unique_duration
     base = int(time.time() * 1000) % 900_000  # fresh seed keys each run: uncached
     idle = [_client(server, "key", d), _client(server, "seed", d, start=base)]
     idle_cached, idle_uncached = (_result(p, d) for p in idle)
-    floods = [_client(server, "forged", d, concurrency=64, connections=4) for _ in range(2)]
-    time.sleep(0.5)
-    probes = [_client(server, "key", d - 1), _client(server, "seed", d - 1, start=base + 50_000)]
-    cached, uncached = (_result(p, d) for p in probes)
-    flood = [_result(p, d) for p in floods]
-    forged_rps = sum(f["calls"] / f["seconds"] for f in flood)
-    out = {"idle_cached": idle_cached, "idle_uncached": idle_uncached, "cached": cached, "uncached": uncached,
-           "flood": flood, "forged_rps": forged_rps}
-    log(f"  flood {forged_rps:.0f} forged keys/s: cached key {cached['allowed_fraction']:.2%} allowed, "
-        f"p99 {cached['p99_ms']:.2f} ms (idle {idle_cached['p99_ms']:.2f}); uncached valid keys "
-        f"{uncached['allowed_fraction']:.2%} allowed (idle {idle_uncached['allowed_fraction']:.2%}); flood outcomes "
-        f"{[f['outcomes'] for f in flood]}")
-    return out
+    levels: dict[str, dict[str, Any]] = {}
+    for n, concurrency in enumerate(FLOOD_CONCURRENCY):
+        floods = [_client(server, "forged", d, concurrency=concurrency, connections=4) for _ in range(2)]
+        time.sleep(0.5)
+        start = base + 50_000 * (n + 1)
+        probes = [_client(server, "key", d - 1), _client(server, "seed", d - 1, start=start)]
+        cached, uncached = (_result(p, d) for p in probes)
+        flood = [_result(p, d) for p in floods]
+        forged_rps = sum(f["calls"] / f["seconds"] for f in flood)
+        levels[str(2 * concurrency)] = {"cached": cached, "uncached": uncached, "flood": flood,
+                                        "forged_rps": forged_rps}
+        log(f"  flood of {2 * concurrency} in flight, {forged_rps:.0f} forged keys/s: cached key "
+            f"{cached['allowed_fraction']:.2%} allowed, p99 {cached['p99_ms']:.2f} ms (idle "
+            f"{idle_cached['p99_ms']:.2f}); uncached valid keys {uncached['allowed_fraction']:.2%} allowed (idle "
+            f"{idle_uncached['allowed_fraction']:.2%}); flood outcomes {[f['outcomes'] for f in flood]}")
+    return {"idle_cached": idle_cached, "idle_uncached": idle_uncached, **levels[str(2 * FLOOD_CONCURRENCY[-1])],
+            "levels": levels}
 
 
-def _tenfold(cfg: BenchConfig, server: Server, log: Any) -> dict[str, Any]:
-    work = cfg.work_dir / "overload"
-    work.mkdir(parents=True, exist_ok=True)
-    body = work / "cached.bin"
-    body.write_bytes(h2load.grpc_frame(request_body(CACHED)))
-    size = verify(server, CACHED)  # an allow's bytes on the wire, frame header included
-    capacity = h2load.run([server.port], PATH, body, connections=cfg.connections, streams=cfg.streams,
-                          duration=cfg.duration / 2, warmup=cfg.warmup)
-    pids = server.worker_pids()
-    rss0 = sum(rss_bytes(p) for p in pids)
-    connections = 100
-    offered = 10 * capacity.rps
-    argv = h2load.command(server.port, PATH, body, connections=connections, streams=1000, duration=cfg.duration,
-                          log_file=work / "tenfold.tsv")
-    argv.insert(1, f"--rps={max(1, round(offered / connections))}")
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=cfg.duration + 60, check=False)
+#: Offered load, as multiples of the closed-loop capacity: the target's 10x, and 5x for where the machine reaches.
+MULTIPLES = (10, 5)
+#: h2load's open-loop connections (each sends ``--rps`` requests a second).
+OPEN_CONNECTIONS = 100
+
+
+def _pinning() -> tuple[list[str], list[str]]:
+    """(server, generator) command prefixes: core 1 and core 0, or nothing on a one-core machine."""
+    if (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
+        return [], []
+    return ["taskset", "-c", "1"], ["taskset", "-c", "0"]
+
+
+def _direct_envoy(procs: Processes, work: Path, pin: list[str], size: int) -> tuple[int, int]:
+    """Envoy answering every request itself with ``size`` bytes of DATA: the control, on the server's core."""
+    port = free_port()
+    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "x" * size}}}
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                 "HttpConnectionManager",
+        "stat_prefix": "control", "codec_type": "AUTO",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    config = {"static_resources": {"listeners": [{
+        "name": "control", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}]}]}}
+    path = work / "envoy-control.json"
+    path.write_text(json.dumps(config, indent=1))
+    envoy = procs.start("envoy-control", [*pin, tool("envoy"), "-c", str(path), "--concurrency", "1",
+                                          "--log-level", "warn", "--base-id", str(port)])
+    wait_port(port, envoy)
+    return port, envoy.pid
+
+
+def _settle(pids: list[int], timeout: float = 20.0) -> float:
+    """Wait until ``pids`` use under 10% of a core (a backlog of the last run drained); the seconds waited.
+
+    The server and the control share one core: what one still works through
+    after its run would otherwise be charged to the next run on that core.
+    """
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        before = cpu_seconds(pids)
+        time.sleep(0.5)
+        if cpu_seconds(pids) - before < 0.05:
+            break
+    return time.monotonic() - start
+
+
+def _open_loop(port: int, body: Path, size: int, rate: float, duration: float, work: Path,
+               pin: list[str]) -> dict[str, Any]:
+    """``rate`` requests/s offered open-loop for ``duration``: answers, allows (by DATA bytes), times."""
+    log_file = work / f"open-{port}.tsv"
+    log_file.unlink(missing_ok=True)
+    argv = [*pin, *h2load.command(port, PATH, body, connections=OPEN_CONNECTIONS, streams=1000, duration=duration,
+                                  log_file=log_file)]
+    argv.insert(len(pin) + 1, f"--rps={max(1, round(rate / OPEN_CONNECTIONS))}")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"h2load failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     result = h2load.parse(proc.stdout)
-    times = sorted(int(line.split("\t")[2]) / 1000 for line in (work / "tenfold.tsv").read_text().splitlines()
+    times = sorted(int(line.split("\t")[2]) / 1000 for line in log_file.read_text().splitlines()
                    if len(line.split("\t")) >= 3)
-    (work / "tenfold.tsv").unlink()
-    rss1 = sum(rss_bytes(p) for p in pids)
+    log_file.unlink()
     allowed = result.data_bytes // size
-    out = {"capacity_rps": capacity.rps, "offered_rps": offered, "answered_rps": result.rps, "done": result.done,
-           "allowed": allowed, "refused": result.done - allowed, "max_ms": times[-1] if times else float("nan"),
-           "p99_ms": times[int(0.99 * len(times))] if times else float("nan"),
-           "over_100ms": sum(t > 100 for t in times),
-           "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20, "errored": result.errored}
-    log(f"  10x: capacity {capacity.rps:.0f}/s, offered {offered:.0f}/s, answered {result.rps:.0f}/s "
-        f"({allowed} allowed, {result.done - allowed} refused, {result.errored} errored), max {out['max_ms']:.1f} ms, "
-        f"{out['over_100ms']} over 100 ms; RSS {out['rss_before_mb']:.0f} -> {out['rss_after_mb']:.0f} MiB")
-    return out
+    return {"offered_rps": rate, "answered_rps": result.rps, "done": result.done, "allowed": allowed,
+            "refused": result.done - allowed, "errored": result.errored,
+            "p99_ms": times[int(0.99 * len(times))] if times else float("nan"),
+            "max_ms": times[-1] if times else float("nan"), "over_100ms": sum(t > 100 for t in times)}
+
+
+def _tenfold(cfg: BenchConfig, procs: Processes, log: Any) -> dict[str, Any]:
+    work = cfg.work_dir / "overload"
+    work.mkdir(parents=True, exist_ok=True)
+    server_pin, generator_pin = _pinning()
+    server = start_authsvc(procs, "authsvc-tenfold", authsvc_env(cfg.database_url), 1, prefix=server_pin)
+    body = work / "cached.bin"
+    body.write_bytes(h2load.grpc_frame(request_body(CACHED)))
+    size = verify(server, CACHED)  # an allow's bytes on the wire, frame header included
+    h2load.run([server.port], PATH, body, connections=cfg.connections, streams=cfg.streams, duration=cfg.warmup,
+               warmup=0)
+    capacity = h2load.run([server.port], PATH, body, connections=cfg.connections, streams=cfg.streams,
+                          duration=cfg.duration / 2, warmup=0, prefix=generator_pin)
+    capacity_rps = capacity.data_bytes // size / capacity.seconds  # allowed answers only: a refusal is not capacity
+    control_port, control_pid = _direct_envoy(procs, work, server_pin, size)  # as many DATA bytes as an allow
+    pids = server.worker_pids()
+    rss0 = sum(rss_bytes(p) for p in pids)
+    runs: dict[str, dict[str, Any]] = {}
+    for multiple in MULTIPLES:
+        rate = multiple * capacity_rps
+        _settle([*pids, control_pid])
+        authsvc = _open_loop(server.port, body, size, rate, cfg.duration, work, generator_pin)
+        if multiple == MULTIPLES[0]:
+            rss1 = sum(rss_bytes(p) for p in pids)
+        _settle([*pids, control_pid])
+        control = _open_loop(control_port, body, size, rate, cfg.duration, work, generator_pin)
+        runs[str(multiple)] = {"authsvc": authsvc, "control": control}
+        log(f"  {multiple}x: capacity {capacity_rps:.0f}/s, offered {rate:.0f}/s: authsvc answered "
+            f"{authsvc['answered_rps']:.0f}/s ({authsvc['allowed']} allowed, {authsvc['refused']} refused, "
+            f"{authsvc['errored']} errored), p99 {authsvc['p99_ms']:.1f} ms, max {authsvc['max_ms']:.1f} ms, "
+            f"{authsvc['over_100ms']} over 100 ms; control p99 {control['p99_ms']:.1f} ms, "
+            f"max {control['max_ms']:.1f} ms, {control['over_100ms']} over 100 ms")
+    procs.stop(server.process)
+    log(f"  RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB over the 10x run; pinned: {bool(server_pin)}")
+    return {"capacity_rps": capacity_rps, "workers": 1, "pinned": bool(server_pin), "runs": runs,
+            "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20}
 
 
 class _HangableHop:
@@ -183,8 +281,12 @@ def run(cfg: BenchConfig, log: Any = print) -> dict[str, Any]:
     with Processes(cfg.work_dir / "overload" / "logs") as procs:
         server = start_authsvc(procs, "authsvc", authsvc_env(cfg.database_url), cfg.workers)
         flood = _flood(cfg, server, log)
-        tenfold = _tenfold(cfg, server, log)
         procs.stop(server.process)
+        log("  the same floods against the empty-handler stand-in (the control):")
+        standin = start_standin(procs, "baseline-flood", "bench.baseline_server", cfg.workers)
+        flood["control"] = _flood(cfg, standin, log)
+        procs.stop(standin.process)
+        tenfold = _tenfold(cfg, procs, log)
         redis = _redis(cfg, procs, log)
     return {"overload": {"flood": flood, "tenfold": tenfold, "redis": redis}}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bench.procs import PYTHON, Process, Processes, free_port, free_port_range, wait_serving
@@ -72,7 +72,10 @@ def authsvc_env(database_url: str, **extra: str | int) -> dict[str, str]:
     return env
 
 
-def start_authsvc(procs: Processes, name: str, env: Mapping[str, str], workers: int) -> Server:
+def start_authsvc(
+    procs: Processes, name: str, env: Mapping[str, str], workers: int, prefix: Sequence[str] = ()
+) -> Server:
+    """``prefix`` goes before the command (``taskset -c 1``: the server's processes on one core)."""
     port = free_port()
     full = {"AUTHSVC_HTTP_AUTHZ_LISTEN": f"127.0.0.1:{free_port()}", **env, "AUTHSVC_LISTEN": f"127.0.0.1:{port}"}
     worker_ports: list[int] = []
@@ -80,7 +83,7 @@ def start_authsvc(procs: Processes, name: str, env: Mapping[str, str], workers: 
         base = free_port_range(workers)
         full["AUTHSVC_WORKER_BASE_PORT"] = str(base)
         worker_ports = [base + i for i in range(workers)]
-    argv = [PYTHON, "-m", "authsvc", "serve", "--workers", str(workers)]
+    argv = [*prefix, PYTHON, "-m", "authsvc", "serve", "--workers", str(workers)]
     return _start(procs, name, argv, full, port, worker_ports)
 
 
