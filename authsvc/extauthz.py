@@ -51,7 +51,6 @@ from authsvc.config import Settings
 from authsvc.core.authorizer import Authorizer, Pending
 from authsvc.core.errors import InvalidArgument
 from authsvc.core.keys import Decision, Principal
-from authsvc.grpc.admission import Admission
 from authsvc.grpc.server import service_handler
 from authsvc.memo import ResponseMemo
 
@@ -265,10 +264,9 @@ def settle(authorizer: Authorizer, question: Question, transport: str) -> Outcom
 class AuthorizationAdapter:
     """``Check``: one HTTP request's attributes in, Envoy's OK or Denied out."""
 
-    def __init__(self, authorizer: Authorizer, routes: RoutePolicy, admission: Admission | None = None) -> None:
+    def __init__(self, authorizer: Authorizer, routes: RoutePolicy) -> None:
         self._authorizer = authorizer
         self._routes = routes
-        self._admission = admission or Admission()
         self._allowed: ResponseMemo[tuple[str, ...], ext.CheckResponse] = ResponseMemo(self._build_allowed)
         self._denied: ResponseMemo[None, ext.CheckResponse] = ResponseMemo(self._build_denied)
         self._misconfigured = denied_response(routes.http.misconfigured)
@@ -280,7 +278,7 @@ class AuthorizationAdapter:
             return self.respond(question)
         outcome = settle(self._authorizer, question, "envoy_grpc")
         if isinstance(outcome, Pending):
-            outcome = question.answered(await self._admission.complete(self._authorizer, outcome))
+            outcome = question.answered(await self._authorizer.complete(outcome))
         return self.respond(outcome)
 
     def respond(self, outcome: Outcome) -> ext.CheckResponse:
@@ -328,10 +326,7 @@ class AuthorizationAdapter:
         return self._misconfigured
 
 
-def service(
-    authorizer: Authorizer, routes: RoutePolicy, admission: Admission | None = None
-) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
-    adapter = AuthorizationAdapter(authorizer, routes, admission)
-    return AUTHORIZATION_SERVICE, service_handler(
-        AUTHORIZATION_SERVICE, adapter, admission=admission, admits_itself=frozenset({"Check"})
-    )
+def service(authorizer: Authorizer, routes: RoutePolicy) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
+    """Check takes its admission slot in ``Authorizer.complete``, for what waits: never in the handler wrapper."""
+    adapter = AuthorizationAdapter(authorizer, routes)
+    return AUTHORIZATION_SERVICE, service_handler(AUTHORIZATION_SERVICE, adapter, admits_itself=frozenset({"Check"}))

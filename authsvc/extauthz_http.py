@@ -36,7 +36,7 @@ suspension; answers are memoized per cached decision, like Check's
 (``authsvc.memo``).
 
 Admission: what waits (a cache miss, a key under a rate limit) takes a slot
-of the process's ``Admission``, the one bound Check and Authorize share
+of the process's ``Admission`` in ``Authorizer.complete``, the one bound Check and Authorize share
 (``AUTHSVC_MAX_CONCURRENT_CALLS``). Without a free slot it is answered at
 once with the answer of a store outage (503, the same body), never queued;
 Envoy then applies ``status_on_error``. A cache hit never waits and needs
@@ -53,7 +53,6 @@ from authsvc.core.authorizer import Authorizer, Pending
 from authsvc.core.errors import Unavailable
 from authsvc.core.keys import Decision
 from authsvc.extauthz import Outcome, Question, RoutePolicy, log_misconfigured, settle
-from authsvc.grpc.admission import Admission
 from authsvc.http_server import Request, Response
 from authsvc.memo import ResponseMemo
 
@@ -84,10 +83,9 @@ def route_settings(headers: Mapping[str, str]) -> Mapping[str, str]:
 class HttpAuthorizationAdapter:
     """The ``http_server`` handler: one Envoy check request in, its answer out."""
 
-    def __init__(self, authorizer: Authorizer, routes: RoutePolicy, admission: Admission | None = None) -> None:
+    def __init__(self, authorizer: Authorizer, routes: RoutePolicy) -> None:
         self._authorizer = authorizer
         self._routes = routes
-        self._admission = admission or Admission()
         http = routes.http
         self._allowed: ResponseMemo[tuple[str, ...], Response] = ResponseMemo(self._build_allowed)
         self._denied: ResponseMemo[None, Response] = ResponseMemo(self._build_denied)
@@ -114,12 +112,12 @@ class HttpAuthorizationAdapter:
     async def _complete(self, question: Question, pending: Pending) -> Response:
         """A cache miss (or a rate-limited key): the one path that waits, on the database or Redis.
 
-        The slot is taken when the task runs (``Admission.complete``, as for
-        Authorize and Check): a task cancelled before it ever ran (its client
-        gone) then holds none, and one cancelled while it waits gives it back.
+        The admission slot is taken when the task runs (``Authorizer.complete``,
+        as for Authorize and Check): a task cancelled before it ever ran (its
+        client gone) then holds none, and one cancelled while it waits gives it back.
         """
         try:
-            decision = await self._admission.complete(self._authorizer, pending)
+            decision = await self._authorizer.complete(pending)
         except Unavailable:  # at capacity, or the store cannot answer: the same 503
             return self._unavailable
         return self.respond(question.answered(decision))

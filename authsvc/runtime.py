@@ -47,6 +47,7 @@ from grpc_health.v1._async import HealthServicer
 
 from authsvc import extauthz, extauthz_http, logs
 from authsvc.config import Settings
+from authsvc.core.admission import Admission
 from authsvc.core.authorizer import Authorizer
 from authsvc.core.errors import ConfigError, Unavailable
 from authsvc.core.fanout import Fanout
@@ -57,7 +58,6 @@ from authsvc.core.ports import NO_METRICS, Recorder
 from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import UsageRecorder
 from authsvc.fdlimit import connection_cap, raise_open_file_limit
-from authsvc.grpc.admission import Admission
 from authsvc.grpc.keyservice import KeyServiceAdapter
 from authsvc.grpc.server import (
     KEY_SERVICE,
@@ -234,6 +234,8 @@ class App:
             breaker_seconds=s.redis_breaker_ms / 1000,
         )
         key_format = KeyFormat(s.key_prefix)
+        #: One bound for every service of the process: Authorize, Check and the HTTP check compete for it.
+        self.admission = Admission(s.max_concurrent_calls)
         self.authorizer = Authorizer(
             self.store,
             s.catalog,
@@ -244,6 +246,7 @@ class App:
             limiter=self.limiter,
             metrics=recorder,
             timer=time.perf_counter,
+            admission=self.admission,
         )
         if self.metrics is not None:
             self.metrics.gauges = self._gauges(cache)
@@ -260,19 +263,12 @@ class App:
         )
         self.routes = extauthz.RoutePolicy.from_settings(s)
         admin = AdminTokens(s.admin_tokens, s.admin_client_names)
-        #: One bound for every service of the process: Authorize, Check and the HTTP check compete for it.
-        self.admission = Admission(s.max_concurrent_calls)
         services = [
             (
                 KEY_SERVICE,
                 service_handler(
                     KEY_SERVICE,
-                    KeyServiceAdapter(
-                        self.manager,
-                        self.authorizer,
-                        WatchAdapter(self.fanout, self.usage, time.time),
-                        self.admission,
-                    ),
+                    KeyServiceAdapter(self.manager, self.authorizer, WatchAdapter(self.fanout, self.usage, time.time)),
                     admin=admin,
                     protected=MANAGEMENT_METHODS,
                     metrics=recorder,
@@ -280,7 +276,7 @@ class App:
                     admits_itself=frozenset({"Authorize"}),
                 ),
             ),
-            extauthz.service(self.authorizer, self.routes, self.admission),
+            extauthz.service(self.authorizer, self.routes),
         ]
         self.health = HealthServicer()
         #: Per listener (gRPC, HTTP ext_authz), below the raised open-file limit.
@@ -333,7 +329,7 @@ class App:
 
     async def _start_http(self, listen: str) -> None:
         """Envoy's ext_authz HTTP protocol, on the same Authorizer, route rules and admission as Check."""
-        self._http_adapter = extauthz_http.HttpAuthorizationAdapter(self.authorizer, self.routes, self.admission)
+        self._http_adapter = extauthz_http.HttpAuthorizationAdapter(self.authorizer, self.routes)
         self._http = HttpServer(
             self._http_adapter,
             Limits(handshake_timeout=self.settings.handshake_timeout_ms / 1000, max_connections=self.connection_cap),

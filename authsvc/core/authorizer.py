@@ -29,6 +29,7 @@ from typing import Final
 
 from authsvc_client._cache import MISS, DecisionCache
 
+from authsvc.core.admission import AT_CAPACITY, Admission
 from authsvc.core.errors import InvalidArgument, Unavailable
 from authsvc.core.keyformat import MAX_KEY_LENGTH, KeyFormat, digest
 from authsvc.core.keys import Decision, Grant, KeyGrant, Reason, ScopeCatalog, decide
@@ -78,6 +79,7 @@ class Authorizer:
         limiter: RateLimiter | None = None,
         metrics: Recorder = NO_METRICS,
         timer: Monotonic | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -88,6 +90,8 @@ class Authorizer:
         self._clock = clock
         self._metrics = metrics
         self._timer = timer if metrics is not NO_METRICS else None
+        #: The process's bound on what waits; ``complete`` takes a slot (``authsvc.core.admission``).
+        self.admission = admission if admission is not None else Admission()
 
     def check(self, key: str, required_scope: str, transport: str = "grpc") -> Decision | Pending:
         """The decision, when no I/O is needed; otherwise what ``complete`` must finish.
@@ -115,23 +119,31 @@ class Authorizer:
         """Finish what ``check`` could not: raises ``Unavailable`` when the store cannot answer (fail closed).
 
         One coroutine, metrics or not: a miss already awaits the store, and
-        every extra coroutine level costs it again on each resumption.
+        every extra coroutine level costs it again on each resumption. What
+        waits takes a slot of the process's ``Admission``; without a free one
+        it raises ``Unavailable`` at once, before any await.
         """
         timer = self._timer
+        admission = self.admission
         try:
-            if pending.allowed is None:
-                record, source = await self.store.find_by_digest(pending.digest)
-                grant = KeyGrant.of(record, self.catalog) if record is not None else None
-                if self.cache is not None:
-                    self.cache.put(pending.digest, grant, pending.epoch, source)
-                answer = self._decide(grant, pending.required_scope, pending.digest)
-                if isinstance(answer, Pending):
-                    answer.transport, answer.started = pending.transport, pending.started
-                    decision = await self._limit(answer)
+            if not admission.try_enter():
+                raise Unavailable(AT_CAPACITY)
+            try:
+                if pending.allowed is None:
+                    record, source = await self.store.find_by_digest(pending.digest)
+                    grant = KeyGrant.of(record, self.catalog) if record is not None else None
+                    if self.cache is not None:
+                        self.cache.put(pending.digest, grant, pending.epoch, source)
+                    answer = self._decide(grant, pending.required_scope, pending.digest)
+                    if isinstance(answer, Pending):
+                        answer.transport, answer.started = pending.transport, pending.started
+                        decision = await self._limit(answer)
+                    else:
+                        decision = answer
                 else:
-                    decision = answer
-            else:
-                decision = await self._limit(pending)
+                    decision = await self._limit(pending)
+            finally:
+                admission.leave()
         except Unavailable:
             if timer is not None:
                 self._metrics.failed("unavailable", pending.transport, timer() - pending.started)

@@ -15,7 +15,6 @@ from authsvc.core.keyformat import digest
 from authsvc.core.keys import Caller, Decision, Reason
 from authsvc.core.manager import KeyManager
 from authsvc.grpc import convert
-from authsvc.grpc.admission import Admission
 from authsvc.grpc.watch import WatchAdapter
 from authsvc.memo import ResponseMemo
 
@@ -29,12 +28,9 @@ def _authorize_bytes(decision: Decision, view: View | None) -> bytes:
 
 
 class KeyServiceAdapter:
-    def __init__(
-        self, manager: KeyManager, authorizer: Authorizer, watch: WatchAdapter, admission: Admission | None = None
-    ) -> None:
+    def __init__(self, manager: KeyManager, authorizer: Authorizer, watch: WatchAdapter) -> None:
         self._manager = manager
         self._authorizer = authorizer
-        self._admission = admission or Admission()
         self.WatchDecisions = watch.WatchDecisions
         # Serialized once per principal too: the gRPC server passes bytes through (``authsvc.grpc.server``).
         self._responses: ResponseMemo[View | None, bytes] = ResponseMemo(_authorize_bytes)
@@ -153,7 +149,7 @@ class KeyServiceAdapter:
         authorizer = self._authorizer
         answer = authorizer.check(key, request.required_scope)
         if isinstance(answer, Pending):  # a miss or a rate limit: the only await on this path
-            decision = await self._admission.complete(authorizer, answer)
+            decision = await authorizer.complete(answer)
             return self._responses(decision, authorizer.client_view(answer.digest))
         response = self._responses.get(answer, FROM_CACHE)
         if response is None:

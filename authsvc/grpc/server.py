@@ -25,10 +25,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from authsvc.access import AdminClient, AdminToken
+from authsvc.core.admission import AT_CAPACITY, Admission
 from authsvc.core.errors import Unauthenticated
 from authsvc.core.keys import ANONYMOUS, Caller
 from authsvc.core.ports import Recorder
-from authsvc.grpc.admission import AT_CAPACITY, Admission
 from authsvc.grpc.status import to_status
 
 KEY_SERVICE = authsvc_pb2.DESCRIPTOR.services_by_name["KeyService"]
@@ -198,7 +198,7 @@ def service_handler(
     with the ``Caller`` that ``admin`` authenticated, and counted by ``metrics``.
     ``admission`` (shared by every service of a process) bounds the calls in flight;
     the ``admits_itself`` methods (Authorize, Check) take its slot only for what
-    waits (``Admission.complete``), so a cache hit is never refused.
+    waits (``Authorizer.complete``), so a cache hit is never refused.
     """
     handlers = {}
     for method in descriptor.methods:
