@@ -84,8 +84,9 @@ class Settings:
     store_timeout_ms: int = 100
     """Authorize's budget for a database lookup; past it the answer is UNAVAILABLE (fail closed)."""
     max_concurrent_calls: int = 1000
-    """Calls one process works on at once, the HTTP check's waiting ones included; more are refused at once
-    with UNAVAILABLE (the HTTP check: 503), to retry."""
+    """Calls one process has waiting at once: cache misses and rate-limited keys (every transport), and
+    management calls; more are refused at once with UNAVAILABLE (the HTTP check: 503), to retry. A cache
+    hit of a key without a rate limit never waits and needs no slot."""
     max_connections: int = 4000
     """Open connections per process; more are closed as they arrive. Lowered to stay below the
     open-file limit (raised to its hard limit at start)."""
@@ -94,7 +95,7 @@ class Settings:
     metrics listeners: the TLS handshake)."""
     max_connection_idle_seconds: int = 300
     """A connection without a call for this long is closed; clients reconnect when they need to."""
-    max_queued_calls: int = 256
+    max_queued_calls: int = 1024
     """Calls the gRPC core holds per process before Python takes them; from half of it some new calls
     are refused (CANCELLED), past it all: the bound on the wait under overload."""
     max_waiting_lookups: int = 1024

@@ -329,4 +329,4 @@ class AuthorizationAdapter:
 def service(authorizer: Authorizer, routes: RoutePolicy) -> tuple[ServiceDescriptor, grpc.GenericRpcHandler]:
     """Check takes its admission slot in ``Authorizer.complete``, for what waits: never in the handler wrapper."""
     adapter = AuthorizationAdapter(authorizer, routes)
-    return AUTHORIZATION_SERVICE, service_handler(AUTHORIZATION_SERVICE, adapter, admits_itself=frozenset({"Check"}))
+    return AUTHORIZATION_SERVICE, service_handler(AUTHORIZATION_SERVICE, adapter)

@@ -234,7 +234,8 @@ class App:
             breaker_seconds=s.redis_breaker_ms / 1000,
         )
         key_format = KeyFormat(s.key_prefix)
-        #: One bound for every service of the process: Authorize, Check and the HTTP check compete for it.
+        #: One bound for every service of the process: what waits in Authorize, Check and the HTTP check
+        #: (``Authorizer.complete``), and management calls (the gRPC wrapper), compete for it.
         self.admission = Admission(s.max_concurrent_calls)
         self.authorizer = Authorizer(
             self.store,
@@ -273,7 +274,6 @@ class App:
                     protected=MANAGEMENT_METHODS,
                     metrics=recorder,
                     admission=self.admission,
-                    admits_itself=frozenset({"Authorize"}),
                 ),
             ),
             extauthz.service(self.authorizer, self.routes),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 
 AT_CAPACITY = "the server is at capacity; retry shortly"
+"""The message of every refusal at capacity (``AtCapacity``), whichever transport answers."""
 
 
 class Admission:

@@ -30,7 +30,7 @@ from typing import Final
 from authsvc_client._cache import MISS, DecisionCache
 
 from authsvc.core.admission import AT_CAPACITY, Admission
-from authsvc.core.errors import InvalidArgument, Unavailable
+from authsvc.core.errors import AtCapacity, InvalidArgument, Unavailable
 from authsvc.core.keyformat import MAX_KEY_LENGTH, KeyFormat, digest
 from authsvc.core.keys import Decision, Grant, KeyGrant, Reason, ScopeCatalog, decide
 from authsvc.core.ports import NO_METRICS, KeyStore, Monotonic, Recorder, WallClock
@@ -121,13 +121,13 @@ class Authorizer:
         One coroutine, metrics or not: a miss already awaits the store, and
         every extra coroutine level costs it again on each resumption. What
         waits takes a slot of the process's ``Admission``; without a free one
-        it raises ``Unavailable`` at once, before any await.
+        it raises ``AtCapacity`` (an ``Unavailable``) at once, before any await.
         """
         timer = self._timer
         admission = self.admission
         try:
             if not admission.try_enter():
-                raise Unavailable(AT_CAPACITY)
+                raise AtCapacity(AT_CAPACITY)
             try:
                 if pending.allowed is None:
                     record, source = await self.store.find_by_digest(pending.digest)
@@ -144,9 +144,10 @@ class Authorizer:
                     decision = await self._limit(pending)
             finally:
                 admission.leave()
-        except Unavailable:
+        except Unavailable as exc:
             if timer is not None:
-                self._metrics.failed("unavailable", pending.transport, timer() - pending.started)
+                reason = "at_capacity" if isinstance(exc, AtCapacity) else "unavailable"
+                self._metrics.failed(reason, pending.transport, timer() - pending.started)
             raise
         if timer is not None:
             self._metrics.decided(decision.reason, pending.transport, pending.cached, timer() - pending.started)

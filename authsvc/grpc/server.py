@@ -174,12 +174,21 @@ def _wrap(
                 return response
             if metrics is not None:
                 metrics.managed(name, code.name)
-            await context.abort(code, message)
+            # A status without an exception, as for the refusal above: ``abort`` raises
+            # through grpc's own handler, the dearest way to answer, and a flood of
+            # unknown keys refused at capacity takes this path.
+            context.set_code(code)
+            context.set_details(message)
+            return None
         finally:
             if admission is not None:
                 admission.leave()
 
     return handler
+
+
+#: KeyService.Authorize and Envoy's Check: their slot is taken in ``Authorizer.complete``, for what waits.
+SELF_ADMITTED = frozenset({"Authorize", "Check"})
 
 
 def service_handler(
@@ -190,7 +199,7 @@ def service_handler(
     protected: frozenset[str] = frozenset(),
     metrics: Recorder | None = None,
     admission: Admission | None = None,
-    admits_itself: frozenset[str] = frozenset(),
+    admits_itself: frozenset[str] = SELF_ADMITTED,
 ) -> grpc.GenericRpcHandler:
     """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``.
 
@@ -237,18 +246,21 @@ class ConnectionLimits:
     """A connection that has not completed TLS and the HTTP/2 preface by then is closed."""
     max_connection_idle_ms: int = 300_000
     """A connection with no call for this long is closed (GOAWAY); clients reconnect on demand."""
-    max_queued_calls: int = 256
+    max_queued_calls: int = 1024
     """Calls the core holds before Python has taken them (``grpc.server.max_pending_requests``).
 
     Python takes one call at a time, and under overload it cannot even refuse
     as fast as calls arrive, so this queue is the wait no Python code can shed:
     at 5x one core's capacity, gRPC's own bound held calls here for up to a
     second. From half of it the core refuses a growing share of new calls
-    (random early drop), past it all of them, with CANCELLED. From a quarter
-    on, a flood of 128 calls in flight had valid keys refused too. The price:
-    a burst of more calls than half of it, sent at the same instant, is
-    partly refused even by an idle process. Streams per connection stay at gRPC's
-    default: a limit there made clients fail with REFUSED_STREAM."""
+    (random early drop), past it all of them, with CANCELLED. The price: a
+    burst of more calls than half of it, arriving at the same instant, is
+    partly refused even by an idle process. Measured (``bench/runs/2026-12-02c``):
+    at 256 the worst wait at 5x was 206-227 ms, but 200 client streams
+    opening together were partly refused, and with refusals from 64 a forged
+    flood of 128 calls in flight had valid keys refused; 1024 absorbs such
+    bursts. Streams per connection stay at gRPC's default: a limit there made
+    clients fail with REFUSED_STREAM."""
 
     def channel_args(self) -> list[tuple[str, int]]:
         return [

@@ -114,15 +114,19 @@ async def test_calls_past_capacity_are_refused_at_once_with_unavailable_and_ever
                 cached_while_full = [await call(stub, key) for _ in range(20)]
                 checks_while_full = [await envoy_check(channel, key) for _ in range(20)]
                 check_miss_while_full = await envoy_check(channel, FORGED.generate().secret)
+                still_stuck = not any(task.done() for task in stuck)  # the slots were full throughout
             stuck_results = await asyncio.gather(*stuck)
             after = await call(stub, key)
     assert {outcome for outcome, _, _ in flood} == {"UNAVAILABLE"}
     assert all("at capacity" in detail for _, _, detail in flood)
     assert max(seconds for _, seconds, _ in flood) < 1.0, sorted(s for _, s, _ in flood)[-5:]
     # Were hits to need a slot, every one of these would be UNAVAILABLE.
+    assert still_stuck
     assert [outcome for outcome, _, _ in cached_while_full] == ["REASON_OK"] * 20
-    assert checks_while_full == [code_pb2.OK] * 20
-    assert check_miss_while_full == "UNAVAILABLE"  # Check's misses take a slot like Authorize's
+    assert [outcome for outcome, _, _ in checks_while_full] == [code_pb2.OK] * 20
+    # Check's misses take a slot like Authorize's: refused at once, not after the 3 s lookup budget.
+    outcome, seconds, detail = check_miss_while_full
+    assert (outcome, "at capacity" in detail) == ("UNAVAILABLE", True) and seconds < 1.0
     # The stuck calls get their answer once the database answers: nothing was dropped or crashed.
     assert {outcome for outcome, _, _ in stuck_results} <= {"REASON_UNKNOWN_KEY", "UNAVAILABLE"}
     assert after[0] == "REASON_OK"
@@ -130,16 +134,18 @@ async def test_calls_past_capacity_are_refused_at_once_with_unavailable_and_ever
     assert "Traceback" not in server.log()
 
 
-async def envoy_check(channel: grpc.aio.Channel, key: str) -> int | str:
-    """Envoy's gRPC Check of a GET with ``key`` in ``x-api-key``: the answer's code, or the call's status name."""
+async def envoy_check(channel: grpc.aio.Channel, key: str) -> tuple[int | str, float, str]:
+    """Envoy's gRPC Check of a GET with ``key`` in ``x-api-key``: (the answer's code, or the call's status
+    name; seconds; the status details)."""
     request = ext.CheckRequest()
     request.attributes.request.http.method = "GET"
     request.attributes.request.http.headers["x-api-key"] = key
+    start = time.monotonic()
     try:
         reply = await external_auth_pb2_grpc.AuthorizationStub(channel).Check(request, timeout=10)
     except grpc.aio.AioRpcError as exc:
-        return exc.code().name
-    return int(reply.status.code)
+        return exc.code().name, time.monotonic() - start, exc.details() or ""
+    return int(reply.status.code), time.monotonic() - start, ""
 
 
 async def http_check(port: int, key: str) -> tuple[int, float, bytes]:

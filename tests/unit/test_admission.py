@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 
 import pytest
 
 from authsvc.config import DEFAULT_CATALOG, load_catalog
 from authsvc.core.admission import AT_CAPACITY, Admission
 from authsvc.core.authorizer import Authorizer, Pending
-from authsvc.core.errors import Unavailable
+from authsvc.core.errors import AtCapacity, Unavailable
 from authsvc.core.keyformat import KeyFormat
 from authsvc.core.keys import Reason
-from authsvc.core.ports import Found
+from authsvc.core.ports import Found, NewKey
+from authsvc.core.ratelimit import RateLimiter
+from authsvc.metrics import Metrics
 from authsvc.storage.memory import InMemoryStore
 
 FORMAT = KeyFormat("authsvc")
@@ -80,3 +83,51 @@ async def test_a_cancelled_or_failed_lookup_gives_its_slot_back() -> None:
     with pytest.raises(Unavailable, match="did not answer"):
         await authorizer.complete(pending(authorizer))
     assert admission.in_flight == 0
+
+
+class GatedCounter:
+    """Redis's part of a rate limit: every count waits for ``gate``."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.count = 0
+
+    async def incr(self, name: str, ttl_seconds: int) -> int:
+        await self.gate.wait()
+        self.count += 1
+        return self.count
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_count_waiting_on_redis_holds_a_slot_and_a_refusal_is_counted_as_at_capacity() -> None:
+    """A rate-limited key's count may wait on Redis: that is waiting too, and overload is not an outage."""
+    store = InMemoryStore()
+    issued = FORMAT.generate()
+    store.insert(
+        NewKey("acme", "ci", issued.display_prefix, issued.digest, ("read",), "alice", None, 0), datetime.now(UTC)
+    )
+    counter = GatedCounter()
+    metrics = Metrics()
+    admission = Admission(1)
+    authorizer = Authorizer(
+        store,
+        load_catalog(DEFAULT_CATALOG),
+        FORMAT,
+        clock=time.time,
+        limiter=RateLimiter(100, 1, counter, monotonic=time.monotonic),
+        metrics=metrics,
+        timer=time.perf_counter,
+        admission=admission,
+    )
+    waiting = asyncio.create_task(authorizer.authorize(issued.secret, "read"))
+    await asyncio.sleep(0.01)
+    assert admission.in_flight == 1 and counter.count == 0  # looked up, now counting on Redis
+    with pytest.raises(AtCapacity, match=AT_CAPACITY):
+        await asyncio.wait_for(authorizer.authorize(FORMAT.generate().secret, "read"), 1)
+    counter.gate.set()
+    assert (await waiting).reason is Reason.OK
+    assert admission.in_flight == 0
+    counted = {(reason, transport): n for reason, transport, n in metrics.snapshot()["authorize"]}
+    assert counted == {("ok", "grpc"): 1, ("at_capacity", "grpc"): 1}  # not "unavailable": no store is down

@@ -41,6 +41,8 @@ from authsvc.core.errors import ConfigError
         ({"AUTHSVC_MAX_ROTATION_GRACE": "7w"}, "AUTHSVC_MAX_ROTATION_GRACE"),
         ({"AUTHSVC_MAX_ROTATION_GRACE": "-1d"}, "AUTHSVC_MAX_ROTATION_GRACE"),
         ({"AUTHSVC_MAX_ROTATION_GRACE": "400d"}, "AUTHSVC_MAX_ROTATION_GRACE"),
+        ({"AUTHSVC_MAX_QUEUED_CALLS": "many"}, "AUTHSVC_MAX_QUEUED_CALLS"),
+        ({"AUTHSVC_MAX_QUEUED_CALLS": "2"}, "AUTHSVC_MAX_QUEUED_CALLS"),  # no queue at all: every burst refused
     ],
 )
 def test_invalid_setting_names_the_variable(env: dict[str, str], variable: str) -> None:

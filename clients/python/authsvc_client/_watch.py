@@ -2,7 +2,7 @@
 
 Opened on the client's first call and kept open: on any end or error the
 cache is dropped at once and the stream reconnects with a backoff (50 ms
-doubling to 1 s); the cache starts again from empty on authsvc's next
+doubling to 1 s, each wait jittered to between half and all of it); the cache starts again from empty on authsvc's next
 heartbeat. Usage reports go up every ``REPORT_SECONDS`` (the contract says
 at least every 5 s).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,12 @@ from authsvc_client.v1.authsvc_pb2_grpc import KeyServiceStub
 REPORT_SECONDS = 2.0
 _FIRST_BACKOFF = 0.05
 _MAX_BACKOFF = 1.0
+
+
+def jittered(backoff: float) -> float:
+    """Between half and all of ``backoff``: clients that lost their streams together (a server restarted)
+    must not all come back at the same instant, where the server's queue would refuse part of them again."""
+    return backoff * (0.5 + random.random() / 2)  # noqa: S311  (spreading retries, not a secret)
 
 
 def report(local: LocalCache) -> pb.WatchDecisionsRequest:
@@ -91,7 +98,7 @@ class AsyncWatch:
                 call.cancel()
             if self._stopping:
                 return
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(jittered(backoff))
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
     async def _report(self, call: Any) -> None:
@@ -145,6 +152,6 @@ class ThreadWatch:
                 pass
             finally:
                 self.local.lost()
-            if self._stopping.wait(backoff):
+            if self._stopping.wait(jittered(backoff)):
                 return
             backoff = min(backoff * 2, _MAX_BACKOFF)
