@@ -19,8 +19,9 @@
   are told apart from allows by the DATA bytes received. Server RSS is read
   before and after. The **control**: the same h2load, the same rates,
   against Envoy on the same core answering every request itself
-  (``direct_response``): what the machine and the generator can carry at
-  all. Where the control misses 100 ms too, the target is out of this
+  (``direct_response``, which Envoy sends a gRPC client as a trailers-only
+  reply: less than an allow): what the machine and the generator can carry
+  at all. Where the control misses 100 ms too, the target is out of this
   machine's reach, whatever the server does.
 * **redis**: authsvc with a rate limit and Redis behind a TCP hop of the
   bench's own that can hang (accept, read, never answer). Serial h2load
@@ -75,7 +76,8 @@ FLOOD_CONCURRENCY = (4, 16, 64)
 def _flood(cfg: BenchConfig, server: Server, log: Any) -> dict[str, Any]:
     """The probes idle, then under floods of growing concurrency (how the cached key's p99 follows the queue)."""
     d = cfg.unique_duration
-    base = int(time.time() * 1000) % 900_000  # fresh seed keys each run: uncached
+    # Fresh seed keys each run (uncached), and every probe's range inside the seeded keys.
+    base = int(time.time() * 1000) % (cfg.seed_keys - 50_000 * (len(FLOOD_CONCURRENCY) + 1))
     idle = [_client(server, "key", d), _client(server, "seed", d, start=base)]
     idle_cached, idle_uncached = (_result(p, d) for p in idle)
     levels: dict[str, dict[str, Any]] = {}
@@ -104,14 +106,21 @@ OPEN_CONNECTIONS = 100
 
 
 def _pinning() -> tuple[list[str], list[str]]:
-    """(server, generator) command prefixes: core 1 and core 0, or nothing on a one-core machine."""
-    if (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
+    """(server, generator) command prefixes: the second and the first CPU this process may use, or
+    nothing with fewer than two (or without ``taskset``)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or shutil.which("taskset") is None:
         return [], []
-    return ["taskset", "-c", "1"], ["taskset", "-c", "0"]
+    return ["taskset", "-c", str(cpus[1])], ["taskset", "-c", str(cpus[0])]
 
 
 def _direct_envoy(procs: Processes, work: Path, pin: list[str], size: int) -> tuple[int, int]:
-    """Envoy answering every request itself with ``size`` bytes of DATA: the control, on the server's core."""
+    """Envoy answering every request itself: the control, on the server's core.
+
+    To a gRPC request (``application/grpc``) Envoy turns ``direct_response``
+    into a trailers-only reply, without DATA: less work than an allow, so the
+    control is an upper bound of what the machine carries.
+    """
     port = free_port()
     route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "x" * size}}}
     hcm = {

@@ -155,7 +155,7 @@ def _overload_targets(ov: dict[str, Any]) -> list[tuple[str, bool, str]]:
         ("Forged-key flood: a cached key keeps >= 99.9% success, p99 <= 5x unloaded",
          c["allowed_fraction"] >= 0.999 and c["p99_ms"] <= 5 * idle["p99_ms"],
          f"{c['allowed_fraction']:.2%}, p99 {c['p99_ms']:.2f} vs {idle['p99_ms']:.2f} ms idle, "
-         f"under {f['forged_rps']:.0f} forged keys/s (floods of {sweep})"),
+         f"under {f['forged_rps']:.0f} forged keys/s" + (f" (floods of {sweep})" if sweep else "")),
         ("Forged-key flood: uncached valid keys keep >= 99% success", f["uncached"]["allowed_fraction"] >= 0.99,
          f"{f['uncached']['allowed_fraction']:.2%} of {f['uncached']['calls']} calls"),
     ]
