@@ -95,7 +95,7 @@ class Settings:
     metrics listeners: the TLS handshake)."""
     max_connection_idle_seconds: int = 300
     """A connection without a call for this long is closed; clients reconnect when they need to."""
-    max_queued_calls: int = 1024
+    max_queued_calls: int = 512
     """Calls the gRPC core holds per process before Python takes them; from half of it some new calls
     are refused (CANCELLED), past it all: the bound on the wait under overload."""
     max_waiting_lookups: int = 1024

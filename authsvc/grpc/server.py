@@ -246,7 +246,7 @@ class ConnectionLimits:
     """A connection that has not completed TLS and the HTTP/2 preface by then is closed."""
     max_connection_idle_ms: int = 300_000
     """A connection with no call for this long is closed (GOAWAY); clients reconnect on demand."""
-    max_queued_calls: int = 1024
+    max_queued_calls: int = 512
     """Calls the core holds before Python has taken them (``grpc.server.max_pending_requests``).
 
     Python takes one call at a time, and under overload it cannot even refuse
@@ -255,12 +255,13 @@ class ConnectionLimits:
     second. From half of it the core refuses a growing share of new calls
     (random early drop), past it all of them, with CANCELLED. The price: a
     burst of more calls than half of it, arriving at the same instant, is
-    partly refused even by an idle process. Measured (``bench/runs/2026-12-02c``):
-    at 256 the worst wait at 5x was 206-227 ms, but 200 client streams
-    opening together were partly refused, and with refusals from 64 a forged
-    flood of 128 calls in flight had valid keys refused; 1024 absorbs such
-    bursts. Streams per connection stay at gRPC's default: a limit there made
-    clients fail with REFUSED_STREAM."""
+    partly refused even by an idle process. Measured at 5x one core's capacity
+    (``bench/runs/2026-12-02c``): 256 gave a p99 of 66-69 ms, but 200 client
+    streams opening together were partly refused; 1024 absorbed them but gave
+    a p99 of 249-268 ms, past Envoy's default ext_authz timeout (200 ms); 512
+    gives 127 ms, the worst 166 ms, and absorbs a burst of 256. Streams per
+    connection stay at gRPC's default: a limit there made clients fail with
+    REFUSED_STREAM."""
 
     def channel_args(self) -> list[tuple[str, int]]:
         return [
