@@ -14,7 +14,7 @@ A denied Authorize is *not* an error: it is a ``Decision``.
      ├── ResourceExhausted    e.g. the organization's active-key limit
  ├── FailedPrecondition   the key's state forbids it (rotating a revoked key); message says why
      ├── Unavailable          the store cannot be reached: fail closed, retry later
-     │    └── AtCapacity      the process has no slot for a call that would wait: retry shortly
+     │    └── AtCapacity      no room for a call that would wait (admission, lookup queue): retry shortly
      ├── Aborted              the store gave up on a conflict (serialization, deadlock): retry now
      └── ConfigError          a start-up setting is wrong (names the variable)
 """
@@ -62,8 +62,9 @@ class Unavailable(AuthsvcError):
 
 
 class AtCapacity(Unavailable):
-    """The process has no admission slot for a call that would wait: UNAVAILABLE to the caller, like an
-    outage, but counted apart (``reason="at_capacity"``) so overload does not read as a store down."""
+    """The process has no room for a call that would wait (no admission slot, the lookup queue full):
+    UNAVAILABLE to the caller, like an outage, but counted apart (``reason="at_capacity"``) so overload
+    does not read as a store down."""
 
 
 class Aborted(AuthsvcError):

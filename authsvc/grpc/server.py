@@ -188,7 +188,7 @@ def _wrap(
 
 
 #: KeyService.Authorize and Envoy's Check: their slot is taken in ``Authorizer.complete``, for what waits.
-SELF_ADMITTED = frozenset({"Authorize", "Check"})
+SELF_ADMITTED = frozenset({"/authsvc.v1.KeyService/Authorize", "/envoy.service.auth.v3.Authorization/Check"})
 
 
 def service_handler(
@@ -228,7 +228,7 @@ def service_handler(
                 admin if method.name in protected else None,
                 metrics if method.name in protected else None,
                 method.name in PEER_METHODS,
-                None if method.name in admits_itself else admission,
+                None if f"/{descriptor.full_name}/{method.name}" in admits_itself else admission,
             ),
             request_deserializer=_lenient(request_class.FromString),
             response_serializer=_passthrough(response_class.SerializeToString),

@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 
 from authsvc.config import scrub
-from authsvc.core.errors import Aborted, ConfigError, Unavailable
+from authsvc.core.errors import Aborted, AtCapacity, ConfigError, Unavailable
 from authsvc.core.keys import Actor, ApiKey, KeyState, Role
 from authsvc.core.ports import (
     NO_METRICS,
@@ -594,7 +594,7 @@ class PostgresStore:
         waiting = self._waiting.get(digest)
         if waiting is None:
             if len(self._waiting) >= self._max_waiting:
-                raise Unavailable(_QUEUE_FULL)
+                raise AtCapacity(_QUEUE_FULL)  # overload, not an outage: counted as at_capacity
             loop = asyncio.get_running_loop()
             if not self._waiting and len(self._lookups) < _LOOKUPS_IN_FLIGHT:
                 loop.call_soon(self._dispatch)

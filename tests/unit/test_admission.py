@@ -55,7 +55,7 @@ async def test_past_the_limit_a_lookup_is_refused_at_once_without_asking_the_sto
     waiting = [asyncio.create_task(authorizer.complete(pending(authorizer))) for _ in range(2)]
     await asyncio.sleep(0)
     assert (store.asked, admission.in_flight) == (2, 2)
-    with pytest.raises(Unavailable, match=AT_CAPACITY):
+    with pytest.raises(AtCapacity, match=AT_CAPACITY):
         await asyncio.wait_for(authorizer.complete(pending(authorizer)), 1)  # at once, or TimeoutError
     assert store.asked == 2  # the refused call never reached the store
     store.gate.set()
@@ -91,8 +91,10 @@ class GatedCounter:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.count = 0
+        self.asked = 0
 
     async def incr(self, name: str, ttl_seconds: int) -> int:
+        self.asked += 1
         await self.gate.wait()
         self.count += 1
         return self.count
@@ -123,7 +125,7 @@ async def test_a_count_waiting_on_redis_holds_a_slot_and_a_refusal_is_counted_as
     )
     waiting = asyncio.create_task(authorizer.authorize(issued.secret, "read"))
     await asyncio.sleep(0.01)
-    assert admission.in_flight == 1 and counter.count == 0  # looked up, now counting on Redis
+    assert (admission.in_flight, counter.asked) == (1, 1)  # looked up, now counting on Redis
     with pytest.raises(AtCapacity, match=AT_CAPACITY):
         await asyncio.wait_for(authorizer.authorize(FORMAT.generate().secret, "read"), 1)
     counter.gate.set()
