@@ -80,12 +80,15 @@ def parse(output: str) -> LoadResult:
 
 def command(
     port: int, path: str, data_file: Path, *, connections: int, streams: int, duration: float,
-    log_file: Path | None = None,
+    log_file: Path | None = None, rps: int | None = None,
 ) -> list[str]:
+    """``rps``: open loop, that many requests a second per connection (h2load's ``--rps``)."""
     argv = [
         "h2load", "-t", "1", "-c", str(connections), "-m", str(streams),
         "-D", f"{duration:g}", "-d", str(data_file),
     ]
+    if rps is not None:
+        argv.append(f"--rps={rps}")
     for header in GRPC_HEADERS:
         argv += ["-H", header]
     if log_file is not None:

@@ -164,8 +164,7 @@ def _open_loop(port: int, body: Path, size: int, rate: float, duration: float, w
     log_file = work / f"open-{port}.tsv"
     log_file.unlink(missing_ok=True)
     argv = [*pin, *h2load.command(port, PATH, body, connections=OPEN_CONNECTIONS, streams=1000, duration=duration,
-                                  log_file=log_file)]
-    argv.insert(len(pin) + 1, f"--rps={max(1, round(rate / OPEN_CONNECTIONS))}")
+                                  log_file=log_file, rps=max(1, round(rate / OPEN_CONNECTIONS)))]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"h2load failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -205,10 +204,8 @@ def _tenfold(cfg: BenchConfig, procs: Processes, log: Any) -> dict[str, Any]:
     body = work / "cached.bin"
     body.write_bytes(h2load.grpc_frame(request_body(CACHED)))
     size = _steady_size(server)
-    h2load.run([server.port], PATH, body, connections=cfg.connections, streams=cfg.streams, duration=cfg.warmup,
-               warmup=0)
     capacity = h2load.run([server.port], PATH, body, connections=cfg.connections, streams=cfg.streams,
-                          duration=cfg.duration / 2, warmup=0, prefix=generator_pin)
+                          duration=cfg.duration / 2, warmup=cfg.warmup, prefix=generator_pin)
     capacity_rps = capacity.data_bytes // size / capacity.seconds  # allowed answers only: a refusal is not capacity
     control_port, control_pid = _direct_envoy(procs, work, server_pin, size)  # as many DATA bytes as an allow
     pids = server.worker_pids()

@@ -199,14 +199,13 @@ def service_handler(
     protected: frozenset[str] = frozenset(),
     metrics: Recorder | None = None,
     admission: Admission | None = None,
-    admits_itself: frozenset[str] = SELF_ADMITTED,
 ) -> grpc.GenericRpcHandler:
     """Handlers for every method of ``descriptor``, implemented by ``servicer.<Method>(request)``.
 
     ``protected`` methods are called as ``servicer.<Method>(request, caller)``,
     with the ``Caller`` that ``admin`` authenticated, and counted by ``metrics``.
     ``admission`` (shared by every service of a process) bounds the calls in flight;
-    the ``admits_itself`` methods (Authorize, Check) take its slot only for what
+    the ``SELF_ADMITTED`` methods (Authorize, Check) take its slot only for what
     waits (``Authorizer.complete``), so a cache hit is never refused.
     """
     handlers = {}
@@ -228,7 +227,7 @@ def service_handler(
                 admin if method.name in protected else None,
                 metrics if method.name in protected else None,
                 method.name in PEER_METHODS,
-                None if f"/{descriptor.full_name}/{method.name}" in admits_itself else admission,
+                None if f"/{descriptor.full_name}/{method.name}" in SELF_ADMITTED else admission,
             ),
             request_deserializer=_lenient(request_class.FromString),
             response_serializer=_passthrough(response_class.SerializeToString),
