@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,7 +35,29 @@ def tool(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+#: Ports are picked below the kernel's ephemeral range, where no outgoing connection takes one
+#: between the pick and the server's bind (a port from ``bind(0)`` is in that range: it did happen).
+_LOW, _HIGH = 10_000, _ephemeral_low()
+_picker = random.Random()
+
+
 def free_port() -> int:
+    """A port free right now, below the ephemeral range when there is room (else any the kernel gives)."""
+    for _ in range(100 if _HIGH - _LOW > 1000 else 0):
+        port = _picker.randrange(_LOW, _HIGH)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -44,7 +67,7 @@ def free_port_range(count: int) -> int:
     """A base port P with P..P+count-1 all free right now."""
     for _ in range(200):
         base = free_port()
-        if base + count >= 65535:
+        if base + count >= (_HIGH if _HIGH - _LOW > 1000 else 65535):
             continue
         try:
             with contextlib.ExitStack() as stack:
