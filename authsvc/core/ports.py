@@ -202,6 +202,11 @@ class KeyStore(Protocol):
         """The hot-path lookup, with the server it read from; bounded by the store's lookup timeout."""
         ...
 
+    async def key_digests(self, after: bytes, limit: int) -> list[bytes]:
+        """Up to ``limit`` stored digests greater than ``after``, in ascending byte order: every key, whatever
+        its state. Pages of ``authsvc.core.known.KnownDigests``' load (``after=b""`` for the first)."""
+        ...
+
     async def record_last_used(
         self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None
     ) -> None:

@@ -61,6 +61,8 @@ _COLUMNS = (
 # Active keys that hold a slot of the org's limit: a key in a rotation's grace
 # period (rotated_to set) does not. $1 = org, $2 = now.
 _LOOKUP = f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ANY($1::bytea[])"
+# Keyset pages by the unique index on key_hash: each page an index range scan, however many keys there are.
+_DIGESTS = "SELECT key_hash FROM api_keys WHERE key_hash > $1 ORDER BY key_hash LIMIT $2"
 _COUNTED_ACTIVE = (
     "SELECT count(*) FROM api_keys WHERE org_id = $1 AND revoke_time IS NULL "
     "AND (expire_time IS NULL OR expire_time > $2) AND rotated_to IS NULL"
@@ -671,6 +673,11 @@ class PostgresStore:
             if not future.done():
                 row = found.get(digest)
                 future.set_result(Found(_to_key(row) if row is not None else None, source))
+
+    async def key_digests(self, after: bytes, limit: int) -> list[bytes]:
+        async with self._connection(self._write_timeout, "key_digests") as conn:
+            rows = await conn.fetch(_DIGESTS, after, limit)
+        return [row[0] for row in rows]
 
     async def record_last_used(
         self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None

@@ -177,6 +177,22 @@ async def test_an_unknown_digest_finds_nothing(backend: Backend) -> None:
     assert (await backend.store.find_by_digest(b"\0" * 32)).key is None
 
 
+async def test_every_stored_digest_pages_out_in_ascending_byte_order_whatever_its_state(backend: Backend) -> None:
+    """What a process's table of stored digests is loaded from (``authsvc.core.known``)."""
+    org = new_org()
+    made = [await create(backend.store, org) for _ in range(3)]
+    await backend.store.revoke_key(org, made[0][0].id, ADMIN, "gone", NOW)
+    seen: list[bytes] = []
+    after = b""
+    while chunk := await backend.store.key_digests(after, 500):
+        seen += chunk
+        after = chunk[-1]
+    assert seen == sorted(set(seen))  # ascending, no repeats, across pages
+    assert {new.digest for _, new, _ in made} <= set(seen)  # the revoked one too
+    first = seen.index(made[1][1].digest)
+    assert await backend.store.key_digests(seen[first], 2) == seen[first + 1 : first + 3]
+
+
 async def test_list_filters_by_state_newest_first_and_pages(backend: Backend) -> None:
     org = new_org()
     store = backend.store
