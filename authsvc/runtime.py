@@ -53,6 +53,7 @@ from authsvc.core.errors import ConfigError, Unavailable
 from authsvc.core.fanout import Fanout
 from authsvc.core.keyformat import KeyFormat
 from authsvc.core.keys import Grant
+from authsvc.core.known import KnownDigests
 from authsvc.core.manager import LEAK_REPORTS_PER_MINUTE, KeyManager
 from authsvc.core.ports import NO_METRICS, Recorder
 from authsvc.core.ratelimit import RateLimiter
@@ -219,6 +220,9 @@ class App:
         cache: DecisionCache[Grant] = DecisionCache(s.cache_size, FRESHNESS, time.monotonic)
         self.feed = PostgresFeed(self.dsn, metrics=recorder)
         self.feed.subscribe(cache)
+        self.known = KnownDigests(self.store, time.monotonic)
+        self.feed.subscribe(self.known)
+        self._known_loader = asyncio.create_task(self.known.run(), name="authsvc-known-digests")
         # After the cache: a client never hears of an invalidation before this process applied it.
         self.fanout = Fanout(lambda: cache.serving)
         self.feed.subscribe(self.fanout)
@@ -248,6 +252,7 @@ class App:
             metrics=recorder,
             timer=time.perf_counter,
             admission=self.admission,
+            known=self.known,
         )
         if self.metrics is not None:
             self.metrics.gauges = self._gauges(cache)
@@ -412,6 +417,9 @@ class App:
             write_snapshot(self.metrics, self.metrics_dir, self.worker)  # the drained calls count too
 
     async def _shutdown_internals(self) -> None:
+        self._known_loader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._known_loader
         await self.feed.stop()
         await self.usage.stop()
         if self.limiter.shared is not None:

@@ -14,6 +14,11 @@ Ordering rules that keep a revoked key out:
 * ``decide`` checks revocation and expiry on every hit, against the clock
   this authorizer was given.
 
+A miss whose digest is not among those the store holds (``KnownDigests``: a
+forged key, most likely) is a *suspect*: looked up only within the table's
+budget, refused as ``AtCapacity`` past it, so a flood of forged keys cannot
+take the lookups that real, uncached keys need.
+
 Every answer (and every call that raised) is reported to the metrics
 ``Recorder`` with its transport, whether it came from the cache, and how
 long it took on the injected ``timer``; with metrics off nothing is timed.
@@ -33,6 +38,7 @@ from authsvc.core.admission import AT_CAPACITY, Admission
 from authsvc.core.errors import AtCapacity, InvalidArgument, Unavailable
 from authsvc.core.keyformat import MAX_KEY_LENGTH, KeyFormat, digest
 from authsvc.core.keys import Decision, Grant, KeyGrant, Reason, ScopeCatalog, decide
+from authsvc.core.known import KnownDigests
 from authsvc.core.ports import NO_METRICS, KeyStore, Monotonic, Recorder, WallClock
 from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import ALLOWED, DENIED, RATE_LIMITED, UsageRecorder
@@ -59,6 +65,8 @@ class Pending:
     transport: str = "grpc"
     started: float = 0.0
     cached: bool = False
+    #: Not among the digests the store held when the feed last spoke (``authsvc.core.known``).
+    suspect: bool = False
 
     def __repr__(self) -> str:  # the digest is not secret, but nothing needs it in a log
         return f"Pending(lookup={self.allowed is None})"
@@ -80,6 +88,7 @@ class Authorizer:
         metrics: Recorder = NO_METRICS,
         timer: Monotonic | None = None,
         admission: Admission | None = None,
+        known: KnownDigests | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -92,6 +101,8 @@ class Authorizer:
         self._timer = timer if metrics is not NO_METRICS else None
         #: The process's bound on what waits; ``complete`` takes a slot (``authsvc.core.admission``).
         self.admission = admission if admission is not None else Admission()
+        #: The stored digests: a miss that is not among them is looked up only within their budget.
+        self.known = known
 
     def check(self, key: str, required_scope: str, transport: str = "grpc") -> Decision | Pending:
         """The decision, when no I/O is needed; otherwise what ``complete`` must finish.
@@ -125,13 +136,18 @@ class Authorizer:
         """
         timer = self._timer
         admission = self.admission
+        known = self.known
         try:
+            if pending.suspect and known is not None and not known.budget.try_take():
+                raise AtCapacity(AT_CAPACITY)  # most likely forged; if not, allowed on retry (see known.py)
             if not admission.try_enter():
                 raise AtCapacity(AT_CAPACITY)
             try:
                 if pending.allowed is None:
                     record, source = await self.store.find_by_digest(pending.digest)
                     grant = KeyGrant.of(record, self.catalog) if record is not None else None
+                    if pending.suspect and record is not None and known is not None:
+                        known.add(pending.digest)  # created since the feed last spoke
                     if self.cache is not None:
                         self.cache.put(pending.digest, grant, pending.epoch, source)
                     answer = self._decide(grant, pending.required_scope, pending.digest)
@@ -172,7 +188,13 @@ class Authorizer:
                 return answer
         if not self.key_format.is_well_formed(key):
             return MALFORMED  # garbage never reaches the store (nor, so, the cache)
-        return Pending(key_digest, required_scope, cache.epoch if cache is not None else 0)
+        known = self.known
+        return Pending(
+            key_digest,
+            required_scope,
+            cache.epoch if cache is not None else 0,
+            suspect=known is not None and known.suspect(key_digest),
+        )
 
     async def _limit(self, pending: Pending) -> Decision:
         assert self.limiter is not None and pending.allowed is not None  # only _decide makes such a Pending
