@@ -3,7 +3,7 @@
     python -m bench.floodclient --target 127.0.0.1:50051 --mode forged --concurrency 64 --duration 5
 
 Modes: ``forged`` (a new well-formed key with a valid checksum on every
-call, unknown to the server: each one a cache miss and a lookup), ``seed``
+call, unknown to the server: each one a cache miss, looked up or refused), ``seed``
 (distinct seed keys from ``--start``: valid keys, uncached) and ``key`` (one
 ``--key`` again and again: cached after its first call). Prints one JSON
 line: calls, outcomes (allowed, denied, or the gRPC code), latency

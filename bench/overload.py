@@ -1,8 +1,10 @@
 """Issue 10's overload targets: a forged-key flood, 10x capacity, a hung Redis.
 
 * **flood**: Python flood processes (``bench.floodclient --mode forged``)
-  send a new well-formed forged key on every call, each a cache miss and a
-  lookup; meanwhile one probe repeats a cached valid key and another sends
+  send a new well-formed forged key on every call, each a cache miss, and
+  a suspect once the server's table of stored digests is loaded (well
+  within the idle probes' seconds): looked up within its budget, refused
+  past it (``authsvc.core.known``); meanwhile one probe repeats a cached valid key and another sends
   distinct uncached valid seed keys, one call at a time. Compared with the
   same probes on the idle server, at growing flood concurrency. h2load
   cannot send distinct bodies, so the flood is Python, and on 2 cores the
@@ -86,17 +88,30 @@ def _flood(cfg: BenchConfig, server: Server, log: Any) -> dict[str, Any]:
         time.sleep(0.5)
         start = base + 50_000 * (n + 1)
         probes = [_client(server, "key", d - 1), _client(server, "seed", d - 1, start=start)]
+        # What the flood costs the server and the database every replica shares, while the probes run.
+        servers, databases = server.pids(), _postgres_pids()
+        began, server_cpu, database_cpu = time.monotonic(), cpu_seconds(servers), cpu_seconds(databases)
         cached, uncached = (_result(p, d) for p in probes)
+        seconds = time.monotonic() - began
+        cpu = {"server_pct": (cpu_seconds(servers) - server_cpu) / seconds * 100,
+               "postgres_pct": (cpu_seconds(databases) - database_cpu) / seconds * 100}
         flood = [_result(p, d) for p in floods]
         forged_rps = sum(f["calls"] / f["seconds"] for f in flood)
         levels[str(2 * concurrency)] = {"cached": cached, "uncached": uncached, "flood": flood,
-                                        "forged_rps": forged_rps}
-        log(f"  flood of {2 * concurrency} in flight, {forged_rps:.0f} forged keys/s: cached key "
+                                        "forged_rps": forged_rps, "cpu": cpu}
+        log(f"  flood of {2 * concurrency} in flight, {forged_rps:.0f} forged keys/s (server "
+            f"{cpu['server_pct']:.0f}%, PostgreSQL {cpu['postgres_pct']:.0f}% of a core): cached key "
             f"{cached['allowed_fraction']:.2%} allowed, p99 {cached['p99_ms']:.2f} ms (idle "
             f"{idle_cached['p99_ms']:.2f}); uncached valid keys {uncached['allowed_fraction']:.2%} allowed (idle "
             f"{idle_uncached['allowed_fraction']:.2%}); flood outcomes {[f['outcomes'] for f in flood]}")
     return {"idle_cached": idle_cached, "idle_uncached": idle_uncached, **levels[str(2 * FLOOD_CONCURRENCY[-1])],
             "levels": levels}
+
+
+def _postgres_pids() -> list[int]:
+    """Every PostgreSQL process on this machine (the bench's database is the only one running then)."""
+    found = subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True).stdout
+    return [int(pid) for pid in found.split()]
 
 
 #: Offered load, as multiples of the closed-loop capacity: the target's 10x, and 5x for where the machine reaches.
