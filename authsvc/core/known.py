@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 #: Digests a load asks the store for at once: a page of 20,000 decodes in a few ms of the event loop.
 PAGE = 20_000
 #: Suspects looked up per second by one process, and the burst it may take at once.
-SUSPECT_RATE = 200.0
-SUSPECT_BURST = 50.0
+SUSPECT_RATE = 50.0
+SUSPECT_BURST = 20.0
 # How long a failed load waits before it tries again (the store was unreachable).
 _RETRY_SECONDS = 1.0
 # Published digests kept apart from the loaded table before a fresh load compacts them (or an eighth of it).

@@ -33,6 +33,7 @@ from google.rpc import code_pb2  # type: ignore[import-untyped]  # googleapis-co
 
 from authsvc.config import Settings
 from authsvc.core.keyformat import KeyFormat
+from authsvc.core.known import SUSPECT_BURST, SUSPECT_RATE
 from tests.extauthz.rawhttp import ask
 from tests.support import (
     ADMIN,
@@ -340,8 +341,9 @@ async def test_forged_keys_past_their_budget_are_refused_unlooked_up_while_store
 ) -> None:
     """A flood of forged keys with valid checksums costs the store at most its budget (``authsvc.core.known``).
 
-    They are not in the server's table of stored digests: past 50 at once and
-    200 a second they are refused at once, UNAVAILABLE, never looked up. Keys
+    They are not in the server's table of stored digests: past the budget
+    (``SUSPECT_BURST`` at once, ``SUSPECT_RATE`` a second) they are refused
+    at once, UNAVAILABLE, never looked up. Keys
     the server stores but has never looked up are allowed throughout, one by
     one while the flood runs, and so is a key created on another replica
     during the flood, once its notification has arrived.
@@ -376,7 +378,7 @@ async def test_forged_keys_past_their_budget_are_refused_unlooked_up_while_store
     assert set(outcomes) <= {"REASON_UNKNOWN_KEY", "UNAVAILABLE"}, outcomes
     assert all("at capacity" in detail for outcome, _, detail in flood if outcome == "UNAVAILABLE")
     looked_up = outcomes["REASON_UNKNOWN_KEY"]  # each of these, and only these, asked the store
-    budget = 50 + 200 * elapsed
+    budget = SUSPECT_BURST + SUSPECT_RATE * elapsed
     assert looked_up <= budget + 20, (looked_up, elapsed)
     assert outcomes["UNAVAILABLE"] >= budget, outcomes  # the budget held something back: the test tested it
     assert max(seconds for outcome, seconds, _ in flood if outcome == "UNAVAILABLE") < 1.0
