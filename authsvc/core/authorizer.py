@@ -38,7 +38,7 @@ from authsvc.core.admission import AT_CAPACITY, Admission
 from authsvc.core.errors import AtCapacity, InvalidArgument, Unavailable
 from authsvc.core.keyformat import MAX_KEY_LENGTH, KeyFormat, digest
 from authsvc.core.keys import Decision, Grant, KeyGrant, Reason, ScopeCatalog, decide
-from authsvc.core.known import KnownDigests
+from authsvc.core.known import UNKNOWN_KEYS, KnownDigests
 from authsvc.core.ports import NO_METRICS, KeyStore, Monotonic, Recorder, WallClock
 from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import ALLOWED, DENIED, RATE_LIMITED, UsageRecorder
@@ -138,11 +138,11 @@ class Authorizer:
         admission = self.admission
         known = self.known
         try:
-            if pending.suspect and known is not None and not known.budget.try_take():
-                raise AtCapacity(AT_CAPACITY)  # most likely forged; if not, allowed on retry (see known.py)
             if not admission.try_enter():
                 raise AtCapacity(AT_CAPACITY)
             try:
+                if pending.suspect and known is not None and not known.budget.try_take():
+                    raise AtCapacity(UNKNOWN_KEYS)  # most likely forged; if not, allowed on retry (see known.py)
                 if pending.allowed is None:
                     record, source = await self.store.find_by_digest(pending.digest)
                     grant = KeyGrant.of(record, self.catalog) if record is not None else None
@@ -239,9 +239,15 @@ class Authorizer:
         return (grant.expire_at, True)
 
     def evict(self, key_digest: bytes) -> None:
-        """This process changed the key: forget it at once, before any notification arrives."""
+        """This process changed the key: forget it at once, before any notification arrives.
+
+        A key it created is known to the table of stored digests at once too:
+        used right away on this replica, it is no suspect.
+        """
         if self.cache is not None:
             self.cache.evict(key_digest)
+        if self.known is not None:
+            self.known.add(key_digest)
 
     def _decide(self, grant: Grant | None, required_scope: str, key_digest: bytes) -> Decision | Pending:
         now = self._clock()

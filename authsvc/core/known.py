@@ -2,29 +2,39 @@
 
 A forged key with a valid checksum is as well-formed as a real one, so
 without more it costs a store lookup, and a flood of them takes the lookup
-capacity that uncached real keys need. This process therefore keeps the
-first four bytes of every stored digest (4 bytes a key: 4 MB for a million
-keys), loaded page by page from the store once its invalidation feed is
-subscribed, and kept current by that feed: every write that can change an
-answer, a creation included, publishes its digest, and each one is added.
+capacity (and the database's CPU, shared by every replica) that uncached
+real keys need. This process therefore keeps the first four bytes of every
+stored digest (4 bytes a key: 4 MB for a million keys), loaded page by page
+from the store once its invalidation feed is subscribed, and kept current by
+that feed: every write that can change an answer, a creation included,
+publishes its digest, and each one is added, as is every key this process
+creates itself.
 
 The table is a priority, never a decision:
 
-* a digest whose prefix is in the table (or any digest while the table is
-  not loaded) is looked up as before;
-* a digest whose prefix is not (a *suspect*: unknown when the feed last
-  spoke, or created since, on another replica, ms ago) is looked up too,
-  but only within ``SuspectBudget``'s rate; past it, it is refused at once
-  as ``AtCapacity`` (UNAVAILABLE, retryable), never denied. A key created a
-  moment ago whose notification has not arrived yet is so at worst refused
-  once during a flood, and allowed on retry: by then the feed added it.
+* a digest whose prefix is in the table (or any digest before the first load)
+  is looked up as before;
+* a digest whose prefix is not (a *suspect*: unknown when the table was last
+  loaded or told, or created since, on another replica, a moment ago) is
+  looked up too, but only within ``SuspectBudget``'s rate; past it, it is
+  refused at once as ``AtCapacity`` (UNAVAILABLE, retryable), never denied.
+  A key created a moment ago whose notification has not arrived yet is so at
+  worst refused once during a flood, and allowed on retry: by then the feed
+  added it.
+
+Since nothing here can deny or allow, the table keeps serving its last load
+through a lost feed and while it reloads: turning it off would hand a flood
+unbudgeted lookups exactly when the database is in trouble. Every
+(re)subscription of the feed asks for a fresh load (changes may have been
+missed before it), after a random delay so that a fleet does not scan the
+table at the same moment; the feed's LISTEN comes before the load's first
+page, so a key is either in a page or in a notification, or both. A load is
+kept only if it finished under the subscription it was asked for and every
+page came from the server that subscription follows.
 
 Four bytes, not 32: a forged digest matches some stored prefix with
 probability n / 2**32 (0.02% for a million keys) and is then merely looked
-up. Loading starts over on every (re)subscription of the feed, since
-changes may have been missed before it; until it is done nothing is
-suspect. LISTEN comes before the load's first page, so a key is either in a
-page or in a notification, or both.
+up.
 
 No I/O here: the store is a port, the loop is the caller's.
 """
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable
@@ -46,45 +57,81 @@ PAGE = 20_000
 #: Suspects looked up per second by one process, and the burst it may take at once.
 SUSPECT_RATE = 50.0
 SUSPECT_BURST = 20.0
-# How long a failed load waits before it tries again (the store was unreachable).
-_RETRY_SECONDS = 1.0
-# Published digests kept apart from the loaded table before a fresh load compacts them (or an eighth of it).
+#: What a suspect refused past the budget is told (a refusal at capacity, retryable).
+UNKNOWN_KEYS = "too many unknown keys are being tried; retry shortly"
+#: Seconds a reload after a resubscription waits at most (uniformly at random) before it starts.
+RELOAD_JITTER = 2.0
+# Published digests kept beside the loaded table before a fresh load folds them in (or an eighth
+# of the table), and past which more are ignored until it has (anyone who may NOTIFY can publish).
 _MIN_ADDED = 65_536
+_MAX_ADDED_FACTOR = 4
+# At most one such compaction this often, so that a flood of notifications cannot keep a
+# process scanning the table; and a failed load backs off from 1 s to this, with jitter.
+_COMPACTION_INTERVAL = 10.0
+_MAX_RETRY_SECONDS = 30.0
+
+
+class ElsewhereError(Exception):
+    """A page came from another server than the one the feed follows (split brain, a failover under way)."""
+
+
+def _holds(prefixes: array[int], p: int) -> bool:
+    i = bisect_left(prefixes, p)
+    return i < len(prefixes) and prefixes[i] == p
 
 
 class KnownDigests:
     """The prefixes of every stored digest, as of this process's feed; subscribe it to that feed.
 
-    ``suspect`` is the hot path's only call. The ``FeedSubscriber`` methods
-    add published digests and mark the table for a reload whenever the feed
-    may have missed something; ``run`` does the loads. Published digests go
-    to a set beside the sorted array, so a key change never moves the array;
-    when the set grows large, a fresh load folds it in.
+    ``suspect`` is the hot path's only call. ``add`` (the feed's ``evict``,
+    and this process's own creations) puts a digest in a set beside the
+    sorted array, so that no key change moves the array; ``run`` does the
+    loads, which the feed's (re)subscriptions and a grown set ask for.
     """
 
-    def __init__(self, store: KeyStore, clock: Monotonic, *, page: int = PAGE,
-                 rate: float = SUSPECT_RATE, burst: float = SUSPECT_BURST) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        clock: Monotonic,
+        *,
+        page: int = PAGE,
+        rate: float = SUSPECT_RATE,
+        burst: float = SUSPECT_BURST,
+        jitter: float = RELOAD_JITTER,
+    ) -> None:
         self._store = store
         self._clock = clock
         self._page = page
+        self._jitter = jitter
         #: How many suspects may be looked up; ``Authorizer.complete`` refuses the rest.
         self.budget = SuspectBudget(clock, rate, burst)
         # ``array('I')`` holds 4-byte unsigned ints on every platform CPython builds for.
         self._prefixes = array("I")
         assert self._prefixes.itemsize == 4
-        #: Published since the table's last load began: a set, so that no key change moves the array.
+        #: Published, and not in ``_prefixes``.
         self._added: set[int] = set()
-        #: While a load runs: what it may not see, kept for when it is done (see ``run``).
-        self._during: set[int] | None = None
+        #: Published since the pending load was asked for: what it may not see (``None``: no load pending).
+        self._since: set[int] | None = None
+        #: A load has finished: from then on the table serves, through feed losses and reloads.
         self.ready = False
+        #: Loads finished so far (a log line each, too).
+        self.loads = 0
+        self._subscribed = False
+        self._source: object = None
+        #: Bumped by every (re)subscription and loss: a load asked for under another one is thrown away.
         self._generation = 0
         self._wanted = asyncio.Event()
+        self._jitter_next = False
+        self._compacted_at = -_COMPACTION_INTERVAL
+        #: A failed load's progress, resumed by its retry: (generation, prefixes so far, last digest).
+        self._partial: tuple[int, array[int], bytes] | None = None
+        self._ignored = False
 
     def __len__(self) -> int:
         return len(self._prefixes) + len(self._added)
 
     def suspect(self, digest: bytes) -> bool:
-        """True when the table is loaded and ``digest``'s prefix is not in it (see the module docstring)."""
+        """True when a table is loaded and ``digest``'s prefix is in neither it nor what was published since."""
         if not self.ready:
             return False
         prefixes = self._prefixes
@@ -93,15 +140,26 @@ class KnownDigests:
         return (i == len(prefixes) or prefixes[i] != p) and p not in self._added
 
     def add(self, digest: bytes) -> None:
-        """``digest`` is (or may now be) stored: never a suspect again."""
+        """``digest`` is (or may now be) stored: never a suspect again (up to the set's bound)."""
         p = int.from_bytes(digest[:4], "big")
+        if _holds(self._prefixes, p):
+            return  # a revocation or an update of a loaded key: nothing new
         added = self._added
+        bound = max(_MIN_ADDED, len(self._prefixes) // 8)
+        if len(added) >= bound * _MAX_ADDED_FACTOR:
+            if not self._ignored:
+                self._ignored = True
+                log.warning("more than %d key digests were published since the last load; ignoring more "
+                            "until the next one (is something flooding the notification channel?)", len(added))
+            return
         added.add(p)
-        if self._during is not None:
-            self._during.add(p)
-        # Bounded even if something floods the channel with digests: a fresh load drops what is not stored.
-        if len(added) > max(_MIN_ADDED, len(self._prefixes) // 8):
-            self._wanted.set()
+        if self._since is not None:
+            self._since.add(p)
+        if len(added) > bound and self._since is None and self._subscribed:
+            now = self._clock()
+            if now - self._compacted_at >= _COMPACTION_INTERVAL:
+                self._compacted_at = now
+                self._request(jitter=False)
 
     # -- what the feed calls --------------------------------------------------
 
@@ -109,74 +167,89 @@ class KnownDigests:
         self.add(digest)
 
     def clear(self) -> None:
-        """An unreadable notification: which digest it named is unknown, so load everything again."""
-        self._reload()
+        """An unreadable notification: not authsvc's (it publishes hex digests only), so no creation. Ignored."""
 
     def alive(self, sent_at: float) -> None:
         """Freshness does not matter here: the table only ever sends a lookup the slower way."""
 
     def synchronised(self, at: float, source: object = None, alive: Callable[[], bool] | None = None) -> None:
-        self._reload()
+        """Subscribed (again) to ``source``: changes may have been missed, so load afresh from that server."""
+        self._subscribed = True
+        self._source = source
+        self._generation += 1
+        self._since = set()
+        self._request(jitter=self.ready)
 
     def desynchronised(self) -> None:
-        """Nothing is suspect until the feed is back and a load has finished after it."""
+        """The feed is lost: a load under way is thrown away; the last one keeps serving (see the module docstring)."""
+        self._subscribed = False
+        self._source = None
         self._generation += 1
-        self.ready = False
-        self._added = set()
+        self._since = None
 
-    def _reload(self) -> None:
-        self.desynchronised()
+    def _request(self, *, jitter: bool) -> None:
+        self._jitter_next = jitter
+        if self._since is None:
+            self._since = set()
         self._wanted.set()
 
     # -- loading ----------------------------------------------------------------
 
     async def run(self) -> None:
-        """Load whenever asked (by the feed, or by a grown ``_added``), until cancelled.
-
-        A load after a (re)subscription makes the table ready; one that only
-        compacts ``_added`` runs while the table keeps serving.
-        """
+        """Load whenever asked, until cancelled."""
+        failures = 0
         while True:
             await self._wanted.wait()
             self._wanted.clear()
-            generation = self._generation
+            if not self._subscribed:
+                continue  # lost meanwhile: the next subscription asks again
+            generation, source = self._generation, self._source
+            if self._jitter_next and self._jitter > 0:
+                await asyncio.sleep(random.uniform(0, self._jitter))  # noqa: S311  (spreading loads, not a secret)
+                if generation != self._generation:
+                    continue
             started = self._clock()
-            # A first load keeps all that was published since the subscription; a compaction only
-            # what comes after its start: anything older that the pages lack is not stored.
-            during = self._during = set(self._added) if not self.ready else set()
             try:
-                loaded = await self._load(generation)
+                loaded = await self._load(generation, source)
             except Exception as exc:  # the store's errors are ``Unavailable``; whatever it is, try again later
-                self._during = None
-                log.warning("loading the stored key digests failed (%s); retrying in %gs",
-                            type(exc).__name__, _RETRY_SECONDS)
-                await asyncio.sleep(_RETRY_SECONDS)
+                failures += 1
+                delay = min(_MAX_RETRY_SECONDS, 2.0 ** (failures - 1)) * random.uniform(0.5, 1.0)  # noqa: S311
+                log.warning("loading the stored key digests failed (%s); retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
                 if generation == self._generation:
+                    self._jitter_next = False
                     self._wanted.set()
                 continue
-            self._during = None
+            failures = 0
             if loaded is None:
-                continue  # the feed resubscribed meanwhile; ``_wanted`` is set again
-            # What was published meanwhile may be newer than the pages: keep what they lack.
-            self._added = {p for p in during if not _holds(loaded, p)}
-            self._prefixes, self.ready = loaded, True
+                continue  # resubscribed or lost meanwhile
+            # What was published since the load was asked for may be newer than its pages: keep what
+            # they lack. What was published before and is not in them is not stored: dropped.
+            since = self._since if self._since is not None else set()
+            self._added = {p for p in since if not _holds(loaded, p)}
+            self._since = None
+            self._prefixes, self.ready, self._ignored = loaded, True, False
+            self.loads += 1
             log.info("loaded %d stored key digests in %.2fs", len(loaded), self._clock() - started)
 
-    async def _load(self, generation: int) -> array[int] | None:
-        prefixes = array("I")
-        after = b""
+    async def _load(self, generation: int, source: object) -> array[int] | None:
+        partial = self._partial
+        if partial is not None and partial[0] == generation:
+            _, prefixes, after = partial  # a retry resumes where the failed page was
+        else:
+            prefixes, after = array("I"), b""
+        self._partial = None
         while generation == self._generation:
-            digests = await self._store.key_digests(after, self._page)
+            digests, read_from = await self._store.key_digests(after, self._page)
+            if read_from is not source:
+                raise ElsewhereError("a page came from another server than the feed follows")
             prefixes.extend([int.from_bytes(d[:4], "big") for d in digests])
             if len(digests) < self._page:
                 return prefixes if generation == self._generation else None
             after = digests[-1]
+            self._partial = (generation, prefixes, after)
+        self._partial = None
         return None
-
-
-def _holds(prefixes: array[int], p: int) -> bool:
-    i = bisect_left(prefixes, p)
-    return i < len(prefixes) and prefixes[i] == p
 
 
 class SuspectBudget:

@@ -117,6 +117,13 @@ class AuditQuery:
     limit: int = 50
 
 
+class DigestPage(NamedTuple):
+    """A page of stored digests (``KeyStore.key_digests``) and the server it was read from (as ``Found``)."""
+
+    digests: list[bytes]
+    source: object = None
+
+
 class Found(NamedTuple):
     """A hot-path lookup's answer: the key (``None``: no such key) and the server it was read from.
 
@@ -202,7 +209,7 @@ class KeyStore(Protocol):
         """The hot-path lookup, with the server it read from; bounded by the store's lookup timeout."""
         ...
 
-    async def key_digests(self, after: bytes, limit: int) -> list[bytes]:
+    async def key_digests(self, after: bytes, limit: int) -> DigestPage:
         """Up to ``limit`` stored digests greater than ``after``, in ascending byte order: every key, whatever
         its state. Pages of ``authsvc.core.known.KnownDigests``' load (``after=b""`` for the first)."""
         ...

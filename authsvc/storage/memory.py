@@ -24,6 +24,7 @@ from authsvc.core.keys import Actor, ApiKey, KeyState
 from authsvc.core.ports import (
     AuditEvent,
     AuditQuery,
+    DigestPage,
     FeedSubscriber,
     Found,
     KeyUpdate,
@@ -263,8 +264,8 @@ class InMemoryStore:
         key_id = self._by_digest.get(digest)
         return Found(self._keys[key_id] if key_id is not None else None)
 
-    async def key_digests(self, after: bytes, limit: int) -> list[bytes]:
-        return sorted(d for d in self._by_digest if d > after)[:limit]
+    async def key_digests(self, after: bytes, limit: int) -> DigestPage:
+        return DigestPage(sorted(d for d in self._by_digest if d > after)[:limit])
 
     async def record_last_used(
         self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None

@@ -35,6 +35,7 @@ from authsvc.core.ports import (
     NO_METRICS,
     AuditEvent,
     AuditQuery,
+    DigestPage,
     Found,
     KeyUpdate,
     NewKey,
@@ -99,7 +100,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 RETRY_ERRORS: tuple[type[BaseException], ...] = (asyncpg.TransactionRollbackError,)
 #: What ``PostgresStore._translate`` maps: everything the driver raises for a call.
 _DRIVER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
-_UNAVAILABLE = "the key store is unavailable; retry shortly"
+#: What a call is told when the store did not answer within its budget (fail closed).
+STORE_UNAVAILABLE = "the key store is unavailable; retry shortly"
 _READ_ONLY = "the database is read-only (no writable primary reached); retry shortly"
 _ABORTED = "the key store aborted the call on a conflict with another; nothing was written, retry it"
 # Lookup queries one process keeps in flight; lookups arriving meanwhile wait
@@ -326,7 +328,7 @@ class PostgresStore:
                 with contextlib.suppress(asyncpg.InterfaceError):
                     connection.terminate()
             _faults.report(exc)
-            return Unavailable(_UNAVAILABLE)
+            return Unavailable(STORE_UNAVAILABLE)
         if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
             # A server that turned read-only under us: have every pooled
             # connection find the writable primary again.
@@ -609,7 +611,7 @@ class PostgresStore:
                 # Shielded: one caller giving up must not cancel the others' answer.
                 return await asyncio.shield(waiting)
         except TimeoutError:
-            raise Unavailable(_UNAVAILABLE) from None
+            raise Unavailable(STORE_UNAVAILABLE) from None
         finally:
             self._leave(digest, waiting)
 
@@ -661,7 +663,7 @@ class PostgresStore:
                 if connection is not None:
                     await self._release(connection)
         except BaseException as exc:  # every waiter learns of the failure; nothing is left hanging
-            error = exc if isinstance(exc, Exception) else Unavailable(_UNAVAILABLE)
+            error = exc if isinstance(exc, Exception) else Unavailable(STORE_UNAVAILABLE)
             for future in batch.values():
                 if not future.done():
                     future.set_exception(error)
@@ -674,10 +676,10 @@ class PostgresStore:
                 row = found.get(digest)
                 future.set_result(Found(_to_key(row) if row is not None else None, source))
 
-    async def key_digests(self, after: bytes, limit: int) -> list[bytes]:
+    async def key_digests(self, after: bytes, limit: int) -> DigestPage:
         async with self._connection(self._write_timeout, "key_digests") as conn:
             rows = await conn.fetch(_DIGESTS, after, limit)
-        return [row[0] for row in rows]
+            return DigestPage([row[0] for row in rows], conn.server)
 
     async def record_last_used(
         self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None

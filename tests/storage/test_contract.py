@@ -184,13 +184,16 @@ async def test_every_stored_digest_pages_out_in_ascending_byte_order_whatever_it
     await backend.store.revoke_key(org, made[0][0].id, ADMIN, "gone", NOW)
     seen: list[bytes] = []
     after = b""
-    while chunk := await backend.store.key_digests(after, 500):
+    while chunk := (await backend.store.key_digests(after, 500)).digests:
         seen += chunk
         after = chunk[-1]
     assert seen == sorted(set(seen))  # ascending, no repeats, across pages
     assert {new.digest for _, new, _ in made} <= set(seen)  # the revoked one too
     first = seen.index(made[1][1].digest)
-    assert await backend.store.key_digests(seen[first], 2) == seen[first + 1 : first + 3]
+    page = await backend.store.key_digests(seen[first], 2)
+    assert page.digests == seen[first + 1 : first + 3]
+    # The server it read from, as a lookup names it: a load is kept only if it matches the feed's.
+    assert page.source is (await backend.store.find_by_digest(made[1][1].digest)).source
 
 
 async def test_list_filters_by_state_newest_first_and_pages(backend: Backend) -> None:

@@ -1,11 +1,13 @@
 """The table of stored digests (``authsvc.core.known``) over the in-memory store, the feed played by the test.
 
 It only ever sends a lookup the slower way: these cases pin that a stored
-key is never a suspect once loaded, that nothing is while a load is missing
-or outdated, and that a suspect past its budget is refused without asking
-the store while one within it is looked up (and allowed, if it exists).
-The end-to-end proof, a real server under a flood of forged keys, is in
-``server/test_overload.py``.
+key is never a suspect once loaded or published, that a load overtaken by
+a resubscription (or read from another server) is thrown away, that the
+last load keeps serving through a lost feed and a reload, that published
+digests stay bounded, and that a suspect past its budget is refused without
+asking the store while one within it is looked up (and allowed, if it
+exists). The end-to-end proof, a real server under a flood of forged keys,
+is in ``server/test_overload.py``.
 """
 
 from __future__ import annotations
@@ -13,27 +15,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import pytest
 
 import authsvc.core.known as known_module
 from authsvc.config import DEFAULT_CATALOG, load_catalog
-from authsvc.core.admission import AT_CAPACITY
 from authsvc.core.authorizer import Authorizer, Pending
-from authsvc.core.errors import AtCapacity
+from authsvc.core.errors import AtCapacity, Unavailable
 from authsvc.core.keyformat import KeyFormat
 from authsvc.core.keyformat import digest as digest_of
 from authsvc.core.keys import Reason
-from authsvc.core.known import KnownDigests, SuspectBudget
-from authsvc.core.ports import Found, NewKey
+from authsvc.core.known import UNKNOWN_KEYS, KnownDigests, SuspectBudget
+from authsvc.core.ports import DigestPage, Found, NewKey
 from authsvc.storage.memory import InMemoryStore
 
 FORMAT = KeyFormat("authsvc")
 
 
 def stored(store: InMemoryStore) -> str:
+    """A key in the store, not published to anything the test does not play itself."""
     issued = FORMAT.generate()
     store.insert(
         NewKey("acme", "ci", issued.display_prefix, issued.digest, ("read",), "alice", None, 0), datetime.now(UTC)
@@ -42,23 +44,31 @@ def stored(store: InMemoryStore) -> str:
 
 
 class CountingStore(InMemoryStore):
-    """Counts lookups and digest pages; a page may be held at ``gate``."""
+    """Counts lookups and digest pages. A page is read, then held until the next gate the test opens."""
 
     def __init__(self) -> None:
         super().__init__()
         self.asked = 0
-        self.pages = 0
-        self.gate: asyncio.Event | None = None
+        self.pages: list[bytes] = []  # each page's ``after``
+        self.gates: list[asyncio.Event] | None = None
+        #: Which calls (0 for the first) fail, as an unreachable database would.
+        self.failing: set[int] = set()
+        self.source: object = None
 
     async def find_by_digest(self, digest: bytes) -> Found:
         self.asked += 1
         return await super().find_by_digest(digest)
 
-    async def key_digests(self, after: bytes, limit: int) -> list[bytes]:
-        self.pages += 1
-        if self.gate is not None:
-            await self.gate.wait()
-        return await super().key_digests(after, limit)
+    async def key_digests(self, after: bytes, limit: int) -> DigestPage:
+        self.pages.append(after)
+        if len(self.pages) - 1 in self.failing:
+            raise Unavailable("the key store did not answer in time")
+        page = await super().key_digests(after, limit)  # read now, as a database snapshot would be
+        if self.gates is not None:
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            await gate.wait()
+        return DigestPage(page.digests, self.source)
 
 
 @contextlib.asynccontextmanager
@@ -72,75 +82,142 @@ async def loading(known: KnownDigests) -> AsyncIterator[None]:
             await task
 
 
-async def until_ready(known: KnownDigests) -> None:
+async def until(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(5):
-        while not known.ready:  # noqa: ASYNC110  # a plain bool: the hot path reads it
+        while not condition():  # noqa: ASYNC110  # plain attributes the table sets
             await asyncio.sleep(0.001)
+
+
+def subscribed(store: CountingStore) -> KnownDigests:
+    """A table whose feed has just subscribed: ``run`` loads it."""
+    known = KnownDigests(store, time.monotonic, jitter=0)
+    known.synchronised(time.monotonic())
+    return known
 
 
 async def test_once_loaded_stored_keys_are_never_suspect_and_unknown_ones_are() -> None:
     store = CountingStore()
     keys = [stored(store) for _ in range(7)]
-    known = KnownDigests(store, time.monotonic, page=3)  # three pages: 3, 3, 1
+    known = KnownDigests(store, time.monotonic, page=3, jitter=0)  # three pages: 3, 3, 1
     assert not known.suspect(FORMAT.generate().digest)  # not loaded: nothing is suspect
     async with loading(known):
         known.synchronised(time.monotonic())
-        await until_ready(known)
-    assert store.pages == 3 and len(known) == 7
+        await until(lambda: known.ready)
+    assert len(store.pages) == 3 and len(known) == 7
     assert not any(known.suspect(digest_of(k)) for k in keys)
     assert all(known.suspect(FORMAT.generate().digest) for _ in range(100))
 
 
-async def test_a_published_digest_is_known_at_once_even_while_a_load_runs() -> None:
-    store = CountingStore()
-    stored(store)
-    known = KnownDigests(store, time.monotonic)
-    store.gate = asyncio.Event()
-    async with loading(known):
-        known.synchronised(time.monotonic())
-        await asyncio.sleep(0.01)  # the load waits at the gate
-        during = FORMAT.generate().digest
-        known.evict(during)  # a creation published while the first page is on its way
-        store.gate.set()
-        await until_ready(known)
-        after = FORMAT.generate().digest
-        known.evict(after)
-    assert not known.suspect(during) and not known.suspect(after)
-
-
-async def test_a_lost_feed_makes_nothing_suspect_until_a_load_after_the_next_subscription() -> None:
-    store = CountingStore()
-    known = KnownDigests(store, time.monotonic)
-    async with loading(known):
-        known.synchronised(time.monotonic())
-        await until_ready(known)
-        forged = FORMAT.generate().digest
-        assert known.suspect(forged)
-        known.desynchronised()
-        assert not known.suspect(forged)  # changes may be missed now: look everything up as before
-        store.gate = asyncio.Event()
-        known.synchronised(time.monotonic())
-        await asyncio.sleep(0.01)
-        assert not known.suspect(forged)  # subscribed again, but not loaded since
-        store.gate.set()
-        await until_ready(known)
-        assert known.suspect(forged)
-
-
 async def test_a_load_overtaken_by_a_resubscription_is_thrown_away() -> None:
     store = CountingStore()
-    first = stored(store)
-    known = KnownDigests(store, time.monotonic)
-    store.gate = asyncio.Event()
+    stored(store)
+    store.gates = []
+    known = subscribed(store)
+    async with loading(known):
+        await until(lambda: len(store.gates or []) == 1)  # the first load holds its page
+        known.synchronised(time.monotonic())  # the feed came back, maybe on another server
+        second = stored(store)  # only the second load's page can hold this one
+        store.gates[0].set()
+        await until(lambda: len(store.gates or []) == 2)  # the second load holds its page
+        assert not known.ready  # the first page was thrown away, not served
+        store.gates[1].set()
+        await until(lambda: known.ready)
+    assert not known.suspect(digest_of(second))
+
+
+async def test_the_last_load_serves_through_a_lost_feed_and_a_reload_sees_what_was_missed() -> None:
+    store = CountingStore()
+    known = subscribed(store)
+    async with loading(known):
+        await until(lambda: known.ready)
+        forged = FORMAT.generate().digest
+        known.desynchronised()
+        missed = stored(store)  # created elsewhere while the feed was down: no notification
+        assert known.ready and known.suspect(forged)  # still serving: suspects are still budgeted
+        assert known.suspect(digest_of(missed))  # a suspect, so looked up within the budget, never denied
+        store.gates = []
+        known.synchronised(time.monotonic())
+        await until(lambda: len(store.gates or []) == 1)  # the reload holds its page
+        published = FORMAT.generate().digest
+        known.evict(published)  # a creation notified while the reload runs
+        assert known.ready and known.suspect(forged) and not known.suspect(published)
+        store.gates[0].set()
+        await until(lambda: known.loads == 2)
+    assert not known.suspect(digest_of(missed)) and not known.suspect(published) and known.suspect(forged)
+
+
+async def test_a_subscription_lost_before_its_load_starts_loads_nothing() -> None:
+    store = CountingStore()
+    known = KnownDigests(store, time.monotonic, jitter=0)
     async with loading(known):
         known.synchronised(time.monotonic())
-        await asyncio.sleep(0.01)  # the first load waits at the gate
-        known.synchronised(time.monotonic())  # the feed came back on another server
-        second = stored(store)  # only the second load can see this one
-        store.gate.set()
-        await until_ready(known)
-    assert store.pages == 2
-    assert not known.suspect(digest_of(first)) and not known.suspect(digest_of(second))
+        known.desynchronised()  # in the same turn: the connection was already gone
+        for _ in range(10):
+            await asyncio.sleep(0)
+    assert store.pages == [] and not known.ready
+
+
+async def test_pages_from_another_server_than_the_feed_follows_are_not_used() -> None:
+    store = CountingStore()
+    stored(store)
+    store.source = object()  # the pool reaches another server than the feed
+    known = subscribed(store)
+    async with loading(known):
+        await until(lambda: len(store.pages) == 1)
+        await asyncio.sleep(0.01)
+    assert not known.ready
+
+
+async def test_a_failed_page_is_retried_from_where_it_failed() -> None:
+    store = CountingStore()
+    keys = [stored(store) for _ in range(5)]
+    store.failing = {1}  # the second page fails, once
+    known = KnownDigests(store, time.monotonic, page=2, jitter=0)
+    async with loading(known):
+        known.synchronised(time.monotonic())
+        await until(lambda: known.ready)  # after a back-off of at most a second
+    first_page_end = sorted(digest_of(k) for k in keys)[1]
+    assert store.pages == [b"", first_page_end, first_page_end, sorted(digest_of(k) for k in keys)[3]]
+    assert not any(known.suspect(digest_of(k)) for k in keys)
+
+
+async def test_an_unreadable_notification_changes_nothing() -> None:
+    store = CountingStore()
+    known = subscribed(store)
+    async with loading(known):
+        await until(lambda: known.ready)
+        known.clear()  # someone else's NOTIFY on the channel
+        await asyncio.sleep(0.01)
+    assert known.ready and len(store.pages) == 1  # no reload: a stranger cannot make every process scan
+
+
+async def test_published_digests_are_folded_in_by_a_fresh_load_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone who may NOTIFY the channel can publish digests: past the bound a load folds them in (what
+    is published during it is kept), and past four times the bound more are ignored until then."""
+    monkeypatch.setattr(known_module, "_MIN_ADDED", 4)
+    store = CountingStore()
+    keys = [stored(store) for _ in range(3)]
+    known = subscribed(store)
+    async with loading(known):
+        await until(lambda: known.ready)
+        store.gates = []
+        bogus = [FORMAT.generate().digest for _ in range(5)]
+        later = stored(store)  # stored, and published like any creation
+        for digest in [*bogus, digest_of(later)]:
+            known.evict(digest)  # the fifth one asks for a compaction
+        await until(lambda: len(store.gates or []) == 1)  # the compaction holds its page
+        during = FORMAT.generate().digest
+        known.evict(during)  # published while the compaction reads: its page may not have it
+        flood = [FORMAT.generate().digest for _ in range(40)]
+        for digest in flood:
+            known.evict(digest)
+        assert len(known) == 3 + 16  # at most four times the bound beside the table
+        assert known.ready and not known.suspect(bogus[0])  # serving all along
+        store.gates[0].set()
+        await until(lambda: known.loads == 2)
+    assert all(known.suspect(d) for d in bogus)  # published before the compaction, not stored: dropped
+    assert not known.suspect(during)
+    assert not any(known.suspect(digest_of(k)) for k in [*keys, later])
 
 
 def test_the_budget_allows_its_burst_then_its_rate() -> None:
@@ -157,11 +234,11 @@ async def test_suspects_past_the_budget_are_refused_without_a_lookup_and_stored_
     store = CountingStore()
     key = stored(store)
     now = [0.0]
-    known = KnownDigests(store, lambda: now[0], rate=1, burst=2)
+    known = KnownDigests(store, lambda: now[0], rate=1, burst=2, jitter=0)
     authorizer = Authorizer(store, load_catalog(DEFAULT_CATALOG), FORMAT, clock=time.time, known=known)
     async with loading(known):
         known.synchronised(0.0)
-        await until_ready(known)
+        await until(lambda: known.ready)
     answers: list[Reason | None] = []
     for _ in range(5):
         pending = authorizer.check(FORMAT.generate().secret, "read")
@@ -169,21 +246,21 @@ async def test_suspects_past_the_budget_are_refused_without_a_lookup_and_stored_
         try:
             answers.append((await authorizer.complete(pending)).reason)
         except AtCapacity as exc:
-            assert str(exc) == AT_CAPACITY
+            assert str(exc) == UNKNOWN_KEYS
             answers.append(None)
     assert answers == [Reason.UNKNOWN_KEY, Reason.UNKNOWN_KEY, None, None, None]
     assert store.asked == 2  # the refused three never reached the store
+    assert authorizer.admission.in_flight == 0  # a refused suspect gave its slot back
     # A stored key is never a suspect: allowed, however spent the budget is.
     assert [(await authorizer.authorize(key, "read")).reason for _ in range(3)] == [Reason.OK] * 3
 
 
 async def test_a_key_created_elsewhere_and_not_yet_published_is_looked_up_and_known_from_then_on() -> None:
     store = CountingStore()
-    known = KnownDigests(store, time.monotonic)
+    known = subscribed(store)
     authorizer = Authorizer(store, load_catalog(DEFAULT_CATALOG), FORMAT, clock=time.time, known=known)
     async with loading(known):
-        known.synchronised(time.monotonic())
-        await until_ready(known)
+        await until(lambda: known.ready)
     key = stored(store)  # in the store; this table never heard of it (no feed here)
     answer = authorizer.check(key, "read")
     assert isinstance(answer, Pending) and answer.suspect
@@ -191,25 +268,13 @@ async def test_a_key_created_elsewhere_and_not_yet_published_is_looked_up_and_kn
     assert not known.suspect(digest_of(key))
 
 
-async def test_published_digests_stay_bounded_a_fresh_load_keeps_only_stored_ones(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Anyone who may NOTIFY the channel can publish digests; past the bound a load folds them in, serving all along."""
-    monkeypatch.setattr(known_module, "_MIN_ADDED", 4)
+async def test_a_key_this_process_created_is_no_suspect_before_its_notification_returns() -> None:
     store = CountingStore()
-    keys = [stored(store) for _ in range(3)]
-    known = KnownDigests(store, time.monotonic)
+    known = subscribed(store)
+    authorizer = Authorizer(store, load_catalog(DEFAULT_CATALOG), FORMAT, clock=time.time, known=known)
     async with loading(known):
-        known.synchronised(time.monotonic())
-        await until_ready(known)
-        bogus = [FORMAT.generate().digest for _ in range(5)]
-        later = stored(store)  # stored, and published like any creation
-        for digest in [*bogus, digest_of(later)]:
-            known.evict(digest)
-        assert known.ready and store.pages == 1  # the fifth published digest asked for a load
-        async with asyncio.timeout(5):
-            while store.pages < 2 or len(known) != 4:  # noqa: ASYNC110  # plain attributes
-                await asyncio.sleep(0.001)
-        assert known.ready
-    assert all(known.suspect(d) for d in bogus)  # not stored: dropped
-    assert not any(known.suspect(digest_of(k)) for k in [*keys, later])
+        await until(lambda: known.ready)
+    key = stored(store)
+    authorizer.evict(digest_of(key))  # what KeyManager calls after it wrote the key
+    answer = authorizer.check(key, "read")
+    assert isinstance(answer, Pending) and not answer.suspect
