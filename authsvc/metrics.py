@@ -161,7 +161,7 @@ class Metrics:
 
 
 def _merge(snapshots: Iterable[Snapshot]) -> Snapshot:
-    """Totals over processes: counters and histograms add up, gauges too except feed_up (the minimum)."""
+    """Totals over processes: counters and histograms add up, gauges too but feed_up and known_loaded (the minimum)."""
     authorize: dict[tuple[str, ...], float] = {}
     duration: dict[tuple[str, ...], Histogram] = {}
     errors: dict[tuple[str, ...], float] = {}
@@ -186,7 +186,7 @@ def _merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         for name in scalars:
             scalars[name] += snap[name]
         for name, value in snap["gauges"].items():
-            if name == "feed_up":
+            if name in ("feed_up", "known_loaded"):
                 gauges[name] = min(gauges.get(name, value), value)
             else:
                 gauges[name] = gauges.get(name, 0) + value
@@ -261,6 +261,11 @@ class Collector:
         )
         yield CounterMetricFamily(
             "authsvc_invalidation_feed_resets", "Times a process lost its invalidation feed.", m["feed_resets"]
+        )
+        yield GaugeMetricFamily(
+            "authsvc_known_digests_loaded",
+            "1 while every process has loaded its table of stored digests (lookups of unknown keys are budgeted).",
+            g.get("known_loaded", 0),
         )
         batches = HistogramMetricFamily("authsvc_store_lookup_batch_size", "Keys per batched store lookup query.")
         histogram(batches, [], m["batches"], BATCH_BUCKETS)

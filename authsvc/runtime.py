@@ -318,13 +318,14 @@ class App:
 
     def _gauges(self, cache: DecisionCache[Grant]) -> Callable[[], dict[str, float]]:
         """Read at snapshot time from the objects that keep these numbers anyway."""
-        pool, limiter = self._pool, self.limiter
+        pool, limiter, known = self._pool, self.limiter, self.known
 
         def gauges() -> dict[str, float]:
             idle = pool.get_idle_size()
             return {
                 "cache_entries": len(cache),
                 "feed_up": 1 if cache.serving else 0,
+                "known_loaded": 1 if known.ready else 0,
                 "pool_idle": idle,
                 "pool_in_use": pool.get_size() - idle,
                 "ratelimit_fallback": limiter.shared_failures,

@@ -35,6 +35,7 @@ NAMES = {
     "authsvc_invalidation_lag_seconds",
     "authsvc_invalidation_feed_up",
     "authsvc_invalidation_feed_resets_total",
+    "authsvc_known_digests_loaded",
     "authsvc_store_lookup_batch_size",
     "authsvc_store_errors_total",
     "authsvc_db_pool_connections",
@@ -114,6 +115,7 @@ async def test_every_metric_is_exported_with_its_exact_name_and_counts_what_was_
         )
         # Both notifications (create, revoke) reach this replica's own listener too.
         await eventually(lambda: value(scrape(app)[1], "authsvc_invalidation_lag_seconds_count") == 2)
+        await eventually(lambda: value(scrape(app)[1], "authsvc_known_digests_loaded") == 1)
         text, samples = scrape(app)
 
     families = {f.name for f in text_string_to_metric_families(text)}
@@ -148,6 +150,7 @@ async def test_every_metric_is_exported_with_its_exact_name_and_counts_what_was_
     assert value(samples, "authsvc_cache_entries") >= 1
     assert value(samples, "authsvc_invalidation_feed_up") == 1
     assert value(samples, "authsvc_invalidation_feed_resets_total") == 0
+    assert value(samples, "authsvc_known_digests_loaded") == 1
     assert value(samples, "authsvc_invalidation_lag_seconds_sum") < 2  # seconds, for two local notifications
     assert value(samples, "authsvc_management_requests_total", method="CreateKey", code="OK") == 1
     assert value(samples, "authsvc_management_requests_total", method="RevokeKey", code="OK") == 1
