@@ -42,6 +42,7 @@ No I/O here: the store is a port, the loop is the caller's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from array import array
@@ -146,15 +147,15 @@ class KnownDigests:
             return  # a revocation or an update of a loaded key: nothing new
         added = self._added
         bound = max(_MIN_ADDED, len(self._prefixes) // 8)
-        if len(added) >= bound * _MAX_ADDED_FACTOR:
-            if not self._ignored:
-                self._ignored = True
-                log.warning("more than %d key digests were published since the last load; ignoring more "
-                            "until the next one (is something flooding the notification channel?)", len(added))
-            return
-        added.add(p)
-        if self._since is not None:
-            self._since.add(p)
+        if len(added) < bound * _MAX_ADDED_FACTOR:
+            added.add(p)
+            if self._since is not None:
+                self._since.add(p)
+        elif not self._ignored:
+            self._ignored = True
+            log.warning("more than %d key digests were published since the last load; ignoring more "
+                        "until the next one (is something flooding the notification channel?)", len(added))
+        # Capped or not, a grown set asks for the load that folds it in, as often as the interval allows.
         if len(added) > bound and self._since is None and self._subscribed:
             now = self._clock()
             if now - self._compacted_at >= _COMPACTION_INTERVAL:
@@ -197,7 +198,7 @@ class KnownDigests:
 
     async def run(self) -> None:
         """Load whenever asked, until cancelled."""
-        failures = 0
+        failures, failed_under = 0, -1
         while True:
             await self._wanted.wait()
             self._wanted.clear()
@@ -212,10 +213,13 @@ class KnownDigests:
             try:
                 loaded = await self._load(generation, source)
             except Exception as exc:  # the store's errors are ``Unavailable``; whatever it is, try again later
-                failures += 1
+                failures = failures + 1 if failed_under == generation else 1
+                failed_under = generation
                 delay = min(_MAX_RETRY_SECONDS, 2.0 ** (failures - 1)) * random.uniform(0.5, 1.0)  # noqa: S311
                 log.warning("loading the stored key digests failed (%s); retrying in %.1fs", type(exc).__name__, delay)
-                await asyncio.sleep(delay)
+                # A resubscription meanwhile asks for its own load at once: the back-off is this one's.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wanted.wait(), delay)
                 if generation == self._generation:
                     self._jitter_next = False
                     self._wanted.set()
@@ -239,17 +243,18 @@ class KnownDigests:
         else:
             prefixes, after = array("I"), b""
         self._partial = None
-        while generation == self._generation:
+        while True:
             digests, read_from = await self._store.key_digests(after, self._page)
+            if generation != self._generation:
+                return None  # overtaken by a resubscription or a loss: not a failure, and nothing to resume
             if read_from is not source:
                 raise ElsewhereError("a page came from another server than the feed follows")
             prefixes.extend([int.from_bytes(d[:4], "big") for d in digests])
             if len(digests) < self._page:
-                return prefixes if generation == self._generation else None
+                self._partial = None
+                return prefixes
             after = digests[-1]
-            self._partial = (generation, prefixes, after)
-        self._partial = None
-        return None
+            self._partial = (generation, prefixes, after)  # until the next page is read: what a retry resumes
 
 
 class SuspectBudget:

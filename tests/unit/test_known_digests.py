@@ -22,6 +22,7 @@ import pytest
 
 import authsvc.core.known as known_module
 from authsvc.config import DEFAULT_CATALOG, load_catalog
+from authsvc.core.admission import AT_CAPACITY, Admission
 from authsvc.core.authorizer import Authorizer, Pending
 from authsvc.core.errors import AtCapacity, Unavailable
 from authsvc.core.keyformat import KeyFormat
@@ -278,3 +279,76 @@ async def test_a_key_this_process_created_is_no_suspect_before_its_notification_
     authorizer.evict(digest_of(key))  # what KeyManager calls after it wrote the key
     answer = authorizer.check(key, "read")
     assert isinstance(answer, Pending) and not answer.suspect
+
+
+async def test_a_compaction_of_a_multi_page_table_reads_it_all_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(known_module, "_MIN_ADDED", 2)
+    store = CountingStore()
+    keys = [stored(store) for _ in range(5)]
+    known = KnownDigests(store, time.monotonic, page=2, jitter=0)  # pages of 2, 2, 1
+    async with loading(known):
+        known.synchronised(time.monotonic())
+        await until(lambda: known.loads == 1)
+        later = [stored(store) for _ in range(3)]  # created elsewhere, then published
+        for key in later:
+            known.evict(digest_of(key))  # the third asks for a compaction
+        await until(lambda: known.loads == 2)
+    assert store.pages[3] == b""  # the compaction started from the first page, not from the last load's end
+    assert len(known) == 8 and not any(known.suspect(digest_of(k)) for k in [*keys, *later])
+
+
+async def test_a_load_under_way_when_the_feed_is_lost_is_thrown_away() -> None:
+    store = CountingStore()
+    stored(store)
+    store.gates = []
+    known = subscribed(store)
+    async with loading(known):
+        await until(lambda: len(store.gates or []) == 1)
+        known.desynchronised()  # the feed is gone while the page is on its way
+        store.gates[0].set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+    assert not known.ready and known.loads == 0
+
+
+async def test_compactions_come_at_most_once_an_interval_and_a_capped_set_still_gets_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(known_module, "_MIN_ADDED", 2)
+    monkeypatch.setattr(known_module, "_COMPACTION_INTERVAL", 0.3)
+    store = CountingStore()
+    known = subscribed(store)
+    async with loading(known):
+        await until(lambda: known.loads == 1)
+        for _ in range(3):
+            known.evict(FORMAT.generate().digest)  # not stored: junk on the channel
+        await until(lambda: known.loads == 2)
+        for _ in range(20):  # past the cap (4 x 2) within the interval: no load, more are ignored
+            known.evict(FORMAT.generate().digest)
+        await asyncio.sleep(0.05)
+        assert known.loads == 2 and len(known) == 8
+        await asyncio.sleep(0.3)
+        real = stored(store)
+        known.evict(digest_of(real))  # ignored (capped), but the interval is over: a compaction
+        await until(lambda: known.loads == 3)
+    assert len(known) == 1 and not known.suspect(digest_of(real))  # the junk is gone, the stored key is in
+
+
+async def test_a_suspect_refused_for_want_of_a_slot_keeps_its_budget_token() -> None:
+    store = CountingStore()
+    known = KnownDigests(store, time.monotonic, rate=0.001, burst=1, jitter=0)
+    admission = Admission(0)
+    authorizer = Authorizer(
+        store, load_catalog(DEFAULT_CATALOG), FORMAT, clock=time.time, known=known, admission=admission
+    )
+    async with loading(known):
+        known.synchronised(time.monotonic())
+        await until(lambda: known.ready)
+    pending = authorizer.check(FORMAT.generate().secret, "read")
+    assert isinstance(pending, Pending) and pending.suspect
+    with pytest.raises(AtCapacity, match=AT_CAPACITY):
+        await authorizer.complete(pending)
+    admission.limit = 1
+    again = authorizer.check(FORMAT.generate().secret, "read")
+    assert isinstance(again, Pending)
+    assert (await authorizer.complete(again)).reason is Reason.UNKNOWN_KEY  # the one token was still there
