@@ -109,13 +109,21 @@ async def test_once_loaded_stored_keys_are_never_suspect_and_unknown_ones_are() 
     assert all(known.suspect(FORMAT.generate().digest) for _ in range(100))
 
 
-async def test_a_load_overtaken_by_a_resubscription_is_thrown_away() -> None:
+@contextlib.asynccontextmanager
+async def first_page_held() -> AsyncIterator[tuple[CountingStore, KnownDigests]]:
+    """A table whose first load has read its page (of one key) and holds it until the test opens the gate."""
     store = CountingStore()
     stored(store)
     store.gates = []
     known = subscribed(store)
     async with loading(known):
-        await until(lambda: len(store.gates or []) == 1)  # the first load holds its page
+        await until(lambda: len(store.gates or []) == 1)
+        yield store, known
+
+
+async def test_a_load_overtaken_by_a_resubscription_is_thrown_away() -> None:
+    async with first_page_held() as (store, known):
+        assert store.gates is not None
         known.synchronised(time.monotonic())  # the feed came back, maybe on another server
         second = stored(store)  # only the second load's page can hold this one
         store.gates[0].set()
@@ -256,12 +264,18 @@ async def test_suspects_past_the_budget_are_refused_without_a_lookup_and_stored_
     assert [(await authorizer.authorize(key, "read")).reason for _ in range(3)] == [Reason.OK] * 3
 
 
-async def test_a_key_created_elsewhere_and_not_yet_published_is_looked_up_and_known_from_then_on() -> None:
+async def loaded_authorizer() -> tuple[CountingStore, KnownDigests, Authorizer]:
+    """An authorizer whose table has loaded an empty store (the loader stopped after it)."""
     store = CountingStore()
     known = subscribed(store)
     authorizer = Authorizer(store, load_catalog(DEFAULT_CATALOG), FORMAT, clock=time.time, known=known)
     async with loading(known):
         await until(lambda: known.ready)
+    return store, known, authorizer
+
+
+async def test_a_key_created_elsewhere_and_not_yet_published_is_looked_up_and_known_from_then_on() -> None:
+    store, known, authorizer = await loaded_authorizer()
     key = stored(store)  # in the store; this table never heard of it (no feed here)
     answer = authorizer.check(key, "read")
     assert isinstance(answer, Pending) and answer.suspect
@@ -270,11 +284,7 @@ async def test_a_key_created_elsewhere_and_not_yet_published_is_looked_up_and_kn
 
 
 async def test_a_key_this_process_created_is_no_suspect_before_its_notification_returns() -> None:
-    store = CountingStore()
-    known = subscribed(store)
-    authorizer = Authorizer(store, load_catalog(DEFAULT_CATALOG), FORMAT, clock=time.time, known=known)
-    async with loading(known):
-        await until(lambda: known.ready)
+    store, _, authorizer = await loaded_authorizer()
     key = stored(store)
     authorizer.evict(digest_of(key))  # what KeyManager calls after it wrote the key
     answer = authorizer.check(key, "read")
@@ -298,12 +308,8 @@ async def test_a_compaction_of_a_multi_page_table_reads_it_all_again(monkeypatch
 
 
 async def test_a_load_under_way_when_the_feed_is_lost_is_thrown_away() -> None:
-    store = CountingStore()
-    stored(store)
-    store.gates = []
-    known = subscribed(store)
-    async with loading(known):
-        await until(lambda: len(store.gates or []) == 1)
+    async with first_page_held() as (store, known):
+        assert store.gates is not None
         known.desynchronised()  # the feed is gone while the page is on its way
         store.gates[0].set()
         for _ in range(10):
