@@ -229,7 +229,8 @@ class Collector:
         yield info
         decisions = CounterMetricFamily(
             "authsvc_authorize",
-            "Authorize answers by reason (and the errors unavailable, at_capacity, invalid_argument), by transport.",
+            "Authorize answers by reason (and the errors unavailable, at_capacity, unknown_key_budget, "
+            "invalid_argument), by transport.",
             labels=["reason", "transport"],
         )
         for (reason, transport), value in sorted(m["authorize"].items()):

@@ -35,7 +35,7 @@ from typing import Final
 from authsvc_client._cache import MISS, DecisionCache
 
 from authsvc.core.admission import AT_CAPACITY, Admission
-from authsvc.core.errors import AtCapacity, InvalidArgument, Unavailable
+from authsvc.core.errors import AtCapacity, InvalidArgument, OverUnknownKeyBudget, Unavailable
 from authsvc.core.keyformat import MAX_KEY_LENGTH, KeyFormat, digest
 from authsvc.core.keys import Decision, Grant, KeyGrant, Reason, ScopeCatalog, decide
 from authsvc.core.known import UNKNOWN_KEYS, KnownDigests
@@ -142,7 +142,7 @@ class Authorizer:
                 raise AtCapacity(AT_CAPACITY)
             try:
                 if pending.suspect and known is not None and not known.budget.try_take():
-                    raise AtCapacity(UNKNOWN_KEYS)  # most likely forged; if not, allowed on retry (see known.py)
+                    raise OverUnknownKeyBudget(UNKNOWN_KEYS)  # most likely forged; else allowed on retry (known.py)
                 if pending.allowed is None:
                     record, source = await self.store.find_by_digest(pending.digest)
                     grant = KeyGrant.of(record, self.catalog) if record is not None else None
@@ -162,7 +162,13 @@ class Authorizer:
                 admission.leave()
         except Unavailable as exc:
             if timer is not None:
-                reason = "at_capacity" if isinstance(exc, AtCapacity) else "unavailable"
+                reason = (
+                    "unknown_key_budget"
+                    if isinstance(exc, OverUnknownKeyBudget)
+                    else "at_capacity"
+                    if isinstance(exc, AtCapacity)
+                    else "unavailable"
+                )
                 self._metrics.failed(reason, pending.transport, timer() - pending.started)
             raise
         if timer is not None:

@@ -15,6 +15,7 @@ A denied Authorize is *not* an error: it is a ``Decision``.
  ├── FailedPrecondition   the key's state forbids it (rotating a revoked key); message says why
      ├── Unavailable          the store cannot be reached: fail closed, retry later
      │    └── AtCapacity      no room for a call that would wait (admission, lookup queue): retry shortly
+     │         └── OverUnknownKeyBudget  a key the store does not hold, past the budget of such lookups
      ├── Aborted              the store gave up on a conflict (serialization, deadlock): retry now
      └── ConfigError          a start-up setting is wrong (names the variable)
 """
@@ -65,6 +66,12 @@ class AtCapacity(Unavailable):
     """The process has no room for a call that would wait (no admission slot, the lookup queue full):
     UNAVAILABLE to the caller, like an outage, but counted apart (``reason="at_capacity"``) so overload
     does not read as a store down."""
+
+
+class OverUnknownKeyBudget(AtCapacity):
+    """A key the store does not hold (``authsvc.core.known``), past this process's budget of such lookups:
+    refused like any call at capacity, but counted apart (``reason="unknown_key_budget"``), since many
+    of them mean someone is trying forged keys, not that the process is short of room."""
 
 
 class Aborted(AuthsvcError):

@@ -213,7 +213,7 @@ def test_prometheus_sees_the_totals_of_both_workers(
 
         # The shipped rules load into a real Prometheus, and nothing fires on a healthy service.
         rules = json.loads(http_get(f"{prometheus.url}/api/v1/rules"))["data"]["groups"][0]["rules"]
-        assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), rules  # every rule of alerts.yaml
+        assert len(rules) == 8 and all(r["health"] == "ok" for r in rules), rules  # every rule of alerts.yaml
         assert [r["name"] for r in rules if r["state"] == "firing"] == []
         # Every query of the shipped dashboard is valid PromQL that Prometheus evaluates.
         dashboard = json.loads((DEPLOY / "grafana" / "authsvc.json").read_text())

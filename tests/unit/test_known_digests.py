@@ -24,12 +24,13 @@ import authsvc.core.known as known_module
 from authsvc.config import DEFAULT_CATALOG, load_catalog
 from authsvc.core.admission import AT_CAPACITY, Admission
 from authsvc.core.authorizer import Authorizer, Pending
-from authsvc.core.errors import AtCapacity, Unavailable
+from authsvc.core.errors import AtCapacity, OverUnknownKeyBudget, Unavailable
 from authsvc.core.keyformat import KeyFormat
 from authsvc.core.keyformat import digest as digest_of
 from authsvc.core.keys import Reason
 from authsvc.core.known import UNKNOWN_KEYS, KnownDigests, SuspectBudget
 from authsvc.core.ports import DigestPage, Found, NewKey
+from authsvc.metrics import Metrics
 from authsvc.storage.memory import InMemoryStore
 
 FORMAT = KeyFormat("authsvc")
@@ -358,3 +359,28 @@ async def test_a_suspect_refused_for_want_of_a_slot_keeps_its_budget_token() -> 
     again = authorizer.check(FORMAT.generate().secret, "read")
     assert isinstance(again, Pending)
     assert (await authorizer.complete(again)).reason is Reason.UNKNOWN_KEY  # the one token was still there
+
+
+async def test_a_refusal_past_the_budget_is_counted_apart_from_capacity() -> None:
+    """An alert tells a forged-key flood (``unknown_key_budget``) from a process short of room (``at_capacity``)."""
+    store = CountingStore()
+    metrics = Metrics()
+    known = KnownDigests(store, time.monotonic, rate=0.001, burst=1, jitter=0)
+    authorizer = Authorizer(
+        store,
+        load_catalog(DEFAULT_CATALOG),
+        FORMAT,
+        clock=time.time,
+        known=known,
+        metrics=metrics,
+        timer=time.perf_counter,
+        admission=Admission(1),
+    )
+    async with loading(known):
+        known.synchronised(time.monotonic())
+        await until(lambda: known.ready)
+    assert (await authorizer.authorize(FORMAT.generate().secret, "read")).reason is Reason.UNKNOWN_KEY
+    with pytest.raises(OverUnknownKeyBudget, match=UNKNOWN_KEYS):
+        await authorizer.authorize(FORMAT.generate().secret, "read")
+    counted = {(reason, transport): n for reason, transport, n in metrics.snapshot()["authorize"]}
+    assert counted == {("unknown_key", "grpc"): 1, ("unknown_key_budget", "grpc"): 1}
