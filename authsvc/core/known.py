@@ -17,10 +17,10 @@ The table is a priority, never a decision:
 * a digest whose prefix is not (a *suspect*: unknown when the table was last
   loaded or told, or created since, on another replica, a moment ago) is
   looked up too, but only within ``SuspectBudget``'s rate; past it, it is
-  refused at once as ``AtCapacity`` (UNAVAILABLE, retryable), never denied.
-  A key created a moment ago whose notification has not arrived yet is so at
-  worst refused once during a flood, and allowed on retry: by then the feed
-  added it.
+  refused at once (``OverUnknownKeyBudget``: UNAVAILABLE, retryable), never
+  denied. A key created a moment ago elsewhere whose notification has not
+  arrived yet is so refused during a flood until it arrives (milliseconds;
+  while the feed is down, until it is back and the table has reloaded).
 
 Since nothing here can deny or allow, the table keeps serving its last load
 through a lost feed and while it reloads: turning it off would hand a flood
