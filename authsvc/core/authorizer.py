@@ -16,7 +16,7 @@ Ordering rules that keep a revoked key out:
 
 A miss whose digest is not among those the store holds (``KnownDigests``: a
 forged key, most likely) is a *suspect*: looked up only within the table's
-budget, refused as ``AtCapacity`` past it, so a flood of forged keys cannot
+budget, refused as ``OverUnknownKeyBudget`` past it, so a flood of forged keys cannot
 take the lookups that real, uncached keys need.
 
 Every answer (and every call that raised) is reported to the metrics
@@ -142,7 +142,7 @@ class Authorizer:
                 raise AtCapacity(AT_CAPACITY)
             try:
                 if pending.suspect and known is not None and not known.budget.try_take():
-                    raise OverUnknownKeyBudget(UNKNOWN_KEYS)  # most likely forged; else allowed on retry (known.py)
+                    raise OverUnknownKeyBudget(UNKNOWN_KEYS)  # most likely forged (see known.py)
                 if pending.allowed is None:
                     record, source = await self.store.find_by_digest(pending.digest)
                     grant = KeyGrant.of(record, self.catalog) if record is not None else None
@@ -162,14 +162,7 @@ class Authorizer:
                 admission.leave()
         except Unavailable as exc:
             if timer is not None:
-                reason = (
-                    "unknown_key_budget"
-                    if isinstance(exc, OverUnknownKeyBudget)
-                    else "at_capacity"
-                    if isinstance(exc, AtCapacity)
-                    else "unavailable"
-                )
-                self._metrics.failed(reason, pending.transport, timer() - pending.started)
+                self._metrics.failed(exc.reason, pending.transport, timer() - pending.started)
             raise
         if timer is not None:
             self._metrics.decided(decision.reason, pending.transport, pending.cached, timer() - pending.started)

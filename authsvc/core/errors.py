@@ -61,17 +61,24 @@ class FailedPrecondition(AuthsvcError):
 class Unavailable(AuthsvcError):
     """The store could not be reached in time; nothing was decided or written."""
 
+    #: How an Authorize that raised it is counted (``authsvc_authorize_total{reason=...}``).
+    reason = "unavailable"
+
 
 class AtCapacity(Unavailable):
     """The process has no room for a call that would wait (no admission slot, the lookup queue full):
     UNAVAILABLE to the caller, like an outage, but counted apart (``reason="at_capacity"``) so overload
     does not read as a store down."""
 
+    reason = "at_capacity"
+
 
 class OverUnknownKeyBudget(AtCapacity):
     """A key the store does not hold (``authsvc.core.known``), past this process's budget of such lookups:
     refused like any call at capacity, but counted apart (``reason="unknown_key_budget"``), since many
     of them mean someone is trying forged keys, not that the process is short of room."""
+
+    reason = "unknown_key_budget"
 
 
 class Aborted(AuthsvcError):

@@ -76,6 +76,11 @@ class ElsewhereError(Exception):
     """A page came from another server than the one the feed follows (split brain, a failover under way)."""
 
 
+def _prefix(digest: bytes) -> int:
+    """The table's entry for a digest: its first four bytes, big-endian, so ints sort as bytea does."""
+    return int.from_bytes(digest[:4], "big")
+
+
 def _holds(prefixes: array[int], p: int) -> bool:
     i = bisect_left(prefixes, p)
     return i < len(prefixes) and prefixes[i] == p
@@ -135,14 +140,12 @@ class KnownDigests:
         """True when a table is loaded and ``digest``'s prefix is in neither it nor what was published since."""
         if not self.ready:
             return False
-        prefixes = self._prefixes
-        p = int.from_bytes(digest[:4], "big")
-        i = bisect_left(prefixes, p)
-        return (i == len(prefixes) or prefixes[i] != p) and p not in self._added
+        p = _prefix(digest)
+        return not _holds(self._prefixes, p) and p not in self._added
 
     def add(self, digest: bytes) -> None:
         """``digest`` is (or may now be) stored: never a suspect again (up to the set's bound)."""
-        p = int.from_bytes(digest[:4], "big")
+        p = _prefix(digest)
         if _holds(self._prefixes, p):
             return  # a revocation or an update of a loaded key: nothing new
         added = self._added
@@ -249,7 +252,7 @@ class KnownDigests:
                 return None  # overtaken by a resubscription or a loss: not a failure, and nothing to resume
             if read_from is not source:
                 raise ElsewhereError("a page came from another server than the feed follows")
-            prefixes.extend([int.from_bytes(d[:4], "big") for d in digests])
+            prefixes.extend([_prefix(d) for d in digests])
             if len(digests) < self._page:
                 self._partial = None
                 return prefixes
