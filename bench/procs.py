@@ -45,12 +45,13 @@ def _ephemeral_low() -> int:
 #: Ports are picked below the kernel's ephemeral range, where no outgoing connection takes one
 #: between the pick and the server's bind (a port from ``bind(0)`` is in that range: it did happen).
 _LOW, _HIGH = 10_000, _ephemeral_low()
+_ROOM_BELOW = _HIGH - _LOW > 1000  # else (a system with a low ephemeral range) any port the kernel gives
 _picker = random.Random()
 
 
 def free_port() -> int:
     """A port free right now, below the ephemeral range when there is room (else any the kernel gives)."""
-    for _ in range(100 if _HIGH - _LOW > 1000 else 0):
+    for _ in range(100 if _ROOM_BELOW else 0):
         port = _picker.randrange(_LOW, _HIGH)
         with socket.socket() as s:
             try:
@@ -67,7 +68,7 @@ def free_port_range(count: int) -> int:
     """A base port P with P..P+count-1 all free right now."""
     for _ in range(200):
         base = free_port()
-        if base + count >= (_HIGH if _HIGH - _LOW > 1000 else 65535):
+        if base + count >= (_HIGH if _ROOM_BELOW else 65535):
             continue
         try:
             with contextlib.ExitStack() as stack:
