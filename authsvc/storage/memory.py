@@ -22,14 +22,15 @@ from datetime import UTC, date, datetime
 
 from authsvc.core.keys import Actor, ApiKey, KeyState
 from authsvc.core.ports import (
+    PREFIX_BYTES,
     AuditEvent,
     AuditQuery,
-    DigestPage,
     FeedSubscriber,
     Found,
     KeyUpdate,
     NewKey,
     Page,
+    PrefixPage,
     Rotated,
     Rotation,
     TooManyActiveKeys,
@@ -264,8 +265,8 @@ class InMemoryStore:
         key_id = self._by_digest.get(digest)
         return Found(self._keys[key_id] if key_id is not None else None)
 
-    async def key_digests(self, after: bytes, limit: int) -> DigestPage:
-        return DigestPage(sorted(d for d in self._by_digest if d > after)[:limit])
+    async def key_prefixes(self, start: bytes, limit: int) -> PrefixPage:
+        return PrefixPage(b"".join(d[:PREFIX_BYTES] for d in sorted(d for d in self._by_digest if d >= start)[:limit]))
 
     async def record_last_used(
         self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None

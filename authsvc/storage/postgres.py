@@ -33,13 +33,14 @@ from authsvc.core.errors import Aborted, AtCapacity, ConfigError, Unavailable
 from authsvc.core.keys import Actor, ApiKey, KeyState, Role
 from authsvc.core.ports import (
     NO_METRICS,
+    PREFIX_BYTES,
     AuditEvent,
     AuditQuery,
-    DigestPage,
     Found,
     KeyUpdate,
     NewKey,
     Page,
+    PrefixPage,
     Recorder,
     Rotated,
     Rotation,
@@ -63,7 +64,11 @@ _COLUMNS = (
 # period (rotated_to set) does not. $1 = org, $2 = now.
 _LOOKUP = f"SELECT {_COLUMNS}, key_hash FROM api_keys WHERE key_hash = ANY($1::bytea[])"
 # Keyset pages by the unique index on key_hash: each page an index range scan, however many keys there are.
-_DIGESTS = "SELECT key_hash FROM api_keys WHERE key_hash > $1 ORDER BY key_hash LIMIT $2"
+# One bytes value per page, not a row per key: the database does the per-key work.
+_PREFIXES = (
+    "SELECT string_agg(substring(key_hash FROM 1 FOR $3), ''::bytea) FROM "
+    "(SELECT key_hash FROM api_keys WHERE key_hash >= $1 ORDER BY key_hash LIMIT $2) AS page"
+)
 _COUNTED_ACTIVE = (
     "SELECT count(*) FROM api_keys WHERE org_id = $1 AND revoke_time IS NULL "
     "AND (expire_time IS NULL OR expire_time > $2) AND rotated_to IS NULL"
@@ -175,7 +180,9 @@ def _connect_error(exc: BaseException, dsn: str) -> Exception:
     return Unavailable(f"cannot connect to a writable PostgreSQL primary ({type(exc).__name__}: {detail})")
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 5.0) -> asyncpg.Pool:
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, connect_timeout: float = 5.0) -> asyncpg.Pool:
+    """``min_size`` 2: while a background task holds one connection (the digest table's load at start, a
+    last-used flush), a lookup finds another open, instead of spending its store timeout on a connect."""
     try:
         pool = await asyncpg.create_pool(
             dsn,
@@ -676,10 +683,10 @@ class PostgresStore:
                 row = found.get(digest)
                 future.set_result(Found(_to_key(row) if row is not None else None, source))
 
-    async def key_digests(self, after: bytes, limit: int) -> DigestPage:
-        async with self._connection(self._write_timeout, "key_digests") as conn:
-            rows = await conn.fetch(_DIGESTS, after, limit)
-            return DigestPage([row[0] for row in rows], conn.server)
+    async def key_prefixes(self, start: bytes, limit: int) -> PrefixPage:
+        async with self._connection(self._write_timeout, "key_prefixes") as conn:
+            prefixes = await conn.fetchval(_PREFIXES, start, limit, PREFIX_BYTES)
+            return PrefixPage(prefixes or b"", conn.server)
 
     async def record_last_used(
         self, used: Mapping[str, datetime], counts: Mapping[tuple[str, date], UsageCounts] | None = None

@@ -29,7 +29,7 @@ from authsvc.core.keyformat import KeyFormat
 from authsvc.core.keyformat import digest as digest_of
 from authsvc.core.keys import Reason
 from authsvc.core.known import UNKNOWN_KEYS, KnownDigests, SuspectBudget
-from authsvc.core.ports import DigestPage, Found, NewKey
+from authsvc.core.ports import PREFIX_BYTES, Found, NewKey, PrefixPage
 from authsvc.metrics import Metrics
 from authsvc.storage.memory import InMemoryStore
 
@@ -51,7 +51,7 @@ class CountingStore(InMemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.asked = 0
-        self.pages: list[bytes] = []  # each page's ``after``
+        self.pages: list[bytes] = []  # each page's ``start``
         self.gates: list[asyncio.Event] | None = None
         #: Which calls (0 for the first) fail, as an unreachable database would.
         self.failing: set[int] = set()
@@ -61,16 +61,19 @@ class CountingStore(InMemoryStore):
         self.asked += 1
         return await super().find_by_digest(digest)
 
-    async def key_digests(self, after: bytes, limit: int) -> DigestPage:
-        self.pages.append(after)
+    async def key_prefixes(self, start: bytes, limit: int) -> PrefixPage:
+        self.pages.append(start)
         if len(self.pages) - 1 in self.failing:
             raise Unavailable("the key store did not answer in time")
-        page = await super().key_digests(after, limit)  # read now, as a database snapshot would be
+        page = await super().key_prefixes(start, limit)  # read now, as a database snapshot would be
         if self.gates is not None:
             gate = asyncio.Event()
             self.gates.append(gate)
             await gate.wait()
-        return DigestPage(page.digests, self.source)
+        # In reverse: the store promises no order within a page.
+        packed = page.prefixes
+        reverse = b"".join(packed[i - PREFIX_BYTES : i] for i in range(len(packed), 0, -PREFIX_BYTES))
+        return PrefixPage(reverse, self.source)
 
 
 @contextlib.asynccontextmanager
@@ -186,9 +189,26 @@ async def test_a_failed_page_is_retried_from_where_it_failed() -> None:
     async with loading(known):
         known.synchronised(time.monotonic())
         await until(lambda: known.ready)  # after a back-off of at most a second
-    first_page_end = sorted(digest_of(k) for k in keys)[1]
-    assert store.pages == [b"", first_page_end, first_page_end, sorted(digest_of(k) for k in keys)[3]]
+    # Each page starts just past the last prefix of the one before.
+    ends = [int.from_bytes(d[:PREFIX_BYTES], "big") + 1 for d in sorted(digest_of(k) for k in keys)]
+    starts = [end.to_bytes(PREFIX_BYTES, "big") for end in ends]
+    assert store.pages == [b"", starts[1], starts[1], starts[3]]
     assert not any(known.suspect(digest_of(k)) for k in keys)
+
+
+async def test_a_full_page_ending_at_the_last_prefix_ends_the_load() -> None:
+    """No page can start past ``ff ff ff ff``: a full page that ends there is the last one."""
+    store = CountingStore()
+    for last in (b"\xfe", b"\xff"):
+        issued = FORMAT.generate()
+        digest = b"\xff\xff\xff" + last + issued.digest[PREFIX_BYTES:]
+        new = NewKey("acme", "ci", issued.display_prefix, digest, ("read",), "alice", None, 0)
+        store.insert(new, datetime.now(UTC))
+    known = KnownDigests(store, time.monotonic, page=1, jitter=0)
+    async with loading(known):
+        known.synchronised(time.monotonic())
+        await until(lambda: known.ready)
+    assert len(store.pages) == 2 and len(known) == 2
 
 
 async def test_an_unreadable_notification_changes_nothing() -> None:
