@@ -1,6 +1,6 @@
 """Issue 10's overload targets: a forged-key flood, 10x capacity, a hung Redis.
 
-* **flood**: Python flood processes (``bench.floodclient --mode forged``)
+* **flood**: Python flood processes (``bench.probeclient --mode forged``)
   send a new well-formed forged key on every call, each a cache miss, and
   a suspect once the server's table of stored digests is loaded (well
   within the idle probes' seconds): looked up within its budget, refused
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench import h2load
+from bench import h2load, scrape
 from bench.config import BenchConfig
 from bench.procs import PYTHON, ROOT, Processes, cpu_seconds, free_port, rss_bytes, tool, wait_port
 from bench.seed import seed_key
@@ -57,7 +57,7 @@ CACHED = seed_key(0)
 
 def _client(server: Server, mode: str, duration: float, *, concurrency: int = 1, connections: int = 1,
             start: int = 0) -> subprocess.Popen[str]:
-    argv = [PYTHON, "-m", "bench.floodclient", "--target", server.target, "--mode", mode, "--duration",
+    argv = [PYTHON, "-m", "bench.probeclient", "--target", server.target, "--mode", mode, "--duration",
             f"{duration:g}", "--concurrency", str(concurrency), "--connections", str(connections),
             "--key", CACHED, "--start", str(start)]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -71,40 +71,49 @@ def _result(proc: subprocess.Popen[str], duration: float) -> dict[str, Any]:
     return result
 
 
-#: Calls each of the two flood processes keeps in flight; the last (the most forged keys a second) is the target's.
-FLOOD_CONCURRENCY = (4, 16, 64)
+#: Calls the flood keeps in flight over ``FLOOD_CONNECTIONS``; the last (most forged keys a second) is the target's.
+FLOOD_IN_FLIGHT = (8, 32, 128)
+FLOOD_CONNECTIONS = 8
+
+
+def _forged_flood(server: Server, duration: float, in_flight: int) -> subprocess.Popen[str]:
+    argv = [PYTHON, "-m", "bench.h2flood", "--target", server.target, "--duration", f"{duration:g}",
+            "--connections", str(FLOOD_CONNECTIONS), "--in-flight", str(in_flight // FLOOD_CONNECTIONS)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def _flood(cfg: BenchConfig, server: Server, log: Any) -> dict[str, Any]:
     """The probes idle, then under floods of growing concurrency (how the cached key's p99 follows the queue)."""
     d = cfg.unique_duration
     # Fresh seed keys each run (uncached), and every probe's range inside the seeded keys.
-    base = int(time.time() * 1000) % (cfg.seed_keys - 50_000 * (len(FLOOD_CONCURRENCY) + 1))
+    base = int(time.time() * 1000) % (cfg.seed_keys - 50_000 * (len(FLOOD_IN_FLIGHT) + 1))
     idle = [_client(server, "key", d), _client(server, "seed", d, start=base)]
     idle_cached, idle_uncached = (_result(p, d) for p in idle)
     levels: dict[str, dict[str, Any]] = {}
-    for n, concurrency in enumerate(FLOOD_CONCURRENCY):
-        floods = [_client(server, "forged", d, concurrency=concurrency, connections=4) for _ in range(2)]
+    for n, in_flight in enumerate(FLOOD_IN_FLIGHT):
+        flood_process = _forged_flood(server, d, in_flight)
         time.sleep(0.5)
         start = base + 50_000 * (n + 1)
         probes = [_client(server, "key", d - 1), _client(server, "seed", d - 1, start=start)]
-        # What the flood costs the server and the database every replica shares, while the probes run.
-        servers, databases = server.pids(), _postgres_pids()
-        began, server_cpu, database_cpu = time.monotonic(), cpu_seconds(servers), cpu_seconds(databases)
+        # What the flood costs the server, the database every replica shares and the flood itself.
+        servers, databases, flooder = server.pids(), _postgres_pids(), [flood_process.pid]
+        began = time.monotonic()
+        server_cpu, database_cpu, flood_cpu = cpu_seconds(servers), cpu_seconds(databases), cpu_seconds(flooder)
         cached, uncached = (_result(p, d) for p in probes)
         seconds = time.monotonic() - began
         cpu = {"server_pct": (cpu_seconds(servers) - server_cpu) / seconds * 100,
-               "postgres_pct": (cpu_seconds(databases) - database_cpu) / seconds * 100}
-        flood = [_result(p, d) for p in floods]
-        forged_rps = sum(f["calls"] / f["seconds"] for f in flood)
-        levels[str(2 * concurrency)] = {"cached": cached, "uncached": uncached, "flood": flood,
-                                        "forged_rps": forged_rps, "cpu": cpu}
-        log(f"  flood of {2 * concurrency} in flight, {forged_rps:.0f} forged keys/s (server "
-            f"{cpu['server_pct']:.0f}%, PostgreSQL {cpu['postgres_pct']:.0f}% of a core): cached key "
-            f"{cached['allowed_fraction']:.2%} allowed, p99 {cached['p99_ms']:.2f} ms (idle "
+               "postgres_pct": (cpu_seconds(databases) - database_cpu) / seconds * 100,
+               "flood_pct": (cpu_seconds(flooder) - flood_cpu) / seconds * 100}
+        flood = _result(flood_process, d)
+        forged_rps = flood["calls"] / flood["seconds"]
+        levels[str(in_flight)] = {"cached": cached, "uncached": uncached, "flood": flood,
+                                  "forged_rps": forged_rps, "cpu": cpu}
+        log(f"  flood of {in_flight} in flight, {forged_rps:.0f} forged keys/s (server "
+            f"{cpu['server_pct']:.0f}%, PostgreSQL {cpu['postgres_pct']:.0f}%, flood client {cpu['flood_pct']:.0f}% "
+            f"of a core): cached key {cached['allowed_fraction']:.2%} allowed, p99 {cached['p99_ms']:.2f} ms (idle "
             f"{idle_cached['p99_ms']:.2f}); uncached valid keys {uncached['allowed_fraction']:.2%} allowed (idle "
-            f"{idle_uncached['allowed_fraction']:.2%}); flood outcomes {[f['outcomes'] for f in flood]}")
-    return {"idle_cached": idle_cached, "idle_uncached": idle_uncached, **levels[str(2 * FLOOD_CONCURRENCY[-1])],
+            f"{idle_uncached['allowed_fraction']:.2%}); flood outcomes {flood['outcomes']}")
+    return {"idle_cached": idle_cached, "idle_uncached": idle_uncached, **levels[str(FLOOD_IN_FLIGHT[-1])],
             "levels": levels}
 
 
@@ -173,11 +182,25 @@ def _settle(pids: list[int], timeout: float = 20.0) -> float:
     return time.monotonic() - start
 
 
-def _open_loop(port: int, body: Path, size: int, rate: float, duration: float, work: Path,
-               pin: list[str]) -> dict[str, Any]:
-    """``rate`` requests/s offered open-loop for ``duration``: answers, allows (by DATA bytes), times."""
+def _allowed(metrics_port: int | None) -> int:
+    """authsvc's own count of allowed Authorize answers (every transport); 0 for the control."""
+    if metrics_port is None:
+        return 0
+    return round(sum(s.value for s in scrape.samples(metrics_port)
+                     if s.name == "authsvc_authorize_total" and s.labels.get("reason") == "ok"))
+
+
+def _open_loop(port: int, body: Path, rate: float, duration: float, work: Path, pin: list[str],
+               metrics_port: int | None) -> dict[str, Any]:
+    """``rate`` requests/s offered open-loop for ``duration``: answers, allows, times.
+
+    Allows are counted by the server (``metrics_port``), not from h2load's
+    DATA bytes: grpc.aio sends a refusal as a DATA frame of the 5-byte prefix
+    alone, and gRPC core's refusals send none, so bytes cannot tell them apart.
+    """
     log_file = work / f"open-{port}.tsv"
     log_file.unlink(missing_ok=True)
+    allowed_before = _allowed(metrics_port)
     argv = [*pin, *h2load.command(port, PATH, body, connections=OPEN_CONNECTIONS, streams=1000, duration=duration,
                                   log_file=log_file, rps=max(1, round(rate / OPEN_CONNECTIONS)))]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
@@ -187,7 +210,7 @@ def _open_loop(port: int, body: Path, size: int, rate: float, duration: float, w
     times = sorted(int(line.split("\t")[2]) / 1000 for line in log_file.read_text().splitlines()
                    if len(line.split("\t")) >= 3)
     log_file.unlink()
-    allowed = result.data_bytes // size
+    allowed = _allowed(metrics_port) - allowed_before
     return {"offered_rps": rate, "answered_rps": result.rps, "done": result.done, "allowed": allowed,
             "refused": result.done - allowed, "errored": result.errored,
             "p99_ms": times[int(0.99 * len(times))] if times else float("nan"),
@@ -215,13 +238,21 @@ def _tenfold(cfg: BenchConfig, procs: Processes, log: Any) -> dict[str, Any]:
     work = cfg.work_dir / "overload"
     work.mkdir(parents=True, exist_ok=True)
     server_pin, generator_pin = _pinning()
-    server = start_authsvc(procs, "authsvc-tenfold", authsvc_env(cfg.database_url), 1, prefix=server_pin)
+    metrics_port = free_port()
+    env = authsvc_env(cfg.database_url, metrics_listen=f"127.0.0.1:{metrics_port}")
+    server = start_authsvc(procs, "authsvc-tenfold", env, 1, prefix=server_pin)
     body = work / "cached.bin"
     body.write_bytes(h2load.grpc_frame(request_body(CACHED)))
     size = _steady_size(server)
-    capacity = h2load.run([server.port], PATH, body, connections=cfg.connections, streams=cfg.streams,
-                          duration=cfg.duration / 2, warmup=cfg.warmup, prefix=generator_pin)
-    capacity_rps = capacity.data_bytes // size / capacity.seconds  # allowed answers only: a refusal is not capacity
+
+    def closed_loop(duration: float) -> h2load.LoadResult:
+        return h2load.run([server.port], PATH, body, connections=cfg.connections, streams=cfg.streams,
+                          duration=duration, warmup=0, prefix=generator_pin)
+
+    closed_loop(cfg.warmup)
+    allowed_before = _allowed(metrics_port)
+    capacity = closed_loop(cfg.duration / 2)
+    capacity_rps = (_allowed(metrics_port) - allowed_before) / capacity.seconds  # a refusal is not capacity
     control_port, control_pid = _direct_envoy(procs, work, server_pin, size)  # as many DATA bytes as an allow
     pids = server.worker_pids()
     rss0 = sum(rss_bytes(p) for p in pids)
@@ -229,11 +260,11 @@ def _tenfold(cfg: BenchConfig, procs: Processes, log: Any) -> dict[str, Any]:
     for multiple in MULTIPLES:
         rate = multiple * capacity_rps
         _settle([*pids, control_pid])
-        authsvc = _open_loop(server.port, body, size, rate, cfg.duration, work, generator_pin)
+        authsvc = _open_loop(server.port, body, rate, cfg.duration, work, generator_pin, metrics_port)
         if multiple == MULTIPLES[0]:
             rss1 = sum(rss_bytes(p) for p in pids)
         _settle([*pids, control_pid])
-        control = _open_loop(control_port, body, size, rate, cfg.duration, work, generator_pin)
+        control = _open_loop(control_port, body, rate, cfg.duration, work, generator_pin, None)
         runs[str(multiple)] = {"authsvc": authsvc, "control": control}
         log(f"  {multiple}x: capacity {capacity_rps:.0f}/s, offered {rate:.0f}/s: authsvc answered "
             f"{authsvc['answered_rps']:.0f}/s ({authsvc['allowed']} allowed, {authsvc['refused']} refused, "

@@ -144,8 +144,9 @@ def _overload_targets(ov: dict[str, Any]) -> list[tuple[str, bool, str]]:
     f, t, rd = ov["flood"], ov["tenfold"], ov["redis"]
     c, idle = f["cached"], f["idle_cached"]
     sweep = "; ".join(f"{n} in flight: {lv['forged_rps']:.0f}/s, p99 {lv['cached']['p99_ms']:.1f} ms"
-                      + (f", server {lv['cpu']['server_pct']:.0f}% and PostgreSQL {lv['cpu']['postgres_pct']:.0f}% "
-                         "of a core" if "cpu" in lv else "")
+                      + (f", server {lv['cpu']['server_pct']:.0f}%, PostgreSQL {lv['cpu']['postgres_pct']:.0f}%"
+                         + (f", flood client {lv['cpu']['flood_pct']:.0f}%" if "flood_pct" in lv["cpu"] else "")
+                         + " of a core" if "cpu" in lv else "")
                       for n, lv in f.get("levels", {}).items())
     ctl = f.get("control")
     if ctl is not None:

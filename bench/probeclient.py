@@ -1,11 +1,11 @@
-"""A Python gRPC client process for the overload bench: floods or probes, and times every call.
+"""A Python gRPC client process for the overload bench's probes: times every call.
 
-    python -m bench.floodclient --target 127.0.0.1:50051 --mode forged --concurrency 64 --duration 5
+    python -m bench.probeclient --target 127.0.0.1:50051 --mode key --key KEY --duration 5
 
-Modes: ``forged`` (a new well-formed key with a valid checksum on every
-call, unknown to the server: each one a cache miss, looked up or refused), ``seed``
-(distinct seed keys from ``--start``: valid keys, uncached) and ``key`` (one
-``--key`` again and again: cached after its first call). Prints one JSON
+Modes: ``seed`` (distinct seed keys from ``--start``: valid keys, uncached)
+and ``key`` (one ``--key`` again and again: cached after its first call).
+The flood of forged keys is ``bench.h2flood``'s, which costs a fraction of
+a grpc.aio client's CPU per call. Prints one JSON
 line: calls, outcomes (allowed, denied, or the gRPC code), latency
 percentiles of every call (answered or refused) in ms, seconds.
 """
@@ -23,12 +23,10 @@ import grpc
 from authsvc_client.v1 import authsvc_pb2 as pb
 from authsvc_client.v1 import authsvc_pb2_grpc as pb_grpc
 
-from authsvc.core.keyformat import KeyFormat
-from bench.seed import KEY_PREFIX, seed_key
+from bench.seed import seed_key
 
 
 async def drive(args: argparse.Namespace) -> dict[str, object]:
-    forge = KeyFormat(KEY_PREFIX)
     channels = [
         grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(args.connections)
@@ -42,8 +40,6 @@ async def drive(args: argparse.Namespace) -> dict[str, object]:
 
     def next_key() -> str:
         nonlocal next_seed
-        if args.mode == "forged":
-            return forge.generate().secret
         if args.mode == "seed":
             next_seed += 1
             return seed_key(next_seed)
@@ -80,7 +76,7 @@ async def drive(args: argparse.Namespace) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--target", required=True)
-    parser.add_argument("--mode", choices=("forged", "seed", "key"), required=True)
+    parser.add_argument("--mode", choices=("seed", "key"), required=True)
     parser.add_argument("--key", help="the key of --mode key")
     parser.add_argument("--start", type=int, default=0, help="--mode seed: the first seed key's index - 1")
     parser.add_argument("--duration", type=float, required=True)
