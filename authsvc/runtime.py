@@ -269,12 +269,13 @@ class App:
         )
         self.routes = extauthz.RoutePolicy.from_settings(s)
         admin = AdminTokens(s.admin_tokens, s.admin_client_names)
+        watch = WatchAdapter(self.fanout, self.usage, time.time, self.authorizer.holder)
         services = [
             (
                 KEY_SERVICE,
                 service_handler(
                     KEY_SERVICE,
-                    KeyServiceAdapter(self.manager, self.authorizer, WatchAdapter(self.fanout, self.usage, time.time)),
+                    KeyServiceAdapter(self.manager, self.authorizer, watch),
                     admin=admin,
                     protected=MANAGEMENT_METHODS,
                     metrics=recorder,

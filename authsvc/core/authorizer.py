@@ -237,6 +237,34 @@ class Authorizer:
             return NOT_CACHEABLE
         return (grant.expire_at, True)
 
+    async def holder(self, key_digest: bytes) -> str | None:
+        """The id of the stored key whose digest ``key_digest`` is (``None``: no such key).
+
+        What a usage report proves its entries with (``authsvc.grpc.watch``):
+        only a holder of the key (or of its digest) can name it by digest,
+        while its id is shown to every upstream. From this process's cache
+        when it has the digest, else one lookup under the same admission and
+        unknown-key budget as Authorize's misses (raising ``AtCapacity``,
+        ``OverUnknownKeyBudget`` or ``Unavailable`` as they do). Never
+        counted as an Authorize, nor by a rate limit.
+        """
+        cache = self.cache
+        if cache is not None:
+            cached = cache.peek(key_digest)
+            if cached is not MISS:
+                return None if cached is None else cached.principal.key_id  # type: ignore[union-attr]  # a Grant
+        known = self.known
+        admission = self.admission
+        if not admission.try_enter():
+            raise AtCapacity(AT_CAPACITY)
+        try:
+            if known is not None and known.suspect(key_digest) and not known.budget.try_take():
+                raise OverUnknownKeyBudget(UNKNOWN_KEYS)
+            record, _ = await self.store.find_by_digest(key_digest)
+        finally:
+            admission.leave()
+        return None if record is None else record.id
+
     def evict(self, key_digest: bytes) -> None:
         """This process changed the key: forget it at once, before any notification arrives.
 

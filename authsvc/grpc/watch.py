@@ -2,10 +2,16 @@
 
 A client's cache follows this process's feed through it (``authsvc.core.fanout``).
 Usage reports feed the process's ``UsageRecorder``, so ``last_used_time``
-stays true for calls a client decided itself. A report is taken for what
-it is worth but never moves ``last_used_time`` past the server's own clock,
-and a malformed key id in it is skipped, not an error: the stream must not
-break over a report.
+stays true for calls a client decided itself. An entry counts only when
+its ``key_digest`` is a stored key's (and its ``key_id``, if set, that key's
+id): a key's id is shown to every upstream, so an id alone would let anyone
+who can open the stream inflate a key's usage and hide that it is unused.
+A digest is checked once per process (an id and its digest never change),
+from the decision cache or by one lookup under Authorize's admission and
+unknown-key budget, at most ``MAX_REPORT_LOOKUPS`` per report; an entry
+that cannot be checked now is dropped. A report never moves
+``last_used_time`` past the server's own clock, and what is wrong in it is
+skipped, not an error: the stream must not break over a report.
 """
 
 from __future__ import annotations
@@ -13,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from authsvc_client.v1 import authsvc_pb2 as pb
 
-from authsvc.core import validation
-from authsvc.core.errors import InvalidArgument
+from authsvc.core.errors import Unavailable
 from authsvc.core.fanout import STALL_SECONDS, Event, Fanout, Signal
 from authsvc.core.keys import Reason
 from authsvc.core.ports import WallClock
@@ -32,6 +37,11 @@ _HEARTBEAT = pb.WatchDecisionsResponse(heartbeat=pb.Heartbeat())
 _RESET = pb.WatchDecisionsResponse(reset=pb.Reset())
 #: Entries of one usage report beyond this are ignored (a report is per key, sent every few seconds).
 MAX_USAGE_ENTRIES = 10_000
+#: Digests not yet checked that one report may have looked up; its other unchecked entries are dropped.
+MAX_REPORT_LOOKUPS = 256
+#: Checked (digest, key id) pairs a process remembers; past this it starts over.
+MAX_HOLDERS = 100_000
+_DIGEST_BYTES = 32
 #: A client reports at least every 5 s; more calls than this in one entry is not a real report.
 MAX_REPORTED_CALLS = 10_000_000
 _OUTCOMES = {int(Reason.OK): ALLOWED, int(Reason.INSUFFICIENT_SCOPE): DENIED, int(Reason.RATE_LIMITED): RATE_LIMITED}
@@ -47,10 +57,19 @@ def _message(batch: list[Event]) -> pb.WatchDecisionsResponse:
 
 
 class WatchAdapter:
-    def __init__(self, fanout: Fanout, usage: UsageRecorder | None, clock: WallClock) -> None:
+    def __init__(
+        self,
+        fanout: Fanout,
+        usage: UsageRecorder | None,
+        clock: WallClock,
+        holder: Callable[[bytes], Awaitable[str | None]],
+    ) -> None:
+        """``holder``: the id of the key a digest belongs to (``Authorizer.holder``)."""
         self._fanout = fanout
         self._usage = usage
         self._clock = clock
+        self._holder = holder
+        self._holders: dict[bytes, str] = {}
 
     async def WatchDecisions(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
@@ -83,11 +102,25 @@ class WatchAdapter:
             if not isinstance(request, pb.WatchDecisionsRequest) or self._usage is None:
                 continue  # undecodable, or nothing records usage
             now = self._clock()
+            lookups = 0
             for entry in request.usage[:MAX_USAGE_ENTRIES]:
-                try:
-                    key_id = validation.key_id(entry.key_id)
-                except InvalidArgument:
-                    continue
+                digest: bytes = entry.key_digest
+                key_id = self._holders.get(digest)
+                if key_id is None:
+                    if len(digest) != _DIGEST_BYTES or lookups >= MAX_REPORT_LOOKUPS:
+                        continue
+                    lookups += 1
+                    try:
+                        key_id = await self._holder(digest)
+                    except Unavailable:
+                        continue  # at capacity, over the unknown-key budget, or no store: these calls go uncounted
+                    if key_id is None:
+                        continue  # no stored key has it
+                    if len(self._holders) >= MAX_HOLDERS:
+                        self._holders.clear()
+                    self._holders[digest] = key_id
+                if entry.key_id and entry.key_id != key_id:
+                    continue  # the digest of one key under the id of another
                 at = entry.last_used_time.seconds + entry.last_used_time.nanos / 1e9
                 self._usage.touch(key_id, min(at, now))
                 # Calls the client's cache decided count in GetKeyUsage like the server's own, on the day of

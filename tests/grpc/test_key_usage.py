@@ -9,7 +9,9 @@ import asyncpg
 import grpc
 import pytest
 from authsvc_client.v1 import authsvc_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from authsvc.core.keyformat import digest
 from tests.grpc.test_lifecycle import authorize, code_of, create
 from tests.support import ADMIN, MEMBER, Stub, new_org
 
@@ -96,3 +98,34 @@ async def test_any_role_but_unspecified_may_read_usage(stub: Stub) -> None:
     await usage(stub, org, created.key.id, actor=MEMBER)
     code, _ = await code_of(usage(stub, org, created.key.id, actor=pb.Actor(user_id="x")))
     assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_usage_report_counts_only_for_the_key_its_digest_proves(stub: Stub) -> None:
+    """WatchDecisions: a key's id, which every upstream sees in ``x-authsvc-key-id``, cannot move its usage.
+
+    Reports on one stream are taken in order, so once the last (proven) entry
+    is counted, the entries before it were seen and dropped.
+    """
+    org = new_org()
+    target, other = await create(stub, org), await create(stub, org)
+    now = Timestamp()
+    now.GetCurrentTime()
+
+    def entry(calls: int, **kw: object) -> pb.KeyUsage:
+        return pb.KeyUsage(last_used_time=now, calls_by_reason={pb.REASON_OK: calls}, **kw)  # type: ignore[arg-type]
+
+    forged = [
+        entry(1000, key_id=target.key.id),  # the id alone
+        entry(1000, key_id=target.key.id, key_digest=digest(other.secret)),  # another key's digest under its id
+        entry(1000, key_id=target.key.id, key_digest=b"\0" * 32),  # a digest no key has
+        entry(1000, key_id=target.key.id, key_digest=b"\1" * 5),  # not a digest
+    ]
+    call = stub.WatchDecisions()
+    try:
+        await call.write(pb.WatchDecisionsRequest(usage=forged))
+        await call.write(pb.WatchDecisionsRequest(usage=[entry(7, key_digest=digest(target.secret))]))
+        await counted(stub, org, target.key.id, (7, 0, 0))
+    finally:
+        call.cancel()
+    assert (await usage(stub, org, other.key.id)).days[-1].allowed == 0
+    assert not (await usage(stub, org, other.key.id)).HasField("last_used_time")

@@ -75,7 +75,8 @@ class LocalCache:
         self._scopes: set[str] = set()
         self._synced = False
         self._connected = False
-        self._usage: dict[str, tuple[float, dict[int, int]]] = {}
+        #: key id -> (its last local call, calls by reason, its digest: the report's proof of holding it).
+        self._usage: dict[str, tuple[float, dict[int, int], bytes]] = {}
         self.connects = 0
         self.resets = 0
 
@@ -93,7 +94,7 @@ class LocalCache:
             now = self._wall()
             decision = decide(found, scope, now)  # type: ignore[arg-type]  # MISS ruled out
             if found is not None:
-                self._tally(found.principal.key_id, decision.reason, now)  # type: ignore[union-attr]
+                self._tally(found.principal.key_id, digest, decision.reason, now)  # type: ignore[union-attr]
             return decision
 
     def begin(self) -> int:
@@ -164,19 +165,19 @@ class LocalCache:
 
     # -- usage reports -------------------------------------------------------------
 
-    def _tally(self, key_id: str, reason: Reason, now: float) -> None:
+    def _tally(self, key_id: str, digest: bytes, reason: Reason, now: float) -> None:
         usage = self._usage
         entry = usage.get(key_id)
         if entry is None:
             if len(usage) >= MAX_USAGE_KEYS:
                 return
-            entry = usage[key_id] = (now, {})
+            entry = usage[key_id] = (now, {}, digest)
         elif entry[0] < now:
-            entry = usage[key_id] = (now, entry[1])
+            entry = usage[key_id] = (now, entry[1], digest)
         counts = entry[1]
         counts[reason] = counts.get(reason, 0) + 1
 
-    def drain_usage(self) -> dict[str, tuple[float, dict[int, int]]]:
+    def drain_usage(self) -> dict[str, tuple[float, dict[int, int], bytes]]:
         with self._lock:
             usage, self._usage = self._usage, {}
             return usage

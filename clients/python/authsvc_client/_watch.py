@@ -35,8 +35,8 @@ def jittered(backoff: float) -> float:
 
 def report(local: LocalCache) -> pb.WatchDecisionsRequest:
     request = pb.WatchDecisionsRequest()
-    for key_id, (last, counts) in local.drain_usage().items():
-        entry = request.usage.add(key_id=key_id)
+    for key_id, (last, counts, digest) in local.drain_usage().items():
+        entry = request.usage.add(key_id=key_id, key_digest=digest)
         entry.last_used_time.FromMicroseconds(round(last * 1_000_000))
         for reason, n in counts.items():
             entry.calls_by_reason[int(reason)] = n

@@ -660,7 +660,10 @@ Global___WatchDecisionsRequest: _TypeAlias = WatchDecisionsRequest  # noqa: Y015
 
 @_typing.final
 class KeyUsage(_message.Message):
-    """KeyUsage is one key's locally decided calls since the previous report."""
+    """KeyUsage is one key's locally decided calls since the previous report.
+    An entry counts only when key_digest is the key's: a key's id is shown to
+    every upstream (x-authsvc-key-id), so an id alone proves nothing.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -687,7 +690,15 @@ class KeyUsage(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     LAST_USED_TIME_FIELD_NUMBER: _builtins.int
     CALLS_BY_REASON_FIELD_NUMBER: _builtins.int
+    KEY_DIGEST_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
+    """The key's id; optional since key_digest names the key, and when set it
+    must be the id of the key key_digest names.
+    """
+    key_digest: _builtins.bytes
+    """SHA-256 of the key (what the client's cache is keyed by): the proof that
+    the reporter held the key. Required; an entry without it is ignored.
+    """
     @_builtins.property
     def last_used_time(self) -> _timestamp_pb2.Timestamp:
         """The latest of those calls."""
@@ -702,10 +713,11 @@ class KeyUsage(_message.Message):
         key_id: _builtins.str = ...,
         last_used_time: _timestamp_pb2.Timestamp | None = ...,
         calls_by_reason: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+        key_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_used_time", b"last_used_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls_by_reason", b"calls_by_reason", "key_id", b"key_id", "last_used_time", b"last_used_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls_by_reason", b"calls_by_reason", "key_digest", b"key_digest", "key_id", b"key_id", "last_used_time", b"last_used_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
