@@ -240,13 +240,13 @@ class Authorizer:
     async def holder(self, key_digest: bytes) -> str | None:
         """The id of the stored key whose digest ``key_digest`` is (``None``: no such key).
 
-        What a usage report proves its entries with (``authsvc.grpc.watch``):
-        only a holder of the key (or of its digest) can name it by digest,
-        while its id is shown to every upstream. From this process's cache
-        when it has the digest, else one lookup under the same admission and
-        unknown-key budget as Authorize's misses (raising ``AtCapacity``,
-        ``OverUnknownKeyBudget`` or ``Unavailable`` as they do). Never
-        counted as an Authorize, nor by a rate limit.
+        What a usage report names its entries by (``authsvc.grpc.watch``): a
+        key's id is shown to every upstream, its digest is not. From this
+        process's cache when it has the digest, else one lookup under the same
+        admission and unknown-key budget as Authorize's misses (raising
+        ``AtCapacity``, ``OverUnknownKeyBudget`` or ``Unavailable`` as they
+        do), whose answer the cache keeps as a miss's would be. Never counted
+        as an Authorize, nor by a rate limit.
         """
         cache = self.cache
         if cache is not None:
@@ -254,15 +254,21 @@ class Authorizer:
             if cached is not MISS:
                 return None if cached is None else cached.principal.key_id  # type: ignore[union-attr]  # a Grant
         known = self.known
+        suspect = known is not None and known.suspect(key_digest)
         admission = self.admission
         if not admission.try_enter():
             raise AtCapacity(AT_CAPACITY)
         try:
-            if known is not None and known.suspect(key_digest) and not known.budget.try_take():
+            if suspect and not known.budget.try_take():  # type: ignore[union-attr]  # suspect: known is set
                 raise OverUnknownKeyBudget(UNKNOWN_KEYS)
-            record, _ = await self.store.find_by_digest(key_digest)
+            epoch = cache.epoch if cache is not None else 0
+            record, source = await self.store.find_by_digest(key_digest)
         finally:
             admission.leave()
+        if record is not None and suspect:
+            known.add(key_digest)  # type: ignore[union-attr]  # created since the feed last spoke
+        if cache is not None:
+            cache.put(key_digest, KeyGrant.of(record, self.catalog) if record is not None else None, epoch, source)
         return None if record is None else record.id
 
     def evict(self, key_digest: bytes) -> None:

@@ -17,7 +17,7 @@ The table is a priority, never a decision:
   is looked up as before;
 * a digest whose prefix is not (a *suspect*: unknown when the table was last
   loaded or told, or created since, on another replica, a moment ago) is
-  looked up too, but only within ``SuspectBudget``'s rate; past it, it is
+  looked up too, but only within its ``TokenBucket``'s rate; past it, it is
   refused at once (``OverUnknownKeyBudget``: UNAVAILABLE, retryable), never
   denied. A key created a moment ago elsewhere whose notification has not
   arrived yet is so refused during a flood until it arrives (milliseconds;
@@ -113,7 +113,7 @@ class KnownDigests:
         self._page = page
         self._jitter = jitter
         #: How many suspects may be looked up; ``Authorizer.complete`` refuses the rest.
-        self.budget = SuspectBudget(clock, rate, burst)
+        self.budget = TokenBucket(clock, rate, burst)
         # ``array('I')`` holds 4-byte unsigned ints on every platform CPython builds for.
         self._prefixes = array("I")
         assert self._prefixes.itemsize == PREFIX_BYTES
@@ -270,8 +270,9 @@ class KnownDigests:
             self._partial = (generation, prefixes, start)  # until the next page is read: what a retry resumes
 
 
-class SuspectBudget:
-    """A token bucket: how many suspects one process looks up per second (``rate``), ``burst`` at once."""
+class TokenBucket:
+    """At most ``rate`` takes a second, ``burst`` at once: the suspects one process looks up, and the
+    usage-report digests it checks (``authsvc.grpc.watch``)."""
 
     def __init__(self, clock: Monotonic, rate: float = SUSPECT_RATE, burst: float = SUSPECT_BURST) -> None:
         self._clock = clock

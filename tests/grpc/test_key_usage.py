@@ -120,6 +120,9 @@ async def test_a_usage_report_counts_only_for_the_key_its_digest_proves(stub: St
         entry(1000, key_id=target.key.id, key_digest=b"\0" * 32),  # a digest no key has
         entry(1000, key_id=target.key.id, key_digest=b"\1" * 5),  # not a digest
     ]
+    # The other key's own digest, but only calls the server would not count (a revoked key's, say).
+    revoked_calls = {int(pb.REASON_REVOKED): 5}
+    forged.append(pb.KeyUsage(last_used_time=now, calls_by_reason=revoked_calls, key_digest=digest(other.secret)))
     call = stub.WatchDecisions()
     try:
         await call.write(pb.WatchDecisionsRequest(usage=forged))

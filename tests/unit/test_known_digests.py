@@ -28,7 +28,7 @@ from authsvc.core.errors import AtCapacity, OverUnknownKeyBudget, Unavailable
 from authsvc.core.keyformat import KeyFormat
 from authsvc.core.keyformat import digest as digest_of
 from authsvc.core.keys import Reason
-from authsvc.core.known import UNKNOWN_KEYS, KnownDigests, SuspectBudget
+from authsvc.core.known import UNKNOWN_KEYS, KnownDigests, TokenBucket
 from authsvc.core.ports import PREFIX_BYTES, Found, NewKey, PrefixPage
 from authsvc.metrics import Metrics
 from authsvc.storage.memory import InMemoryStore
@@ -252,7 +252,7 @@ async def test_published_digests_are_folded_in_by_a_fresh_load_and_bounded(monke
 
 def test_the_budget_allows_its_burst_then_its_rate() -> None:
     now = [0.0]
-    budget = SuspectBudget(lambda: now[0], rate=10, burst=3)
+    budget = TokenBucket(lambda: now[0], rate=10, burst=3)
     assert [budget.try_take() for _ in range(4)] == [True, True, True, False]
     now[0] += 0.1  # one token's worth
     assert [budget.try_take() for _ in range(2)] == [True, False]

@@ -662,7 +662,10 @@ Global___WatchDecisionsRequest: _TypeAlias = WatchDecisionsRequest  # noqa: Y015
 class KeyUsage(_message.Message):
     """KeyUsage is one key's locally decided calls since the previous report.
     An entry counts only when key_digest is the key's: a key's id is shown to
-    every upstream (x-authsvc-key-id), so an id alone proves nothing.
+    every upstream (x-authsvc-key-id), so an id alone proves nothing. A digest
+    is not a secret either: WatchDecisions sends the digests of keys created
+    or changed to every client, so it keeps out those who know only ids; run
+    mTLS to keep the stream to known callers.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -696,8 +699,9 @@ class KeyUsage(_message.Message):
     must be the id of the key key_digest names.
     """
     key_digest: _builtins.bytes
-    """SHA-256 of the key (what the client's cache is keyed by): the proof that
-    the reporter held the key. Required; an entry without it is ignored.
+    """SHA-256 of the key (what the client's cache is keyed by). Required; an
+    entry without it, or whose digest the server cannot check yet (a
+    per-process lookup budget), is dropped.
     """
     @_builtins.property
     def last_used_time(self) -> _timestamp_pb2.Timestamp:
