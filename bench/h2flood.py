@@ -18,13 +18,19 @@ the frames itself:
   ``refused``: trailers only (gRPC core's refusal) or a DATA frame of only
   the 5-byte prefix (grpc.aio's, a status set without a message);
   RST_STREAM is ``reset``;
-* it opens its own receive windows to the maximum once, answers SETTINGS and
-  PING, respects the server's stream limit and connection send window, and
-  reconnects after a GOAWAY.
+* it opens its own receive windows to the maximum once (2 GiB a connection,
+  never replenished: far more than a run receives), answers SETTINGS and
+  PING, respects the server's stream limit (once its SETTINGS arrive) and
+  connection send window (a request is far below any stream window), and
+  reconnects after a GOAWAY or a lost connection, after a pause when the
+  connection answered nothing;
+* it does not decode the answers' status: the probes tell outcomes apart.
 
 Closed loop: each connection keeps ``--in-flight`` calls open until
 ``--duration`` is over. Prints one JSON line shaped like
-``bench.probeclient``'s: calls, outcomes, latency percentiles in ms, seconds.
+``bench.probeclient``'s: calls (answered ones: replied or refused),
+outcomes (those and the calls lost to resets and closed connections),
+latency percentiles of the answered calls in ms, and the seconds of sending.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x0, 0x1, 0x3
 END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 MAX_WINDOW = 2**31 - 1
 GRACE = 10.0
+#: Outcomes that are answers from the server (timed, and counted as calls).
+ANSWERS = ("replied", "refused")
 #: A DATA frame of only gRPC's 5-byte prefix: grpc.aio's way to send no message with a non-OK status.
 EMPTY_MESSAGE = 5
 DEFAULT_WINDOW = 65_535
@@ -131,6 +139,7 @@ class Connection(asyncio.Protocol):
         self.max_streams = flood.in_flight
         self.send_window = DEFAULT_WINDOW
         self.going_away = False
+        self.got_answer = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
@@ -163,8 +172,10 @@ class Connection(asyncio.Protocol):
         if started is None:
             return
         self.answered.discard(stream)
-        self.flood.latencies.append(time.perf_counter() - started)
         self.flood.outcomes[outcome] += 1
+        if outcome in ANSWERS:
+            self.got_answer = True
+            self.flood.latencies.append(time.perf_counter() - started)
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -211,7 +222,7 @@ class Connection(asyncio.Protocol):
         for stream in list(self.started):
             self.finish(stream, "connection_lost")
         self.flood.connections.discard(self)
-        self.flood.closed()
+        self.flood.closed(failed=not self.got_answer)
 
 
 async def drive(args: argparse.Namespace) -> dict[str, object]:
@@ -231,7 +242,7 @@ async def drive(args: argparse.Namespace) -> dict[str, object]:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
     return {"calls": len(ordered), "outcomes": dict(flood.outcomes), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
-            "max_ms": ordered[-1] * 1000 if ordered else float("nan"), "seconds": time.perf_counter() - flood.began}
+            "max_ms": ordered[-1] * 1000 if ordered else float("nan"), "seconds": args.duration}
 
 
 def main() -> int:
