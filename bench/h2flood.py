@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import struct
 import sys
@@ -46,6 +45,7 @@ from collections import Counter
 
 from authsvc.core.keyformat import BASE62, RANDOM_LENGTH, checksum
 from bench.h2load import grpc_frame
+from bench.probeclient import print_result, summary
 from bench.seed import KEY_PREFIX
 from bench.throughput import PATH, request_body
 
@@ -236,13 +236,7 @@ async def drive(args: argparse.Namespace) -> dict[str, object]:
         for connection in list(flood.connections):
             connection.transport.abort()
         await flood.done
-    ordered = sorted(flood.latencies)
-
-    def pct(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
-
-    return {"calls": len(ordered), "outcomes": dict(flood.outcomes), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
-            "max_ms": ordered[-1] * 1000 if ordered else float("nan"), "seconds": args.duration}
+    return summary(flood.latencies, flood.outcomes, args.duration)
 
 
 def main() -> int:
@@ -251,11 +245,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--in-flight", type=int, default=1, help="calls each connection keeps open")
-    args = parser.parse_args()
-    import uvloop
-
-    print(json.dumps(uvloop.run(drive(args))))
-    return 0
+    return print_result(drive(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc
 from authsvc_client.v1 import authsvc_pb2 as pb
@@ -64,13 +66,26 @@ async def drive(args: argparse.Namespace) -> dict[str, object]:
     finally:
         for c in channels:
             await c.close()
+    return summary(latencies, outcomes, time.perf_counter() - began)
+
+
+def summary(latencies: list[float], outcomes: Counter[str], seconds: float) -> dict[str, object]:
+    """The JSON line every overload client prints (``bench.overload`` reads it): calls, outcomes, ms, seconds."""
     ordered = sorted(latencies)
 
     def pct(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
     return {"calls": len(ordered), "outcomes": dict(outcomes), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
-            "max_ms": ordered[-1] * 1000 if ordered else float("nan"), "seconds": time.perf_counter() - began}
+            "max_ms": ordered[-1] * 1000 if ordered else float("nan"), "seconds": seconds}
+
+
+def print_result(run: Coroutine[Any, Any, dict[str, object]]) -> int:
+    """Run a client's ``drive`` on uvloop and print its summary line."""
+    import uvloop
+
+    print(json.dumps(uvloop.run(run)))
+    return 0
 
 
 def main() -> int:
@@ -83,11 +98,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--pause", type=float, default=0.0, help="seconds each worker sleeps between calls")
-    args = parser.parse_args()
-    import uvloop
-
-    print(json.dumps(uvloop.run(drive(args))))
-    return 0
+    return print_result(drive(parser.parse_args()))
 
 
 if __name__ == "__main__":
