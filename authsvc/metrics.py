@@ -85,6 +85,7 @@ class Metrics:
         self._failures: dict[tuple[str, str], Histogram] = {}
         self._lag = _histogram(LAG_BUCKETS)
         self.feed_resets = 0
+        self.usage_entries_dropped = 0
         self._batches = _histogram(BATCH_BUCKETS)
         self._store_errors: dict[str, int] = {}
         self._management: dict[tuple[str, str], int] = {}
@@ -112,6 +113,9 @@ class Metrics:
 
     def feed_reset(self) -> None:
         self.feed_resets += 1
+
+    def usage_dropped(self, entries: int) -> None:
+        self.usage_entries_dropped += entries
 
     def lookup_batch(self, size: int) -> None:
         self._batches[bisect_left(BATCH_BUCKETS, size)] += 1
@@ -153,6 +157,7 @@ class Metrics:
             "cache_misses": misses,
             "lag": list(self._lag),
             "feed_resets": self.feed_resets,
+            "usage_entries_dropped": self.usage_entries_dropped,
             "batches": list(self._batches),
             "store_errors": [[k, v] for k, v in self._store_errors.items()],
             "management": [[*k, v] for k, v in self._management.items()],
@@ -168,7 +173,7 @@ def _merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     management: dict[tuple[str, ...], float] = {}
     lag = _histogram(LAG_BUCKETS)
     batches = _histogram(BATCH_BUCKETS)
-    scalars = {"cache_hits": 0.0, "cache_misses": 0.0, "feed_resets": 0.0}
+    scalars = {"cache_hits": 0.0, "cache_misses": 0.0, "feed_resets": 0.0, "usage_entries_dropped": 0.0}
     gauges: dict[str, float] = {}
     count = 0
     for snap in snapshots:
@@ -184,7 +189,7 @@ def _merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         lag[:] = [a + b for a, b in zip(lag, snap["lag"], strict=True)]
         batches[:] = [a + b for a, b in zip(batches, snap["batches"], strict=True)]
         for name in scalars:
-            scalars[name] += snap[name]
+            scalars[name] += snap.get(name, 0)  # a worker of the release before may lack a newer one
         for name, value in snap["gauges"].items():
             if name in ("feed_up", "known_loaded"):
                 gauges[name] = min(gauges.get(name, value), value)
@@ -262,6 +267,11 @@ class Collector:
         )
         yield CounterMetricFamily(
             "authsvc_invalidation_feed_resets", "Times a process lost its invalidation feed.", m["feed_resets"]
+        )
+        yield CounterMetricFamily(
+            "authsvc_usage_report_entries_dropped",
+            "WatchDecisions usage-report entries not counted: no stored key's digest, or not checked yet.",
+            m["usage_entries_dropped"],
         )
         yield GaugeMetricFamily(
             "authsvc_known_digests_loaded",

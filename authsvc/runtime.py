@@ -269,7 +269,7 @@ class App:
         )
         self.routes = extauthz.RoutePolicy.from_settings(s)
         admin = AdminTokens(s.admin_tokens, s.admin_client_names)
-        watch = WatchAdapter(self.fanout, self.usage, time.time, self.authorizer.holder)
+        watch = WatchAdapter(self.fanout, self.usage, time.time, self.authorizer.holder, recorder)
         services = [
             (
                 KEY_SERVICE,

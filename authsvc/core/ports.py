@@ -313,6 +313,9 @@ class Recorder(Protocol):
 
     def managed(self, method: str, code: str) -> None: ...
 
+    def usage_dropped(self, entries: int) -> None:
+        """Usage-report entries not counted: no digest, no stored key's, under another id, or not checked yet."""
+
 
 class NoMetrics:
     """The recorder when metrics are off (and in tests of the core alone)."""
@@ -336,6 +339,9 @@ class NoMetrics:
         pass
 
     def managed(self, method: str, code: str) -> None:
+        pass
+
+    def usage_dropped(self, entries: int) -> None:
         pass
 
 

@@ -37,7 +37,7 @@ from authsvc.core.errors import Unavailable
 from authsvc.core.fanout import STALL_SECONDS, Event, Fanout, Signal
 from authsvc.core.keys import Reason
 from authsvc.core.known import TokenBucket
-from authsvc.core.ports import WallClock
+from authsvc.core.ports import NO_METRICS, Recorder, WallClock
 from authsvc.core.usage import ALLOWED, DENIED, RATE_LIMITED, UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,10 @@ class WatchAdapter:
         usage: UsageRecorder | None,
         clock: WallClock,
         holder: Callable[[bytes], Awaitable[str | None]],
+        metrics: Recorder = NO_METRICS,
     ) -> None:
         """``holder``: the id of the key a digest belongs to (``Authorizer.holder``)."""
+        self._metrics = metrics
         self._fanout = fanout
         self._usage = usage
         self._clock = clock
@@ -140,6 +142,7 @@ class WatchAdapter:
                 if counted:
                     self._usage.touch(key_id, at)
             if dropped:
+                self._metrics.usage_dropped(dropped)
                 self._dropped += dropped
                 if time.monotonic() - self._warned_at >= _WARN_INTERVAL:
                     self._warned_at = time.monotonic()

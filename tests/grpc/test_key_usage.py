@@ -12,7 +12,9 @@ from authsvc_client.v1 import authsvc_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from authsvc.core.keyformat import digest
+from authsvc.runtime import App
 from tests.grpc.test_lifecycle import authorize, code_of, create
+from tests.observability.test_metrics import scrape, value
 from tests.support import ADMIN, MEMBER, Stub, new_org
 
 
@@ -100,7 +102,7 @@ async def test_any_role_but_unspecified_may_read_usage(stub: Stub) -> None:
     assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_a_usage_report_counts_only_for_the_key_its_digest_proves(stub: Stub) -> None:
+async def test_a_usage_report_counts_only_for_the_key_its_digest_proves(app: App, stub: Stub) -> None:
     """WatchDecisions: a key's id, which every upstream sees in ``x-authsvc-key-id``, cannot move its usage.
 
     Reports on one stream are taken in order, so once the last (proven) entry
@@ -123,6 +125,7 @@ async def test_a_usage_report_counts_only_for_the_key_its_digest_proves(stub: St
     # The other key's own digest, but only calls the server would not count (a revoked key's, say).
     revoked_calls = {int(pb.REASON_REVOKED): 5}
     forged.append(pb.KeyUsage(last_used_time=now, calls_by_reason=revoked_calls, key_digest=digest(other.secret)))
+    dropped = value(scrape(app)[1], "authsvc_usage_report_entries_dropped_total")
     call = stub.WatchDecisions()
     try:
         await call.write(pb.WatchDecisionsRequest(usage=forged))
@@ -130,5 +133,6 @@ async def test_a_usage_report_counts_only_for_the_key_its_digest_proves(stub: St
         await counted(stub, org, target.key.id, (7, 0, 0))
     finally:
         call.cancel()
+    assert value(scrape(app)[1], "authsvc_usage_report_entries_dropped_total") == dropped + len(forged) - 1
     assert (await usage(stub, org, other.key.id)).days[-1].allowed == 0
     assert not (await usage(stub, org, other.key.id)).HasField("last_used_time")

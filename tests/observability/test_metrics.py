@@ -35,6 +35,7 @@ NAMES = {
     "authsvc_invalidation_lag_seconds",
     "authsvc_invalidation_feed_up",
     "authsvc_invalidation_feed_resets_total",
+    "authsvc_usage_report_entries_dropped_total",
     "authsvc_known_digests_loaded",
     "authsvc_store_lookup_batch_size",
     "authsvc_store_errors_total",
