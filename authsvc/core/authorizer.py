@@ -39,7 +39,7 @@ from authsvc.core.errors import AtCapacity, InvalidArgument, OverUnknownKeyBudge
 from authsvc.core.keyformat import MAX_KEY_LENGTH, KeyFormat, digest
 from authsvc.core.keys import Decision, Grant, KeyGrant, Reason, ScopeCatalog, decide
 from authsvc.core.known import UNKNOWN_KEYS, KnownDigests
-from authsvc.core.ports import NO_METRICS, KeyStore, Monotonic, Recorder, WallClock
+from authsvc.core.ports import NO_METRICS, Found, KeyStore, Monotonic, Recorder, WallClock
 from authsvc.core.ratelimit import RateLimiter
 from authsvc.core.usage import ALLOWED, DENIED, RATE_LIMITED, UsageRecorder
 
@@ -136,20 +136,14 @@ class Authorizer:
         """
         timer = self._timer
         admission = self.admission
-        known = self.known
         try:
             if not admission.try_enter():
                 raise AtCapacity(AT_CAPACITY)
             try:
-                if pending.suspect and known is not None and not known.budget.try_take():
-                    raise OverUnknownKeyBudget(UNKNOWN_KEYS)  # most likely forged (see known.py)
+                self._take_budget(pending.suspect)
                 if pending.allowed is None:
-                    record, source = await self.store.find_by_digest(pending.digest)
-                    grant = KeyGrant.of(record, self.catalog) if record is not None else None
-                    if pending.suspect and record is not None and known is not None:
-                        known.add(pending.digest)  # created since the feed last spoke
-                    if self.cache is not None:
-                        self.cache.put(pending.digest, grant, pending.epoch, source)
+                    found = await self.store.find_by_digest(pending.digest)
+                    grant = self._learn(pending.digest, found, pending.epoch, pending.suspect)
                     answer = self._decide(grant, pending.required_scope, pending.digest)
                     if isinstance(answer, Pending):
                         answer.transport, answer.started = pending.transport, pending.started
@@ -253,23 +247,35 @@ class Authorizer:
             cached = cache.peek(key_digest)
             if cached is not MISS:
                 return None if cached is None else cached.principal.key_id  # type: ignore[union-attr]  # a Grant
-        known = self.known
-        suspect = known is not None and known.suspect(key_digest)
+        suspect = self.known is not None and self.known.suspect(key_digest)
         admission = self.admission
         if not admission.try_enter():
             raise AtCapacity(AT_CAPACITY)
         try:
-            if suspect and not known.budget.try_take():  # type: ignore[union-attr]  # suspect: known is set
-                raise OverUnknownKeyBudget(UNKNOWN_KEYS)
+            self._take_budget(suspect)
             epoch = cache.epoch if cache is not None else 0
-            record, source = await self.store.find_by_digest(key_digest)
+            found = await self.store.find_by_digest(key_digest)
         finally:
             admission.leave()
-        if record is not None and suspect:
-            known.add(key_digest)  # type: ignore[union-attr]  # created since the feed last spoke
-        if cache is not None:
-            cache.put(key_digest, KeyGrant.of(record, self.catalog) if record is not None else None, epoch, source)
-        return None if record is None else record.id
+        grant = self._learn(key_digest, found, epoch, suspect)
+        return None if grant is None else grant.principal.key_id
+
+    def _take_budget(self, suspect: bool) -> None:
+        """A suspect's lookup spends the unknown-key budget; past it, refused (most likely forged: see known.py)."""
+        known = self.known
+        if suspect and known is not None and not known.budget.try_take():
+            raise OverUnknownKeyBudget(UNKNOWN_KEYS)
+
+    def _learn(self, key_digest: bytes, found: Found, epoch: int, suspect: bool) -> Grant | None:
+        """What a lookup read, kept: by the cache (no such key too), and by the digest table for a suspect
+        that exists (created since the feed last spoke). Not a coroutine: the miss path awaits only the store."""
+        record, source = found
+        grant = KeyGrant.of(record, self.catalog) if record is not None else None
+        if suspect and record is not None and self.known is not None:
+            self.known.add(key_digest)
+        if self.cache is not None:
+            self.cache.put(key_digest, grant, epoch, source)
+        return grant
 
     def evict(self, key_digest: bytes) -> None:
         """This process changed the key: forget it at once, before any notification arrives.
